@@ -1,0 +1,253 @@
+"""The one configuration schema of plsynth, loaded from ``configs/*.yaml``.
+
+Every experiment is one YAML file whose top-level sections mirror the dataclasses below.
+Unknown keys and bad values are errors that name the file and the dotted key; overrides
+are dotted (``--set optim.lr=0.005``). The resolved config is stored in every checkpoint
+and bundle, so a run can always be traced back to the numbers it used.
+
+Paper defaults (Zhang et al., section IV-A.4) are the dataclass defaults unless a comment
+says otherwise; CPU presets override sizes and budgets in their YAML files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where slices come from and how they are prepared.
+
+    layout: ``phantom`` (generated into ``<out>/data`` with ``phantom_n``/``phantom_seed``),
+    ``covid19-20`` (``*_ct.nii.gz`` + ``*_seg.nii.gz``), ``mosmed`` (studies + masks),
+    ``semiseg`` (COVID-SemiSeg 8-bit slices) or ``folder`` (plain folder of volumes, unlabeled).
+    """
+
+    layout: Literal["phantom", "covid19-20", "mosmed", "semiseg", "folder"] = "phantom"
+    root: str = ""  # dataset root; "" for phantoms (generated under the run folder)
+    unlabeled_root: str = ""  # optional separate root of unlabeled volumes/slices
+    splits_dir: str = ""  # folder of the paper's split files (../shared/data/splits/<dataset>)
+    labeled_split: str = ""  # file in splits_dir with rows `volume,slice` (labeled training slices)
+    unlabeled_split: str = ""  # same, unlabeled training slices
+    val_split: str = ""  # file in splits_dir with rows `volume` (validation volumes)
+    val_fraction: float = 0.2  # share of labeled volumes (or slices, for semiseg) held out when no val_split
+    labeled_fraction: float = 0.3  # share of training volumes kept labeled when the layout has no split files
+    image_size: int = 512  # slices are resized to image_size x image_size (paper: 512)
+    window_hu: tuple[float, float] = (-1250.0, 250.0)  # paper's HU window, mapped linearly to [0, 1]
+    lung_backend: Literal["classical", "lungmask"] = "classical"
+    lungmask_model: Literal["R231", "R231CovidWeb"] = "R231"
+    lungmask_weights: str = ""  # local .pth; "" looks in the torch hub cache
+    lung_handling: Literal["none", "mask"] = "none"  # "mask": zero the input outside the lung
+    skip_slices_without_lung: bool = True  # as the paper's split files do
+    cache_dir: str = ""  # preprocessed slice cache; "" means <out>/cache
+    phantom_n: int = 8  # phantom layout: number of volumes
+    phantom_seed: int = 0
+    phantom_shape: tuple[int, int, int] = (24, 128, 128)  # (slices, rows, columns) per phantom volume
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16 or self.image_size % 16:
+            raise ValueError(f"image_size must be a multiple of 16 and >= 16, got {self.image_size}")
+        if not self.window_hu[0] < self.window_hu[1]:
+            raise ValueError(f"window_hu must be (low, high) with low < high, got {self.window_hu}")
+        for name in ("val_fraction", "labeled_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The 2D U-Net segmenter (paper: a plain 2D U-Net)."""
+
+    width: int = 32  # channels of the first level; doubled at each of `depth` levels
+    depth: int = 4  # number of down-sampling steps; input size must be a multiple of 2**depth
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.depth < 1:
+            raise ValueError(f"model.width and model.depth must be >= 1, got {self.width}, {self.depth}")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """SEAN synthesizer: networks, GAN training, style pool and how trainers reach it."""
+
+    image_size: int = 512  # output size; the decoder starts at image_size / 2**num_up (SEAN: 512 / 2**5 = 16)
+    width: int = 64  # ngf: channels of the last decoder block (SEAN: 64)
+    style_dim: int = 512  # rows of the style matrix are this wide (paper: 512)
+    num_up: int = 5  # nearest x2 up-samplings in the decoder
+    noise: bool = True  # learned per-channel noise injection
+    epochs: int = 50
+    batch_size: int = 4
+    lr: float = 2e-4  # SEAN two time-scale: generator lr/2, discriminator lr*2 (TTUR)
+    beta1: float = 0.0
+    beta2: float = 0.9
+    lambda_feat: float = 10.0  # discriminator feature matching
+    lambda_vgg: float = 10.0  # only when vgg_weights points at a local file
+    vgg_weights: str = ""
+    num_d: int = 2  # scales of the multi-scale PatchGAN
+    pool_k: int = 10  # style codes averaged per request (paper: K = 10)
+    pool_mode: Literal["positive", "all", "self"] = "positive"  # N+, N, or the image's own style
+    bundle: str = ""  # trained synthesizer bundle used by sa-cps / sa-st
+    backend: Literal["torch", "ort", "trt", "service"] = "torch"  # how trainers call the decoder
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with poly decay, stepped per iteration (paper: lr 1e-2, momentum 0.9, power 0.9)."""
+
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run of a segmentation method.
+
+    An epoch is one pass over the unlabeled slices (baseline: over an equal number of
+    labeled batches), so every method with the same `epochs` and batch sizes gets the same
+    number of iterations and the same batch composition.
+    """
+
+    method: Literal["baseline", "cps", "sa-cps", "st", "sa-st"] = "baseline"
+    epochs: int = 20  # paper: 20 (COVID-19-20), 10 (MosMedData)
+    max_iters: int = 0  # > 0 caps the run at this many iterations (CPU presets, benchmarks)
+    batch_labeled: int = 8
+    batch_unlabeled: int = 8
+    tau: float = 0.5  # pseudo-label threshold
+    lam: float = 0.5  # SA-CPS weight of the unsupervised terms (lambda)
+    mu: float = 0.5  # SA-ST weight of the pseudo/synthetic terms
+    use_pseudo: bool = True  # Table II / III switches
+    use_synthetic: bool = True
+    teacher: str = ""  # st / sa-st: bundle of the teacher (baseline or sa-cps)
+    flip: bool = True
+    rotate_degrees: float = 15.0
+    val_every: int = 1  # epochs between validations
+    tolerance_mm: float = 1.0  # NSD tolerance (1 pixel when there is no spacing)
+    seed: int = 0
+    num_workers: int = 0  # DataLoader workers
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.tau < 1.0:
+            raise ValueError(f"train.tau must be in (0, 1), got {self.tau}")
+        if self.epochs < 1:
+            raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Ray Train and the synthesis service (used by the train_sa_cps / train_sa_st entry points)."""
+
+    address: str = ""  # "" joins a running cluster if RAY_ADDRESS is set, else starts a local one
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str = ""  # Ray Train checkpoints; "" means <out>/ray
+    max_failures: int = 2
+    synth_actors: int = 1
+    synth_actor_cpus: float = 0.5
+    synth_max_batch: int = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    name: str = "plsynth"
+    source: str = ""  # the YAML file this came from (set by load_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply dotted ``key=value`` overrides and validate every field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=0.005")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    raw["source"] = str(path)
+    return config_from_dict(raw, where=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
+    """Build a Config from plain data (e.g. the copy stored in a checkpoint)."""
+    return _build(Config, raw, where, prefix="")
+
+
+def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        keys = ", ".join(f"{prefix}{k}" for k in unknown)
+        raise ConfigError(f"{where}: unknown key(s) {keys}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        kwargs[name] = _coerce(hints[name], value, where, key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: {exc}") from exc
+
+
+def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, prefix=f"{key}.")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {key} must be one of {typing.get_args(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: {key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, where, key) for a, v in zip(args, value))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,1 @@
+"""Networks: the U-Net segmenter and the SEAN style encoder, decoder and discriminator."""

@@ -1,0 +1,73 @@
+"""`plsynth train ...` and `plsynth eval`: thin shells over the training functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+train_app = typer.Typer(no_args_is_help=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", exists=True, dir_okay=False, help="YAML file under configs/.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, logs, bundle/).")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Dotted override, e.g. --set optim.lr=0.005 (repeatable).")
+]
+
+
+def _load(config: Path, overrides: Optional[list[str]], method: str | None = None):
+    import dataclasses
+
+    from plsynth.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    if method is not None:
+        cfg = cfg.replace(train=dataclasses.replace(cfg.train, method=method))
+    return cfg
+
+
+@train_app.command("synthesizer")
+def train_synthesizer_command(config: ConfigOpt, out: OutOpt, set_: SetOpt = None) -> None:
+    """Train the SEAN synthesizer on the labeled training slices and build its style pool.
+
+    Example: plsynth train synthesizer --config configs/phantom-smoke.yaml --out runs/synth
+    """
+    from plsynth.training.synthesizer import train_synthesizer
+
+    bundle = train_synthesizer(_load(config, set_), out)
+    typer.echo(f"synthesizer bundle: {bundle}")
+
+
+def _method_command(method: str):
+    def command(config: ConfigOpt, out: OutOpt, set_: SetOpt = None) -> None:
+        from plsynth.training.run import train
+
+        bundle = train(_load(config, set_, method), out)
+        typer.echo(f"{method} bundle: {bundle}")
+
+    command.__doc__ = f"""Train `{method}` and leave its bundle in OUT/bundle (resumes from OUT/last.pt).
+
+    Example: plsynth train {method} --config configs/phantom-smoke.yaml --out runs/{method}
+    """
+    return command
+
+
+for _method in ("baseline", "cps", "sa-cps", "st", "sa-st"):
+    train_app.command(_method)(_method_command(_method))
+
+
+def eval_command(
+    model: Annotated[Path, typer.Option("--model", exists=True, file_okay=False, help="Model bundle folder.")],
+    config: ConfigOpt,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write metrics.csv / metrics.json.")] = None,
+    split: Annotated[str, typer.Option("--split", help="Which split of the config's data to score: val or test.")] = "val",
+    set_: SetOpt = None,
+) -> None:
+    """Score a bundle on held-out data: per-case and mean DSC and NSD.
+
+    Example: plsynth eval --model runs/sa-cps/bundle --config configs/phantom-smoke.yaml
+    """
+    from plsynth.training.evaluate import evaluate_bundle
+
+    evaluate_bundle(model, _load(config, set_), split=split, out=out)
