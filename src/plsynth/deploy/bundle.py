@@ -1,0 +1,294 @@
+"""The segmenter model bundle: the one hand-over from training to inference.
+
+A bundle is a folder::
+
+    model.onnx   network "model" (input "x" (B,1,S,S) in [0,1], output "logits" (B,1,S,S))
+    model.pt     its state dict (loaded only with torch.load(weights_only=True))
+    peer.onnx    SA-CPS only: the second network, used for the agreement quality flag
+    peer.pt
+    meta.json    input size, intensity window, lung handling, threshold, classes, resolved config,
+                 metrics, versions, export parity, and the sha256 of every file above
+    cache/       not hashed: TensorRT engines built on the target machine (tensorrt_engine.py)
+
+`write_bundle` is the code that every training run and `plsynth export` use; `load_bundle`
+verifies every sha256 before anything is loaded, so a tampered or truncated bundle is refused
+with a BundleError naming the file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from plsynth.errors import BundleError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "plsynth-segmenter-bundle/1"
+META = "meta.json"
+CACHE_DIR = "cache"
+INPUT_NAME = "x"
+OUTPUT_NAME = "logits"
+NETWORK_NAMES = ("model", "peer")
+CLASSES = {"0": "background", "1": "infection"}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that shapes a bundle's numbers (recorded in meta.json and reports)."""
+    out = {"python": platform.python_version()}
+    for name in ("plsynth", "torch", "onnx", "onnxruntime", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name if name != "onnxruntime" else _ort_dist())
+        except Exception:  # noqa: BLE001 - a missing optional package is recorded, not fatal
+            out[name] = "absent"
+    return out
+
+
+def _ort_dist() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            version(dist)
+            return dist
+        except PackageNotFoundError:
+            continue
+    return "onnxruntime"
+
+
+def write_bundle(
+    out_dir: Path,
+    networks: dict[str, Any],
+    cfg: Any,
+    metrics: dict,
+    extra_meta: dict | None = None,
+) -> Path:
+    """Write a segmenter bundle to ``out_dir`` atomically and return its path.
+
+    networks: {"model": unet} or {"model": unet_a, "peer": unet_b} (SA-CPS), U-Nets built from
+    ``cfg.model``. Each is exported to ONNX (dynamic batch, fixed S = cfg.data.image_size),
+    checked against PyTorch on phantom slices (mask Dice >= 0.99, else BundleError), and saved
+    as a state dict. The bundle is built in a temporary folder beside ``out_dir`` and renamed
+    into place; an existing bundle at ``out_dir`` is replaced only after the new one is complete.
+    """
+    import torch
+
+    from plsynth.deploy.export import check_parity, export_onnx, phantom_slices
+
+    out_dir = Path(out_dir)
+    if "model" not in networks or set(networks) - set(NETWORK_NAMES):
+        raise ValueError(f"networks must be {{'model'}} or {{'model', 'peer'}}, got {sorted(networks)}")
+    size = int(cfg.data.image_size)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        slices = _parity_inputs(size, cfg, phantom_slices)
+        parity: dict[str, dict] = {}
+        entries: dict[str, dict] = {}
+        for name, net in networks.items():
+            net = net.eval()
+            onnx_path = export_onnx(
+                net, tmp / f"{name}.onnx", {INPUT_NAME: torch.from_numpy(slices[:1])}, [OUTPUT_NAME]
+            )
+            parity[name] = check_parity(net, onnx_path, slices, cfg.train.tau, INPUT_NAME)
+            state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+            torch.save(state, tmp / f"{name}.pt")
+            entries[name] = {"onnx": f"{name}.onnx", "weights": f"{name}.pt"}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = {
+            "format": FORMAT,
+            "kind": "segmenter",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "networks": entries,
+            "input": {"name": INPUT_NAME, "shape": ["batch", 1, size, size], "dtype": "float32", "range": [0.0, 1.0]},
+            "output": {"name": OUTPUT_NAME, "shape": ["batch", 1, size, size], "kind": "logits"},
+            "image_size": size,
+            "window_hu": list(cfg.data.window_hu),
+            "lung_handling": cfg.data.lung_handling,
+            "threshold": float(cfg.train.tau),
+            "classes": CLASSES,
+            "method": cfg.train.method,
+            "config": cfg.to_dict(),
+            "metrics": _jsonable(metrics),
+            "versions": versions(),
+            "parity": parity,
+            "files": files,
+        }
+        if extra_meta:
+            meta.update(_jsonable(extra_meta))
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        _fsync_dir(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("bundle written: %s (%s)", out_dir, ", ".join(files))
+    return out_dir
+
+
+def _parity_inputs(size: int, cfg: Any, fallback) -> Any:
+    """Phantom slices at the bundle's input size, windowed as at inference."""
+    return fallback(size)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, then removed."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk. Nothing is loaded until asked for."""
+
+    path: Path
+    meta: dict
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def window_hu(self) -> tuple[float, float]:
+        low, high = self.meta["window_hu"]
+        return float(low), float(high)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def lung_handling(self) -> str:
+        return str(self.meta["lung_handling"])
+
+    @property
+    def network_names(self) -> list[str]:
+        return list(self.meta["networks"])
+
+    @property
+    def input_name(self) -> str:
+        return str(self.meta["input"]["name"])
+
+    def onnx_path(self, name: str = "model") -> Path:
+        return self.path / self.meta["networks"][name]["onnx"]
+
+    def onnx_sha256(self, name: str = "model") -> str:
+        return self.meta["files"][self.meta["networks"][name]["onnx"]]
+
+    def meta_sha256(self) -> str:
+        return sha256_file(self.path / META)
+
+    def config(self) -> Any:
+        from plsynth.config import config_from_dict
+
+        return config_from_dict(self.meta["config"], where=str(self.path / META))
+
+    def torch_networks(self, device: str = "cpu") -> dict[str, Any]:
+        """The U-Nets, rebuilt from the stored config and loaded with weights_only=True, in eval mode."""
+        import torch
+
+        from plsynth.models.unet import UNet
+
+        cfg = self.config()
+        nets = {}
+        for name, entry in self.meta["networks"].items():
+            weights = self.path / entry.get("weights", "")
+            if not entry.get("weights") or not weights.is_file():
+                raise BundleError(f"{self.path}: network {name!r} has no PyTorch weights (model.pt); use --engine ort")
+            try:
+                state = torch.load(weights, map_location=device, weights_only=True)
+                net = UNet(cfg.model)
+                net.load_state_dict(state)
+            except Exception as exc:  # noqa: BLE001 - any load failure is a bundle problem
+                raise BundleError(f"{weights}: cannot load state dict: {exc}") from exc
+            nets[name] = net.to(device).eval()
+        return nets
+
+
+REQUIRED_META = ("format", "networks", "image_size", "window_hu", "lung_handling", "threshold", "input", "files")
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Open a bundle folder, check meta.json and (``verify``) the sha256 of every listed file.
+
+    Raises BundleError naming the folder or file: missing folder, unreadable or incomplete
+    meta.json, a listed file missing, or a checksum mismatch (tampered or truncated).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: model bundle folder not found (set --model or PLSYNTH_MODEL)")
+    meta_path = path / META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"{meta_path}: missing; this folder is not a plsynth bundle") from exc
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{meta_path}: unreadable or not JSON ({exc}); the bundle is damaged") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path}: not a JSON object")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise BundleError(f"{meta_path}: missing key(s) {', '.join(missing)}")
+    if meta["format"] != FORMAT:
+        raise BundleError(f"{meta_path}: format {meta['format']!r} is not {FORMAT!r}")
+    files = meta["files"]
+    for name, entry in meta["networks"].items():
+        for role in ("onnx", "weights"):
+            if role in entry and entry[role] not in files:
+                raise BundleError(f"{meta_path}: {name}.{role} file {entry[role]!r} has no sha256 listed")
+    if verify:
+        for name, expected in files.items():
+            file = path / name
+            if Path(name).name != name:
+                raise BundleError(f"{meta_path}: file name {name!r} points outside the bundle")
+            if not file.is_file():
+                raise BundleError(f"{file}: listed in meta.json but missing; the bundle is incomplete")
+            actual = sha256_file(file)
+            if actual != expected:
+                raise BundleError(
+                    f"{file}: sha256 {actual[:12]}... does not match meta.json ({expected[:12]}...); "
+                    "the bundle was modified or truncated; refusing to load it"
+                )
+    return Bundle(path=path, meta=meta)
