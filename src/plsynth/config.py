@@ -101,6 +101,20 @@ class SynthConfig:
     bundle: str = ""  # trained synthesizer bundle used by sa-cps / sa-st
     backend: Literal["torch", "ort", "trt", "service"] = "torch"  # how trainers call the decoder
     seed: int = 0
+    norm_hidden: int = 0  # hidden width of SPADE/style branches in each ACE; 0 = min(128, 2 * width) (SEAN: 128)
+    lambda_l1: float = 1.0  # pixel L1 of the reconstruction; not in SEAN, stands in for VGG on CPU presets (0 = off)
+    grid_samples: int = 4  # rows of the per-epoch image grid
+
+    def __post_init__(self) -> None:
+        if self.num_up < 1 or self.image_size % 2**self.num_up:
+            raise ValueError(f"synth.image_size must be a multiple of 2**num_up, got {self.image_size}, {self.num_up}")
+        if self.image_size // 2**self.num_up < 2:
+            raise ValueError(f"synth.image_size / 2**num_up must be >= 2, got {self.image_size}, {self.num_up}")
+        for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.norm_hidden < 0 or self.lambda_l1 < 0 or self.lambda_feat < 0 or self.lambda_vgg < 0:
+            raise ValueError("synth.lr must be > 0 and synth.norm_hidden / lambda_* must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,20 @@ class RayConfig:
     synth_actors: int = 1
     synth_actor_cpus: float = 0.5
     synth_max_batch: int = 32
+    synth_actor_gpus: float = 0.0  # GPU share of each synthesis actor when use_gpu (logical, not a memory cap)
+    synth_backend: Literal["auto", "trt", "ort", "torch"] = "auto"  # decoder inside the actor
+    synth_gather_ms: float = 5.0  # how long the actor waits to gather concurrent requests into one batch
+    synth_max_restarts: int = 3  # Ray restarts a crashed synthesis actor this many times
+    synth_retries: int = 5  # client retries of a failed call (exponential backoff from 0.5 s)
+    checkpoint_every: int = 0  # iterations between Ray Train checkpoints; 0: once per epoch
+    shard_size: int = 64  # SA-ST offline synthesis: slices per shard file
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0 or self.synth_actors < 1 or self.synth_max_batch < 1:
+            raise ValueError(f"ray.num_workers must be >= 0, synth_actors and synth_max_batch >= 1, got "
+                             f"{self.num_workers}, {self.synth_actors}, {self.synth_max_batch}")
+        if self.cpus_per_worker < 0 or self.synth_actor_cpus < 0 or self.synth_gather_ms < 0:
+            raise ValueError("ray.cpus_per_worker, synth_actor_cpus and synth_gather_ms must be >= 0")
 
 
 @dataclass(frozen=True)
