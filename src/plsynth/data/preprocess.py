@@ -1,0 +1,124 @@
+"""The one slice preprocessing shared by training, evaluation and inference.
+
+A volume reaches the network as ``to_model_input(to_unit(image), lung, size, lung_handling)``:
+intensities in [0, 1] (see ``plsynth.data.window``), optionally zeroed outside the lung, each
+axial slice resized to ``size x size``. Labels follow with ``resize_labels`` (nearest), and
+predictions go back to the input's grid with ``to_input_grid`` (bilinear on probabilities,
+then threshold), the inverse of the resize step. Using these three functions everywhere is
+what keeps training, validation and ``plsynth-infer`` consistent.
+
+Every function works in slabs of slices, so a 512 x 512 x 300 volume never needs more than
+the input, the output and one slab of temporaries at a time.
+
+Resizing is anisotropic when a slice is not square (``rows x columns -> size x size``), as the
+paper resizes every slice to 512 x 512; ``to_input_grid`` undoes exactly that.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LUNG_HANDLINGS = ("none", "mask")
+SLAB = 32  # slices resized per torch call: bounds the temporaries to 32 slices
+
+
+def _check_handling(lung_handling: str) -> None:
+    if lung_handling not in LUNG_HANDLINGS:
+        raise ValueError(f"lung_handling must be one of {LUNG_HANDLINGS}, got {lung_handling!r}")
+
+
+def _resize_bilinear(slices: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of ``(n, y, x)`` float32 to ``(n, *shape)``; antialiased when shrinking.
+
+    ``align_corners=False`` (pixel areas, not centres, are matched), so resizing there and back
+    keeps the image registered; antialiasing on down-sizing avoids aliasing of thin structures.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if slices.shape[1:] == tuple(shape):
+        return np.ascontiguousarray(slices, dtype=np.float32)
+    shrink = slices.shape[1] > shape[0] or slices.shape[2] > shape[1]
+    with torch.no_grad():
+        t = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
+        out = F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False, antialias=shrink)
+    return out[:, 0].numpy()
+
+
+def to_model_input(unit: np.ndarray, lung: np.ndarray, size: int, lung_handling: str) -> np.ndarray:
+    """Network input ``(Z, 1, size, size)`` float32 in [0, 1] from a windowed volume.
+
+    ``unit``: ``(Z, Y, X)`` float32 in [0, 1] (``window.to_unit``); ``lung``: ``(Z, Y, X)``
+    labels (0 background, 1 left, 2 right lung). ``lung_handling``: ``"mask"`` zeroes pixels
+    outside the lung (``lung == 0``) *before* resizing, as the paper's inputs are black outside
+    the lungs; ``"none"`` leaves the image as it is. A 2D slice is a volume with ``Z = 1``.
+    """
+    _check_handling(lung_handling)
+    unit = np.asarray(unit)
+    lung = np.asarray(lung)
+    if unit.ndim != 3:
+        raise ValueError(f"image must be (Z, Y, X), got shape {unit.shape}")
+    if lung.shape != unit.shape:
+        raise ValueError(f"lung mask shape {lung.shape} differs from image shape {unit.shape}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    out = np.empty((unit.shape[0], 1, size, size), dtype=np.float32)
+    for start in range(0, unit.shape[0], SLAB):
+        slab = np.asarray(unit[start : start + SLAB], dtype=np.float32)
+        if lung_handling == "mask":
+            slab = np.where(lung[start : start + SLAB] > 0, slab, np.float32(0.0))
+        out[start : start + SLAB, 0] = _resize_bilinear(slab, (size, size))
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output pixel for nearest resizing, pixel centres matched.
+
+    Output pixel ``i`` covers ``[i, i+1) * n_in / n_out`` of the input; its centre falls in
+    input pixel ``floor((i + 0.5) * n_in / n_out)`` (torch's ``nearest-exact``, PIL's NEAREST).
+    """
+    idx = np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64)
+    return np.minimum(idx, n_in - 1)
+
+
+def resize_labels(mask: np.ndarray, size: int) -> np.ndarray:
+    """Nearest resize of integer labels ``(Z, Y, X)`` to ``(Z, size, size)``, dtype kept.
+
+    Nearest keeps the label set (no blended values between 1 and 2). Inverse for masks:
+    ``resize_labels``-style nearest back to ``(Y, X)`` is lossy; predictions should instead go
+    back as probabilities through ``to_input_grid`` and be thresholded on the input grid.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"labels must be (Z, Y, X), got shape {mask.shape}")
+    if np.issubdtype(mask.dtype, np.floating):
+        raise ValueError(f"labels must be integers, got dtype {mask.dtype}")
+    iy = _nearest_index(mask.shape[1], size)
+    ix = _nearest_index(mask.shape[2], size)
+    out = np.empty((mask.shape[0], size, size), dtype=mask.dtype)
+    for start in range(0, mask.shape[0], SLAB):
+        out[start : start + SLAB] = np.asarray(mask[start : start + SLAB])[:, iy][:, :, ix]
+    return out
+
+
+def to_input_grid(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of the resize in ``to_model_input``: ``(Z, size, size)`` -> ``(Z, Y, X)`` float32.
+
+    Bilinear with ``align_corners=False`` (antialiased when the input grid is smaller than the
+    model's), applied to probabilities, which are then thresholded on the input grid; this
+    gives smoother, better-registered masks than resizing a thresholded mask with nearest.
+    Lung masking is not undone (nothing to undo: masked pixels simply had no image content).
+    """
+    prob = np.asarray(prob)
+    if prob.ndim != 3:
+        raise ValueError(f"probabilities must be (Z, size, size), got shape {prob.shape}")
+    shape = (int(shape[0]), int(shape[1]))
+    out = np.empty((prob.shape[0], *shape), dtype=np.float32)
+    for start in range(0, prob.shape[0], SLAB):
+        out[start : start + SLAB] = _resize_bilinear(np.asarray(prob[start : start + SLAB], dtype=np.float32), shape)
+    return out
