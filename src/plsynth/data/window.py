@@ -1,0 +1,67 @@
+"""Intensity window: CT voxels to the network's input range [0, 1], and back.
+
+The paper (Zhang et al., section IV-A) clips HU to [-1250, 250] and maps that range linearly
+to [0, 255]; plsynth stores the same mapping as [0, 1] (float32), i.e. the paper's 8-bit value divided by 255.
+2D slices that come already windowed to 8 bit (COVID-SemiSeg PNG/JPG) are divided by 255:
+**their window is unknown** (the slices were exported by other people with windows we cannot
+recover, and the labeled and unlabeled parts of COVID-SemiSeg were windowed differently), so
+they cannot be put on the HU scale and a model trained on them sees a different intensity
+scale than one trained on HU volumes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from plsynth.data.image import CTImage
+
+PAPER_WINDOW_HU: tuple[float, float] = (-1250.0, 250.0)  # Zhang et al., section IV-A (implementation)
+
+
+def _check_window(window_hu: tuple[float, float]) -> tuple[float, float]:
+    low, high = (float(value) for value in window_hu)
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"window_hu must be finite (low, high) with low < high, got {tuple(window_hu)}")
+    return low, high
+
+
+def window_array(hu: np.ndarray, window_hu: tuple[float, float] = PAPER_WINDOW_HU) -> np.ndarray:
+    """Clip HU values to ``window_hu = (low, high)`` and map them linearly to [0, 1] (float32).
+
+    ``low`` maps to 0, ``high`` to 1; values outside are clipped. Any shape. NaN stays NaN
+    (``plsynth.data.io.read_image`` never returns NaN). Inverse: :func:`unit_to_hu`
+    (exact inside the window).
+    """
+    low, high = _check_window(window_hu)
+    hu = np.asarray(hu, dtype=np.float32)
+    unit = (hu - np.float32(low)) / np.float32(high - low)
+    return np.clip(unit, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def unit_to_hu(unit: np.ndarray, window_hu: tuple[float, float] = PAPER_WINDOW_HU) -> np.ndarray:
+    """Inverse of :func:`window_array` on [0, 1]: ``low + unit * (high - low)`` in HU (float32).
+
+    Used to put synthetic or windowed images back on the HU scale (e.g. for lungmask, which
+    needs HU). Values clipped by the window are not recovered, of course.
+    """
+    low, high = _check_window(window_hu)
+    unit = np.asarray(unit, dtype=np.float32)
+    return (np.float32(low) + unit * np.float32(high - low)).astype(np.float32, copy=False)
+
+
+def to_unit(image: CTImage, window_hu: tuple[float, float] = PAPER_WINDOW_HU) -> np.ndarray:
+    """The network input for ``image``: float32 array of ``image.array``'s shape, values in [0, 1].
+
+    - ``kind == "hu"``: HU clipped to ``window_hu`` and mapped linearly (:func:`window_array`).
+    - ``kind == "uint8"``: an 8-bit slice that was windowed before we got it; divided by 255.
+      ``window_hu`` is ignored because the slice's window is unknown (see the module docstring).
+    """
+    if image.kind == "hu":
+        return window_array(image.array, window_hu)
+    if image.kind == "uint8":
+        _check_window(window_hu)
+        return (np.asarray(image.array, dtype=np.float32) / np.float32(255.0)).clip(0.0, 1.0)
+    raise ValueError(f"{image.source}: unknown CTImage kind {image.kind!r}; expected 'hu' or 'uint8'")
+
+
+__all__ = ["PAPER_WINDOW_HU", "to_unit", "unit_to_hu", "window_array"]
