@@ -158,12 +158,24 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0  # DataLoader workers
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    pseudo_in_lung: bool = True  # zero pseudo-infection outside the lung mask (cps, sa-cps, st, sa-st)
+    checkpoint_every: int = 0  # iterations between last.pt saves; 0 saves at the end of each epoch only
+    bundle_from: Literal["best", "last"] = "best"  # which checkpoint becomes DIR/bundle ("last": benchmarks)
+    offline_batch: int = 16  # st / sa-st: slices per teacher / synthesizer call when making the offline set
 
     def __post_init__(self) -> None:
         if not 0.0 < self.tau < 1.0:
             raise ValueError(f"train.tau must be in (0, 1), got {self.tau}")
         if self.epochs < 1:
             raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+        for name in ("batch_labeled", "batch_unlabeled", "val_every", "offline_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_iters", "checkpoint_every", "threads", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lam < 0 or self.mu < 0:
+            raise ValueError(f"train.lam and train.mu must be >= 0, got {self.lam}, {self.mu}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,84 @@
+"""Random flips and rotations applied jointly to images, lung masks and labels (torch ops).
+
+One affine transform per sample (``affine_grid``/``grid_sample``): images are resampled
+bilinearly, masks by nearest neighbour, so labels stay binary and lungs stay {0, 1, 2}.
+Outside the rotated field everything is 0 (air after the HU window, background in masks).
+
+Lung labels name the patient's side and the project puts the patient's left at the larger
+column index (radiological view). A horizontal flip moves each lung to the other side of the
+image, so it swaps labels 1 and 2 to keep that convention true for the synthesizer, which has
+learned "class 1 sits on the image's right". A vertical flip leaves left and right in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_transforms(
+    n: int, generator: torch.Generator, flip: bool = True, rotate_degrees: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw per-sample transforms: ``theta`` (n, 2, 3) for affine_grid and ``hflip`` (n,) bool.
+
+    Each flip (horizontal, vertical) happens with probability 0.5 when ``flip``; the angle is
+    uniform in [-rotate_degrees, rotate_degrees].
+    """
+    u = torch.rand(n, 3, generator=generator)
+    hflip = (u[:, 0] < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
+    vflip = (u[:, 1] < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
+    angle = (2.0 * u[:, 2] - 1.0) * math.radians(rotate_degrees)
+    sx = 1.0 - 2.0 * hflip.float()
+    sy = 1.0 - 2.0 * vflip.float()
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(n, 2, 3)
+    # theta maps output coordinates to input coordinates: R(angle) @ diag(sx, sy).
+    theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy
+    theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
+    return theta, hflip
+
+
+def apply_transforms(
+    theta: torch.Tensor,
+    hflip: torch.Tensor,
+    image: torch.Tensor,
+    lung: torch.Tensor | None = None,
+    label: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Apply transforms from `random_transforms`.
+
+    image: (B, C, H, W) float (C > 1 moves several images of one slice together, e.g. a real
+    unlabeled slice and its synthetic twin); lung: (B, H, W) integer; label: (B, 1, H, W) float.
+    Returns tensors of the same shapes and dtypes.
+    """
+    theta = theta.to(device=image.device, dtype=image.dtype)
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    out_image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out_lung = out_label = None
+    if lung is not None:
+        moved = F.grid_sample(lung[:, None].to(image.dtype), grid, mode="nearest", align_corners=False)
+        moved = moved[:, 0].round().to(lung.dtype)
+        swap = hflip.to(lung.device)[:, None, None]
+        swapped = torch.where(moved == 1, torch.full_like(moved, 2), torch.where(moved == 2, torch.ones_like(moved), moved))
+        out_lung = torch.where(swap, swapped, moved)
+    if label is not None:
+        out_label = F.grid_sample(label.to(image.dtype), grid, mode="nearest", align_corners=False).to(label.dtype)
+    return out_image, out_lung, out_label
+
+
+def augment(
+    image: torch.Tensor,
+    lung: torch.Tensor | None = None,
+    label: torch.Tensor | None = None,
+    *,
+    generator: torch.Generator,
+    flip: bool = True,
+    rotate_degrees: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Randomly flip and rotate a batch jointly; identity (no resampling) when both are off."""
+    if not flip and rotate_degrees == 0.0:
+        return image, lung, label
+    theta, hflip = random_transforms(image.shape[0], generator, flip, rotate_degrees)
+    return apply_transforms(theta, hflip, image, lung, label)

@@ -1,0 +1,373 @@
+"""The one training loop of every segmentation method (nanoGPT order, style-examples 6.7).
+
+    setup: seed, data splits, networks (+ peer), optimizers, synthesizer or offline set
+    resume from out/last.pt when it exists (and the config matches)
+    for step in range(start, total):
+        lr = poly_lr(step, total)                     # pure function, per iteration
+        batch = make_batch(step)                      # data order + augmentation: pure functions of (seed, step)
+        out = step_fn(nets, batch, cfg.train, synth, seed)    # methods.py: the method's loss
+        backward, SGD step on every network
+        end of epoch: validate (DSC, NSD), save best.pt / last.pt, report, draw curves
+    write DIR/bundle from best.pt (or last.pt) with deploy.bundle.write_bundle
+
+Under Ray Train only the hooks differ (`TrainHooks`: device, prepare_model, report, is_main).
+Every random choice of a step (batch order, flips, angles, the synthesizer's pool draw and
+noise) is derived from (seed, step), and the global RNG states are checkpointed too, so a run
+killed after step t and resumed from its last checkpoint reproduces the losses of a run that
+was never interrupted (same machine, same thread count).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from plsynth.config import Config
+from plsynth.training import checkpoint as ckpt
+from plsynth.training.augment import augment
+from plsynth.training.methods import method_switches, network_names, step_function
+from plsynth.training.run_log import RunLog, plot_curves
+from plsynth.training.schedule import BatchPlan, poly_lr, step_seed, total_iterations
+
+logger = logging.getLogger(__name__)
+
+
+class TrainHooks:
+    """What differs between a local run and a Ray Train worker. The default is a plain local run.
+
+    ``prepare_model`` wraps a network for the worker (Ray: ``ray.train.torch.prepare_model``);
+    ``report`` receives each validation's metrics and the checkpoint just written
+    (Ray: ``ray.train.report``); only the main worker (``is_main``) writes files.
+    ``after_step`` is called after every optimizer step (progress bars, tests).
+    """
+
+    device: str = "cpu"
+    is_main: bool = True
+
+    def prepare_model(self, net: torch.nn.Module) -> torch.nn.Module:
+        return net
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        pass
+
+    def after_step(self, step: int, terms: dict[str, float]) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    bundle: Path | None
+    steps: int
+    best: dict[str, Any]
+    last_val: dict[str, Any] = field(default_factory=dict)
+
+
+def _stack(items: list[dict], key: str, dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(np.asarray(it[key])) for it in items]).to(dtype)
+
+
+def build_networks(cfg: Config) -> dict[str, torch.nn.Module]:
+    """The method's U-Nets, each initialised from its own seed (CPS: different initialisations)."""
+    from plsynth.models.unet import UNet
+
+    nets = {}
+    for k, name in enumerate(network_names(cfg.train.method)):
+        torch.manual_seed(step_seed(cfg.train.seed, k, stream=3))
+        nets[name] = UNet(cfg.model)
+    return nets
+
+
+def make_optimizer(net: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+class BatchMaker:
+    """Collates and augments the batch of one step from the plan (no DataLoader: order is ours)."""
+
+    def __init__(self, cfg: Config, labeled: Any, unlabeled: Any | None, plan: BatchPlan, device: str) -> None:
+        self.cfg, self.labeled, self.unlabeled, self.plan, self.device = cfg, labeled, unlabeled, plan, device
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        t = self.cfg.train
+        g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=0))
+        items = [self.labeled[int(i)] for i in self.plan.labeled(step)]
+        image, lung, label = augment(
+            _stack(items, "image", torch.float32),
+            _stack(items, "lung", torch.long),
+            _stack(items, "label", torch.float32),
+            generator=g,
+            flip=t.flip,
+            rotate_degrees=t.rotate_degrees,
+        )
+        batch = {"image": image, "lung": lung, "label": label}
+        if self.unlabeled is not None:
+            items = [self.unlabeled[int(i)] for i in self.plan.unlabeled(step)]
+            images = [_stack(items, "image", torch.float32)]
+            has_synthetic = "synthetic" in items[0]
+            if has_synthetic:
+                images.append(_stack(items, "synthetic", torch.float32))
+            pseudo = _stack(items, "pseudo", torch.float32) if "pseudo" in items[0] else None
+            # A real slice and its synthetic twin share their pseudo-label, lung and transform.
+            moved, u_lung, u_pseudo = augment(
+                torch.cat(images, dim=1),
+                _stack(items, "lung", torch.long),
+                pseudo,
+                generator=g,
+                flip=t.flip,
+                rotate_degrees=t.rotate_degrees,
+            )
+            batch.update(u_image=moved[:, :1], u_lung=u_lung)
+            if has_synthetic:
+                batch["u_synthetic"] = moved[:, 1:2]
+            if u_pseudo is not None:
+                batch["u_pseudo"] = u_pseudo
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+
+class _Progress:
+    """rich progress bar on a terminal; a log line every ~5 % of the run otherwise."""
+
+    def __init__(self, total: int, start: int, description: str) -> None:
+        self.total, self.every = total, max(1, total // 20)
+        self._bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"), transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(description, total=total, completed=start, info="")
+
+    def update(self, done: int, info: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, info=info)
+        elif done % self.every == 0 or done == self.total:
+            logger.info("step %d/%d %s", done, self.total, info)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _state(nets, optimizers, step, epoch, best, plan, cfg, val) -> dict[str, Any]:
+    return {
+        "networks": {k: {n: t.detach().cpu().clone() for n, t in ckpt.unwrap(v).state_dict().items()} for k, v in nets.items()},
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "step": step,
+        "epoch": epoch,
+        "best": dict(best),
+        "val": {k: v for k, v in val.items() if k != "per_case"} if val else {},
+        "rng": ckpt.rng_state(),
+        "plan": plan.__dict__.copy(),
+        "config": cfg.to_dict(),
+        "method": cfg.train.method,
+    }
+
+
+def _unlabeled_source(cfg: Config, data: Any, out: Path, synth: Any, teacher: Any, device: str) -> tuple[Any, dict]:
+    """What the unlabeled half of each batch reads: raw slices, or (ST / SA-ST) the offline set."""
+    method = cfg.train.method
+    if method == "baseline":
+        return None, {}
+    if method in ("cps", "sa-cps"):
+        return data.unlabeled, {}
+    from plsynth.training.self_training import load_teacher, make_offline_set
+
+    if teacher is None:
+        if not cfg.train.teacher:
+            raise ValueError(f"{cfg.source or 'config'}: train.teacher is empty; {method} needs a teacher bundle or checkpoint")
+        teacher, fingerprint = load_teacher(cfg.train.teacher, device)
+    else:
+        fingerprint = {"teacher": {"module": type(teacher).__name__}}
+    offline = make_offline_set(
+        teacher,
+        data.unlabeled,
+        synth,
+        out / "offline",
+        tau=cfg.train.tau,
+        pseudo_in_lung=cfg.train.pseudo_in_lung,
+        batch_size=cfg.train.offline_batch,
+        seed=cfg.train.seed,
+        fingerprint=fingerprint,
+    )
+    return offline, fingerprint
+
+
+def run_training(
+    cfg: Config,
+    out: Path,
+    hooks: TrainHooks | None = None,
+    *,
+    data: Any = None,
+    synth: Any = None,
+    teacher: torch.nn.Module | None = None,
+    write_bundle: bool = True,
+) -> TrainResult:
+    """Train ``cfg.train.method`` in ``out`` (resuming from ``out/last.pt``) and write ``out/bundle``.
+
+    data: a `DataSplits` (labeled, unlabeled, val); default ``build_splits(cfg, out)``.
+    synth: a `SynthesisClient` for sa-cps / sa-st; default `make_synthesis_client(cfg)`.
+    teacher: the ST / SA-ST teacher network; default loaded from ``cfg.train.teacher``.
+    """
+    hooks = hooks or TrainHooks()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    random.seed(t.seed)
+    np.random.seed(t.seed % 2**32)
+    torch.manual_seed(t.seed)
+    if data is None:
+        from plsynth.data.datasets import build_splits
+
+        data = build_splits(cfg, out)
+    if len(data.labeled) == 0:
+        raise ValueError(f"{cfg.source or 'config'}: no labeled training slices; every method needs some")
+    use_pseudo, use_synthetic = method_switches(t)
+    if t.method in ("sa-cps", "sa-st") and not (use_pseudo or use_synthetic):
+        logger.warning("%s with use_pseudo and use_synthetic both off trains on labeled slices only", t.method)
+    if use_synthetic and synth is None:
+        from plsynth.training.methods import make_synthesis_client
+
+        synth = make_synthesis_client(cfg)
+    if t.method != "baseline" and len(data.unlabeled) == 0:
+        raise ValueError(f"{cfg.source or 'config'}: {t.method} needs unlabeled slices; the unlabeled set is empty")
+    device = hooks.device
+    unlabeled, teacher_info = _unlabeled_source(cfg, data, out, synth if t.method == "sa-st" else None, teacher, device)
+
+    nets = {k: v.to(device) for k, v in build_networks(cfg).items()}
+    optimizers = {k: make_optimizer(v, cfg) for k, v in nets.items()}
+    plan = BatchPlan(len(data.labeled), len(data.unlabeled), t.batch_labeled, t.batch_unlabeled, t.seed)
+    total = total_iterations(t.epochs, plan.iters_per_epoch, t.max_iters)
+    start, best, last_val = 0, {"dice": -1.0, "step": -1}, {}
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if last_path.is_file():
+        state = ckpt.load_checkpoint(last_path)
+        diffs = ckpt.config_differences(state["config"], cfg.to_dict())
+        if diffs:
+            raise ValueError(
+                f"{last_path}: this run folder was started with another config ({'; '.join(diffs[:5])}); "
+                "use a new --out folder or the original config"
+            )
+        for k, net in nets.items():
+            net.load_state_dict(state["networks"][k])
+        for k, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        start, best, last_val = state["step"], state["best"], state.get("val", {})
+        ckpt.set_rng_state(state["rng"])
+        logger.info("resuming %s from %s at step %d/%d", t.method, last_path, start, total)
+    prepared = {k: hooks.prepare_model(v) for k, v in nets.items()}
+    step_fn = step_function(t)
+    make_batch = BatchMaker(cfg, data.labeled, unlabeled, plan, device)
+    log = RunLog(out, start) if hooks.is_main else None
+    progress = _Progress(total, start, t.method) if hooks.is_main else None
+    logger.info(
+        "%s: %d labeled, %d unlabeled slices, %d val cases; %d iterations (%d per epoch), batch %d+%d",
+        t.method, len(data.labeled), len(data.unlabeled), len(data.val), total, plan.iters_per_epoch,
+        t.batch_labeled, t.batch_unlabeled,
+    )
+    try:
+        for step in range(start, total):
+            tic = time.perf_counter()
+            lr = poly_lr(step, total, cfg.optim.lr, cfg.optim.poly_power)
+            for opt in optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            for net in prepared.values():
+                net.train()
+            batch = make_batch(step)
+            result = step_fn(prepared, batch, t, synth, step_seed(t.seed, step, stream=1))
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            result.loss.backward()
+            for opt in optimizers.values():
+                opt.step()
+            done, epoch = step + 1, plan.epoch_of(step)
+            loss = float(result.loss.detach())
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{t.method}: loss is {loss} at step {step}; lower optim.lr or check the data")
+            if log is not None:
+                log.train({"step": step, "epoch": epoch, "lr": lr, "loss": loss, **result.terms,
+                           "seconds": round(time.perf_counter() - tic, 4)})
+                progress.update(done, f"loss {loss:.4f}")
+            hooks.after_step(step, {"loss": loss, **result.terms})
+            end_of_epoch = done % plan.iters_per_epoch == 0 or done == total
+            if end_of_epoch and ((epoch + 1) % t.val_every == 0 or done == total) and len(data.val):
+                from plsynth.training.evaluate import validate
+
+                last_val = validate(ckpt.unwrap(nets["model"]), data.val, t.tolerance_mm, t.tau)
+                last_val.update(step=done, epoch=epoch + 1)
+                logger.info("%s epoch %d (step %d): val dice %.4f nsd %.4f over %d cases",
+                            t.method, epoch + 1, done, last_val["dice"], last_val["nsd"], last_val["cases"])
+                if log is not None:
+                    log.val({"step": done, "epoch": epoch + 1, **last_val})
+                if last_val["dice"] > best["dice"]:
+                    best = {"dice": last_val["dice"], "nsd": last_val["nsd"], "step": done}
+                    if hooks.is_main:
+                        ckpt.save_checkpoint(best_path, _state(nets, optimizers, done, epoch + 1, best, plan, cfg, last_val))
+            if end_of_epoch or (t.checkpoint_every and done % t.checkpoint_every == 0):
+                if hooks.is_main:
+                    ckpt.save_checkpoint(last_path, _state(nets, optimizers, done, epoch + (1 if end_of_epoch else 0),
+                                                           best, plan, cfg, last_val))
+                if end_of_epoch:
+                    hooks.report({"step": done, "epoch": epoch + 1, "loss": loss,
+                                  **{k: v for k, v in last_val.items() if k != "per_case"}}, last_path)
+                    if log is not None:
+                        log.flush()
+                        plot_curves(out, f"{cfg.name}: {t.method}")
+    finally:
+        if log is not None:
+            log.close()
+        if progress is not None:
+            progress.close()
+    bundle = None
+    if write_bundle and hooks.is_main:
+        bundle = _write_run_bundle(cfg, out, synth, teacher_info, total)
+    return TrainResult(bundle=bundle, steps=total, best=best, last_val=last_val)
+
+
+def _write_run_bundle(cfg: Config, out: Path, synth: Any, teacher_info: dict, total: int) -> Path:
+    """Write ``out/bundle`` from best.pt (``train.bundle_from: best``, when validation ran) or last.pt."""
+    from plsynth.deploy.bundle import write_bundle
+    from plsynth.models.unet import UNet
+
+    source = out / "best.pt" if cfg.train.bundle_from == "best" and (out / "best.pt").is_file() else out / "last.pt"
+    state = ckpt.load_checkpoint(source)
+    nets = {}
+    for name, weights in state["networks"].items():
+        net = UNet(cfg.model)
+        net.load_state_dict(weights)
+        nets[name] = net.eval()
+    metrics = {
+        "val_dice": state["val"].get("dice"),
+        "val_nsd": state["val"].get("nsd"),
+        "val_cases": state["val"].get("cases"),
+        "step": state["step"],
+        "epoch": state["epoch"],
+        "total_steps": total,
+        "selected": source.stem,
+        "best": state["best"],
+        "nsd_tolerance": cfg.train.tolerance_mm,
+    }
+    use_pseudo, use_synthetic = method_switches(cfg.train)
+    extra: dict[str, Any] = {
+        "training": {"seed": cfg.train.seed, "use_pseudo": use_pseudo, "use_synthetic": use_synthetic,
+                     "checkpoint": source.name},
+        **teacher_info,
+    }
+    if use_synthetic and synth is not None:
+        extra["synthesizer"] = {"bundle": cfg.synth.bundle, "sha256": synth.bundle_sha256, "backend": synth.backend}
+    return write_bundle(out / "bundle", nets, cfg, metrics, extra)

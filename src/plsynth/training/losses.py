@@ -1,0 +1,43 @@
+"""Segmentation losses of the paper (eq. 6-8): L_seg = BCE + Dice, both as means.
+
+The paper's eq. 7 lacks its minus sign (as written it is a log-likelihood, to be maximised);
+here BCE is the usual positive loss, averaged over pixels and samples rather than summed, so
+that its scale does not depend on the image size and lambda / mu keep their meaning.
+
+All functions take *logits* (B, 1, H, W), not probabilities: BCE on logits is numerically
+stable (log-sum-exp) where ``log(sigmoid(x))`` underflows for confident predictions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DICE_SMOOTH = 1.0  # eq. 8's epsilon; added to numerator and denominator, see dice_loss
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 7 with its sign fixed: mean over every pixel of -(y log p + (1-y) log(1-p))."""
+    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="mean")
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+    """Eq. 8, soft Dice over the whole batch: ``1 - (2 sum(p y) + s) / (sum p + sum y + s)``.
+
+    p = sigmoid(logits). The sums run over the batch and all pixels at once (one Dice per
+    batch, as the official SSL4MIS-style loss does), because many CT slices carry no infection:
+    a per-slice Dice would be undefined or maximal on each of them. The smoothing term ``s`` is
+    added to the numerator as well as the denominator (eq. 8 has it in the denominator only), so
+    an empty target predicted empty gives a loss of 0 instead of 1.
+    """
+    prob = torch.sigmoid(logits)
+    target = target.to(prob.dtype)
+    intersection = (prob * target).sum()
+    return 1.0 - (2.0 * intersection + smooth) / (prob.sum() + target.sum() + smooth)
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: L_seg(p, y) = L_BCE(p, y) + L_DICE(p, y); target (B, 1, H, W) in {0, 1}."""
+    if logits.shape != target.shape:
+        raise ValueError(f"seg_loss: logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
+    return bce_loss(logits, target) + dice_loss(logits, target)
