@@ -54,6 +54,14 @@ def resize_nearest(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch
     return F.interpolate(x, size=tuple(size), mode="nearest")
 
 
+def instance_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Parameter-free instance norm (as ``nn.InstanceNorm2d(affine=False)``), spelled out so that
+    the ONNX exporter never needs the channel count (which it loses after the noise addition)."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    var = (x - mean).pow(2).mean(dim=(2, 3), keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
 def region_average(features: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
     """Per-class mean of ``features`` (B, D, h, w) over the regions of ``onehot`` (B, C, H, W).
 
@@ -108,7 +116,6 @@ class ACE(nn.Module):
     def __init__(self, channels: int, style_dim: int, hidden: int, use_style: bool, use_noise: bool) -> None:
         super().__init__()
         self.use_style = use_style
-        self.norm = nn.InstanceNorm2d(channels, affine=False)
         self.noise_weight = nn.Parameter(torch.zeros(channels)) if use_noise else None
         self.spade_shared = nn.Sequential(nn.Conv2d(NUM_CLASSES, hidden, 3, padding=1), nn.ReLU())
         self.spade_gamma_beta = nn.Conv2d(hidden, 2 * channels, 3, padding=1)
@@ -127,7 +134,7 @@ class ACE(nn.Module):
     ) -> torch.Tensor:
         if self.noise_weight is not None and noise is not None:
             x = x + resize_nearest(noise, x.shape[-2:]) * self.noise_weight.view(1, -1, 1, 1)
-        normalized = self.norm(x)
+        normalized = instance_norm(x)
         seg = resize_nearest(onehot, x.shape[-2:])
         gamma, beta = self.spade_gamma_beta(self.spade_shared(seg)).chunk(2, dim=1)
         if self.use_style:

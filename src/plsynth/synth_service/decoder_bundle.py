@@ -1,0 +1,293 @@
+"""The synthesizer (decoder) bundle: what SA-CPS / SA-ST and the synthesis actor load.
+
+A folder with
+- ``decoder.pt``, ``encoder.pt``: state dicts (loaded with ``torch.load(weights_only=True)``);
+  the encoder is there for the ``self`` pool mode and for rebuilding the pool;
+- ``decoder.onnx``: the decoder with spectral norm folded, inputs ``onehot`` (B, 4, S, S),
+  ``style`` (B, 4, D) and, when the config has noise, ``noise`` (B, 1, S, S); output ``image``
+  (B, 1, S, S) in [-1, 1]; the batch axis is dynamic;
+- ``pool.npz``: the style code pool (``StylePool``);
+- ``meta.json``: sizes, classes, window, style_dim, widths, pool summary, export parity (max
+  abs difference torch vs ONNX Runtime CPU with fixed noise, gated at 1e-4), versions, the
+  resolved synth/data config and the sha256 of every other file.
+
+Loading needs only this module, the networks in ``plsynth.models.sean`` and the pool class,
+never the training code. ``bundle_sha256`` (the sha256 of meta.json, which lists every
+file's hash) identifies a bundle in trainer bundles and logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from plsynth.config import Config, SynthConfig
+from plsynth.errors import BundleError
+from plsynth.models.sean import (
+    NUM_CLASSES,
+    SEANDecoder,
+    StyleEncoder,
+    build_synthesizer,
+    decoder_channels,
+    fold_spectral_norm,
+    hidden_width,
+)
+from plsynth.synth_service.style_pool import StylePool
+
+log = logging.getLogger(__name__)
+
+FORMAT = "plsynth-synthesizer"
+FORMAT_VERSION = 1
+PARITY_TOLERANCE = 1e-4
+CLASSES = ["background", "left lung", "right lung", "infection"]
+FILES = ("decoder.pt", "encoder.pt", "decoder.onnx", "pool.npz")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundle_sha256(path: str | Path) -> str:
+    """Identity of a synthesizer bundle: the sha256 of its meta.json (which hashes every file)."""
+    meta = Path(path) / "meta.json"
+    if not meta.is_file():
+        raise BundleError(f"{path}: not a synthesizer bundle (no meta.json)")
+    return sha256_file(meta)
+
+
+def export_decoder_onnx(decoder: SEANDecoder, path: Path) -> list[str]:
+    """Export a copy of ``decoder`` (spectral norm folded, eval) to ONNX; returns the input names.
+
+    Legacy TorchScript exporter, opset 18, one file, dynamic batch (environment-notes.md s. 3, 6).
+    """
+    import warnings
+
+    model = fold_spectral_norm(copy.deepcopy(decoder).cpu().eval())
+    s, d = decoder.image_size, decoder.config.style_dim
+    args: tuple[torch.Tensor, ...] = (torch.zeros(2, NUM_CLASSES, s, s), torch.zeros(2, NUM_CLASSES, d))
+    names = ["onehot", "style"]
+    if decoder.uses_noise:
+        args = (*args, torch.zeros(2, 1, s, s))
+        names.append("noise")
+    axes = {name: {0: "batch"} for name in [*names, "image"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)  # legacy exporter notice
+        # shape checks in resize_nearest are constant for the fixed S x S input the decoder takes
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            model, args, str(path), input_names=names, output_names=["image"],
+            dynamic_axes=axes, opset_version=18, dynamo=False,
+        )
+    return names
+
+
+def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None):
+    """An ONNX Runtime session for the decoder (CPU unless other providers are asked for)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def parity_inputs(config: SynthConfig, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A fixed test input: a map with two lungs and an infection blob, random styles, fixed noise."""
+    g = torch.Generator().manual_seed(seed)
+    s = config.image_size
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    semantic = torch.zeros(s, s, dtype=torch.long)
+    semantic[((yy - s / 2) / (0.35 * s)) ** 2 + ((xx - 0.7 * s) / (0.18 * s)) ** 2 < 1] = 1
+    semantic[((yy - s / 2) / (0.35 * s)) ** 2 + ((xx - 0.3 * s) / (0.18 * s)) ** 2 < 1] = 2
+    semantic[((yy - 0.45 * s) ** 2 + (xx - 0.7 * s) ** 2) < (0.08 * s) ** 2] = 3
+    onehot = torch.nn.functional.one_hot(semantic, NUM_CLASSES).permute(2, 0, 1).float()
+    inputs = {
+        "onehot": onehot.expand(batch, -1, -1, -1).contiguous(),
+        "style": torch.rand(batch, NUM_CLASSES, config.style_dim, generator=g) * 2 - 1,
+    }
+    if config.noise:
+        inputs["noise"] = torch.randn(batch, 1, s, s, generator=g)
+    return inputs
+
+
+def measure_parity(decoder: SEANDecoder, onnx_path: Path) -> float:
+    """Max abs difference of the decoder (torch, eval) and its ONNX file (ORT CPU), fixed noise."""
+    inputs = parity_inputs(decoder.config)
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        with torch.no_grad():
+            expected = decoder(inputs["onehot"], inputs["style"], inputs.get("noise")).cpu().numpy()
+    finally:
+        decoder.train(was_training)
+    session = ort_session(onnx_path)
+    feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
+    (got,) = session.run(["image"], feed)
+    return float(np.abs(got - expected).max())
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for name in ("plsynth", "torch", "onnx", "onnxruntime", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def write_decoder_bundle(
+    out: str | Path,
+    decoder: SEANDecoder,
+    encoder: StyleEncoder,
+    pool: StylePool,
+    cfg: Config,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the bundle folder ``out`` (replaced if it exists) and return its path.
+
+    Everything is written into a temporary sibling folder and renamed at the end, so a failed
+    export never leaves a half bundle. Raises BundleError when the ONNX decoder differs from
+    torch by more than 1e-4. ``extra`` (e.g. training figures) is stored under meta["training"].
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if pool.style_dim != cfg.synth.style_dim:
+        raise ValueError(f"pool style_dim {pool.style_dim} != synth.style_dim {cfg.synth.style_dim}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        torch.save({k: v.detach().cpu() for k, v in decoder.state_dict().items()}, tmp / "decoder.pt")
+        torch.save({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, tmp / "encoder.pt")
+        inputs = export_decoder_onnx(decoder, tmp / "decoder.onnx")
+        parity = measure_parity(decoder, tmp / "decoder.onnx")
+        if not parity <= PARITY_TOLERANCE:
+            raise BundleError(f"{out}: ONNX decoder differs from torch by {parity:.3g} > {PARITY_TOLERANCE}")
+        pool.save(tmp / "pool.npz")
+        synth = cfg.synth
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "image_size": synth.image_size,
+            "channels": 1,
+            "classes": CLASSES,
+            "window_hu": list(cfg.data.window_hu),
+            "intensity": "decoder output tanh in [-1, 1]; images in [0, 1] = (x + 1) / 2 (HU window or 8-bit / 255)",
+            "style_dim": synth.style_dim,
+            "decoder_widths": decoder_channels(synth),
+            "norm_hidden": hidden_width(synth),
+            "encoder_width": encoder.features[1].out_channels,
+            "noise": synth.noise,
+            "onnx": {"inputs": inputs, "outputs": ["image"], "opset": 18, "dynamic_axes": "batch"},
+            "export_parity_max_abs": parity,
+            "export_parity_tolerance": PARITY_TOLERANCE,
+            "pool": {
+                "n": len(pool),
+                "n_positive": pool.n_positive,
+                "default_mode": synth.pool_mode,
+                "k": synth.pool_k,
+                "self_mode": "needs encoder.pt (included): the request's images encoded under their maps",
+            },
+            "synth": dataclasses.asdict(synth),
+            "data": dataclasses.asdict(cfg.data),
+            "config_name": cfg.name,
+            "config_source": cfg.source,
+            "training": extra or {},
+            "versions": _versions(),
+            "files": {name: sha256_file(tmp / name) for name in FILES},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("synthesizer bundle %s (parity %.2e, pool %d / N+ %d)", out, parity, len(pool), pool.n_positive)
+    return out
+
+
+@dataclass
+class DecoderBundle:
+    path: Path
+    meta: dict[str, Any]
+    config: SynthConfig
+    decoder: SEANDecoder  # eval mode, spectral norm as trained
+    encoder: StyleEncoder  # eval mode
+    pool: StylePool
+    sha256: str
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / "decoder.onnx"
+
+
+def synth_config_from_meta(meta: dict[str, Any], where: Path) -> SynthConfig:
+    known = {f.name for f in dataclasses.fields(SynthConfig)}
+    raw = meta.get("synth")
+    if not isinstance(raw, dict):
+        raise BundleError(f"{where}: meta.json has no synth config")
+    try:
+        return SynthConfig(**{k: v for k, v in raw.items() if k in known})
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{where}: meta.json synth config is invalid: {exc}") from exc
+
+
+def load_decoder_bundle(path: str | Path, device: str | torch.device = "cpu") -> DecoderBundle:
+    """Load and verify a synthesizer bundle; BundleError on a missing file or a sha256 mismatch."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise BundleError(f"{path}: not a synthesizer bundle (no meta.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{meta_path}: unreadable: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise BundleError(f"{path}: meta.json format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {meta['format_version']} is newer than this plsynth reads")
+    hashes = meta.get("files", {})
+    for name in FILES:
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{file}: missing from the synthesizer bundle")
+        if hashes.get(name) != sha256_file(file):
+            raise BundleError(f"{file}: sha256 does not match meta.json (modified or corrupt)")
+    config = synth_config_from_meta(meta, path)
+    decoder, encoder = build_synthesizer(config)
+    if encoder.features[1].out_channels != meta.get("encoder_width", encoder.features[1].out_channels):
+        encoder = StyleEncoder(config.style_dim, int(meta["encoder_width"]))
+    try:
+        decoder.load_state_dict(torch.load(path / "decoder.pt", map_location="cpu", weights_only=True))
+        encoder.load_state_dict(torch.load(path / "encoder.pt", map_location="cpu", weights_only=True))
+        pool = StylePool.load(path / "pool.npz")
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise BundleError(f"{path}: cannot load weights or pool: {exc}") from exc
+    return DecoderBundle(
+        path=path,
+        meta=meta,
+        config=config,
+        decoder=decoder.to(device).eval(),
+        encoder=encoder.to(device).eval(),
+        pool=pool,
+        sha256=sha256_file(meta_path),
+    )

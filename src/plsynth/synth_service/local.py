@@ -1,0 +1,157 @@
+"""In-process synthesis: a ``SynthesisClient`` that runs a synthesizer bundle's decoder itself.
+
+Used by SA-CPS / SA-ST when ``synth.backend`` is ``torch`` or ``ort``, by ``plsynth synth
+preview`` and by the Ray synthesis actor (through ``decode``, which it batches).
+
+Per request (paper eq. 9-10): the 4-class map is built from (lung, infection) by
+``plsynth.data.semantic``; one reference style is drawn from the bundle's pool for the whole
+request (K codes averaged per class, see ``StylePool.draw``), or, in ``self`` mode, each image
+is encoded under its own map; the decoder draws [-1, 1] images that are returned as (x + 1) / 2
+in [0, 1], resized to the request's size.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from plsynth.synth_service.decoder_bundle import load_decoder_bundle, ort_session
+from plsynth.synth_service.style_pool import PoolMode
+
+log = logging.getLogger(__name__)
+
+
+class LocalSynthesizer:
+    """Runs a synthesizer bundle in this process.
+
+    backend: ``torch`` (the reference) or ``ort`` (ONNX Runtime on its CPU provider, or the
+    providers given); ``trt`` belongs to the deploy engine builder and is refused here.
+    pool_mode / k default to the bundle's (``synth.pool_mode`` / ``synth.pool_k``).
+    seed: seeds the generator used by calls without their own ``seed``, so a sequence of calls
+    is reproducible; a call's ``seed`` fixes its pool draw and noise on its own.
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        backend: Literal["torch", "ort", "trt"] = "torch",
+        pool_mode: PoolMode | None = None,
+        k: int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        threads: int = 0,
+        providers: list[str] | None = None,
+    ) -> None:
+        if backend == "trt":
+            raise ValueError(
+                "backend 'trt' is built by the deploy engine builder (plsynth.deploy.engines); "
+                "LocalSynthesizer runs 'torch' or 'ort'"
+            )
+        if backend not in ("torch", "ort"):
+            raise ValueError(f"unknown synthesis backend {backend!r}; use torch or ort")
+        self.bundle = load_decoder_bundle(bundle, device=device)
+        self.bundle_sha256 = self.bundle.sha256
+        self.device = torch.device(device)
+        self.image_size = self.bundle.config.image_size
+        self.pool_mode: PoolMode = pool_mode or self.bundle.config.pool_mode
+        self.k = k or self.bundle.config.pool_k
+        if self.pool_mode != "self":
+            self.bundle.pool.members(self.pool_mode)  # fail now, not at the first request, if empty
+        self.generator = torch.Generator().manual_seed(seed)
+        self._session = None
+        if backend == "ort":
+            self._session = ort_session(self.bundle.onnx_path, threads=threads, providers=providers)
+            self._input_names = [i.name for i in self._session.get_inputs()]
+            self.backend = f"ort:{self._session.get_providers()[0]}"
+        else:
+            self.backend = f"torch:{self.device.type}"
+        log.info("synthesizer %s (%s, pool %s, k=%d)", self.bundle.path, self.backend, self.pool_mode, self.k)
+
+    # -- lower level: what the Ray actor batches ------------------------------------------
+
+    def decode(self, onehot: torch.Tensor, style: torch.Tensor, noise_seed: int | None = None) -> torch.Tensor:
+        """Decoder on (B, 4, S, S) one-hot and (B, 4, D) styles -> (B, 1, S, S) float32 in [0, 1] (CPU).
+
+        ``noise_seed`` fixes the noise (None: the synthesizer's own generator advances).
+        """
+        generator = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else self.generator
+        return self._decode(onehot, style, generator)
+
+    def _decode(self, onehot: torch.Tensor, style: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        s = self.image_size
+        if tuple(onehot.shape[1:]) != (4, s, s) or style.shape[0] != onehot.shape[0]:
+            raise ValueError(
+                f"decode: expected onehot (B, 4, {s}, {s}) and style (B, 4, D), got "
+                f"{tuple(onehot.shape)} and {tuple(style.shape)}"
+            )
+        noise = self.bundle.decoder.make_noise(len(onehot), generator)  # drawn on CPU: same on every device
+        if self._session is not None:
+            feed = {"onehot": onehot.float().cpu().numpy(), "style": style.float().cpu().numpy()}
+            if noise is not None and "noise" in self._input_names:
+                feed["noise"] = noise.numpy()
+            (image,) = self._session.run(["image"], feed)
+            image = torch.from_numpy(np.asarray(image))
+        else:
+            with torch.inference_mode():
+                image = self.bundle.decoder(
+                    onehot.float().to(self.device),
+                    style.float().to(self.device),
+                    None if noise is None else noise.to(self.device),
+                ).cpu()
+        return ((image + 1) / 2).clamp(0, 1).float()
+
+    def reference_style(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One reference style (B, 4, D) drawn from the pool (not for ``self`` mode)."""
+        return self.bundle.pool.draw(batch, self.k, generator or self.generator, mode=self.pool_mode)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """The images' own styles (B, 4, D) under their maps; images (B, 1, S, S) in [0, 1]."""
+        return self.bundle.encoder(images.float().to(self.device) * 2 - 1, onehot.float().to(self.device)).cpu()
+
+    # -- SynthesisClient ------------------------------------------------------------------
+
+    def synthesize(
+        self,
+        infection: torch.Tensor,
+        lung: torch.Tensor,
+        images: torch.Tensor | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        from plsynth.data.semantic import one_hot, semantic_map
+
+        if infection.ndim != 4 or infection.shape[1] != 1 or lung.ndim != 3:
+            raise ValueError(
+                f"synthesize: infection (B, 1, H, W) and lung (B, H, W) expected, got "
+                f"{tuple(infection.shape)} and {tuple(lung.shape)}"
+            )
+        if infection.shape[0] != lung.shape[0] or infection.shape[2:] != lung.shape[1:]:
+            raise ValueError(f"synthesize: infection {tuple(infection.shape)} and lung {tuple(lung.shape)} differ")
+        out_device = infection.device
+        b, _, h, w = infection.shape
+        s = self.image_size
+        infection = (infection.detach().float().cpu() > 0.5).float()
+        lung = lung.detach().cpu().long()
+        if (h, w) != (s, s):
+            infection = F.interpolate(infection, size=(s, s), mode="nearest")
+            lung = F.interpolate(lung[:, None].float(), size=(s, s), mode="nearest")[:, 0].long()
+        onehot = one_hot(semantic_map(lung, infection[:, 0]))
+        generator = torch.Generator().manual_seed(seed) if seed is not None else self.generator
+        if self.pool_mode == "self":
+            if images is None:
+                raise ValueError("pool mode 'self' needs the request's images")
+            images = images.detach().float().cpu()
+            if tuple(images.shape[-2:]) != (s, s):
+                images = F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False)
+            style = self.encode(images, onehot)
+        else:
+            style = self.reference_style(b, generator)
+        result = self._decode(onehot, style, generator)
+        if (h, w) != (s, s):
+            result = F.interpolate(result, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+        return result.to(out_device)

@@ -1,0 +1,157 @@
+"""Pictures of what the synthesizer draws: the per-epoch training grid and the preview gallery.
+
+Gallery (``plsynth synth preview``, the paper's Fig. 7 idea): one row per labeled slice,
+columns: map | drawn image | map with the infection removed | its image | map with the
+infection moved elsewhere in the lungs | its image. The three images of a row share the
+pool draw and the noise (same seed), so they differ only where the map was edited.
+
+Map colours: background black, patient-left lung blue, patient-right lung green, infection red.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plsynth.config import Config
+
+log = logging.getLogger(__name__)
+
+PALETTE = np.array([[0, 0, 0], [60, 110, 210], [60, 170, 90], [230, 50, 40]], dtype=np.uint8)
+
+
+def colorize_map(semantic: np.ndarray) -> np.ndarray:
+    """(H, W) classes 0..3 -> (H, W, 3) uint8 RGB."""
+    return PALETTE[np.clip(np.asarray(semantic, dtype=np.int64), 0, 3)]
+
+
+def gray_to_rgb(image: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) uint8."""
+    g = (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def save_grid(rows: list[list[np.ndarray]], path: Path, gap: int = 2) -> Path:
+    """Tile equally sized (H, W, 3) uint8 tiles into a PNG with a white gap (written atomically)."""
+    from PIL import Image
+
+    h, w = rows[0][0].shape[:2]
+    ncol = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + gap) - gap, ncol * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            canvas[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = tile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(canvas).save(tmp)
+    tmp.replace(path)
+    return path
+
+
+@torch.no_grad()
+def write_training_grid(decoder, encoder, preview, cfg: Config, path: Path) -> Path | None:
+    """real | map | reconstruction | synthesis with a pool style, for ``grid_samples`` slices.
+
+    The pool style is drawn from the codes of the preview slices (positive ones when any).
+    """
+    from plsynth.synth_service.style_pool import build_style_pool
+    from plsynth.training.synthesizer import pool_batches, prepare_batch
+
+    s = cfg.synth
+    if len(preview) == 0 or s.grid_samples < 1:
+        return None
+    batch = next(iter(torch.utils.data.DataLoader(preview, batch_size=s.grid_samples, shuffle=False)))
+    device = next(decoder.parameters()).device
+    image, onehot = prepare_batch(batch, s.image_size)
+    image, onehot = image.to(device), onehot.to(device)
+    modes = decoder.training, encoder.training
+    decoder.eval(), encoder.eval()
+    try:
+        generator = torch.Generator().manual_seed(s.seed)
+        noise = decoder.make_noise(len(image), generator)
+        noise = None if noise is None else noise.to(device)
+        recon = decoder(onehot, encoder(image, onehot), noise)
+        pool = build_style_pool(encoder, pool_batches(preview, s.image_size, s.batch_size), device=device)
+        mode = "positive" if pool.n_positive else "all"
+        style = pool.draw(len(image), s.pool_k, generator, mode=mode).to(device)
+        drawn = decoder(onehot, style, noise)
+    finally:
+        decoder.train(modes[0]), encoder.train(modes[1])
+    semantic = onehot.argmax(1).cpu().numpy()
+    rows = [
+        [
+            gray_to_rgb((image[i, 0].cpu().numpy() + 1) / 2),
+            colorize_map(semantic[i]),
+            gray_to_rgb((recon[i, 0].cpu().numpy() + 1) / 2),
+            gray_to_rgb((drawn[i, 0].cpu().numpy() + 1) / 2),
+        ]
+        for i in range(len(image))
+    ]
+    return save_grid(rows, path)
+
+
+def move_infection(infection: np.ndarray, lung: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The infection mirrored to the other side and kept inside the lungs; a disk when that is empty.
+
+    Mirroring left-right (x -> W - 1 - x) puts a lesion of one lung into the other lung at the
+    same height, a plausible edit that keeps its shape. Without any infection (or if the mirror
+    misses the lungs) a disk of radius ~W/16 is placed at a random lung pixel.
+    """
+    lungs = lung > 0
+    moved = infection[:, ::-1].copy() & lungs
+    if moved.sum() >= max(4, infection.sum() // 4):
+        return moved.astype(np.uint8)
+    ys, xs = np.nonzero(lungs)
+    if len(ys) == 0:
+        return np.zeros_like(infection, dtype=np.uint8)
+    k = rng.integers(len(ys))
+    r = max(2, lung.shape[1] // 16)
+    yy, xx = np.mgrid[: lung.shape[0], : lung.shape[1]]
+    return ((((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2) <= r * r) & lungs).astype(np.uint8)
+
+
+def preview_rows(synth, lung: np.ndarray, infection: np.ndarray, seed: int) -> list[np.ndarray]:
+    """One gallery row for a slice: three maps (as given, infection removed, moved) and their images."""
+    from plsynth.data.semantic import semantic_map
+
+    rng = np.random.default_rng(seed)
+    variants = [infection.astype(np.uint8), np.zeros_like(infection, dtype=np.uint8), move_infection(infection, lung, rng)]
+    tiles = []
+    for inf in variants:
+        image = synth.synthesize(
+            torch.from_numpy(inf[None, None].astype(np.float32)), torch.from_numpy(lung[None].astype(np.int64)), seed=seed
+        )
+        tiles += [colorize_map(semantic_map(lung.astype(np.uint8), inf)), gray_to_rgb(image[0, 0].numpy())]
+    return tiles
+
+
+def write_preview(bundle: Path, labeled, out: Path, n: int = 8, seed: int = 0, backend: str = "torch") -> Path:
+    """Gallery of ``n`` labeled slices (those with infection first) drawn by ``bundle``."""
+    from plsynth.synth_service.local import LocalSynthesizer
+
+    synth = LocalSynthesizer(bundle, backend=backend, seed=seed)
+    size = synth.image_size
+    infected, clean = [], []
+    for i in range(len(labeled)):
+        (infected if float(labeled[i]["label"].sum()) > 0 else clean).append(i)
+        if len(infected) >= n:
+            break
+    chosen = (infected + clean)[:n]
+    if not chosen:
+        raise ValueError("no labeled slices to preview")
+    rows = []
+    for row, i in enumerate(chosen):
+        item = labeled[i]
+        lung = torch.as_tensor(item["lung"]).long()[None, None].float()
+        label = torch.as_tensor(item["label"]).float()[None]
+        if lung.shape[-1] != size:
+            lung = torch.nn.functional.interpolate(lung, size=(size, size), mode="nearest")
+            label = torch.nn.functional.interpolate(label, size=(size, size), mode="nearest")
+        rows.append(
+            preview_rows(synth, lung[0, 0].long().numpy(), (label[0, 0] > 0.5).numpy().astype(np.uint8), seed + row)
+        )
+    log.info("preview of %d slices (%s) -> %s", len(rows), synth.backend, out)
+    return save_grid(rows, Path(out))

@@ -1,0 +1,321 @@
+"""GAN training of the SEAN synthesizer: ``plsynth train synthesizer --config FILE --out DIR``.
+
+Data: the training split's labeled slices only (``build_splits(cfg, out).labeled``); validation
+slices never reach the synthesizer or its pool (paper; SASSL issue #1). Each slice gives its
+image in [0, 1] (mapped to [-1, 1]) and its 4-class map from lung mask + infection label.
+No flips: a horizontal flip would put the patient-left lung where the right one belongs.
+
+Per step (SEAN's defaults, reference-code-review.md section 1.5): the encoder reads the real
+image's style under its map, the decoder reconstructs it (with fresh noise); hinge GAN loss on
+a multi-scale PatchGAN fed (map, image); discriminator feature matching (``lambda_feat``); a
+VGG19 perceptual loss only when ``synth.vgg_weights`` names a local file (never downloaded);
+a pixel L1 (``lambda_l1``, not in SEAN: it stands in for VGG where no weights exist); Adam
+with two time-scale rates (G and E: lr / 2, D: lr * 2, betas (beta1, beta2)), constant for the
+first half of the epochs then linearly decayed (SEAN: 50 + 50 epochs).
+
+The run folder holds ``last.pt`` (nets, optimizers, epoch, config; a rerun resumes from it),
+``grids/epoch_XXX.png`` (real | map | reconstruction | synthesis with a pool style) and, at
+the end, ``bundle/`` (``plsynth.synth_service.decoder_bundle``) with the pool built once from
+all labeled slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plsynth.config import Config
+from plsynth.models.discriminator import (
+    MultiScaleDiscriminator,
+    feature_matching_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+)
+from plsynth.models.sean import SEANDecoder, StyleEncoder, build_synthesizer
+
+log = logging.getLogger(__name__)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def prepare_batch(batch: dict[str, Any], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset batch -> (image (B, 1, size, size) in [-1, 1], one-hot map (B, 4, size, size)).
+
+    Resizes (bilinear image, nearest lung/label) when the datasets' size differs from the
+    synthesizer's.
+    """
+    from plsynth.data.semantic import one_hot, semantic_map
+
+    image = batch["image"].float()
+    lung = batch["lung"].long()
+    label = batch["label"].float()
+    if image.shape[-1] != size or image.shape[-2] != size:
+        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+        lung = F.interpolate(lung[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        label = F.interpolate(label, size=(size, size), mode="nearest")
+    onehot = one_hot(semantic_map(lung, label[:, 0] > 0.5))
+    return image.clamp(0, 1) * 2 - 1, onehot
+
+
+def pool_batches(dataset, size: int, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Batches for ``build_style_pool``: image in [0, 1], one-hot, case, index."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for batch in loader:
+        image, onehot = prepare_batch(batch, size)
+        yield {"image": (image + 1) / 2, "onehot": onehot, "case": batch.get("case"), "index": batch.get("index")}
+
+
+# -- perceptual loss (optional, local weights only) ---------------------------------------------
+
+_VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
+
+
+class VGGLoss(nn.Module):
+    """SEAN's VGG19 perceptual L1 (relu1_1..relu5_1, weights 1/32 .. 1) from a local state dict.
+
+    ``weights`` is a torchvision-layout ``vgg19`` state dict (keys ``features.N.weight``); the
+    1-channel image is repeated to 3 channels and fed in [-1, 1] as SEAN does.
+    """
+
+    slices = ((0, 2), (2, 7), (7, 12), (12, 21), (21, 30))
+    layer_weights = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
+
+    def __init__(self, weights: Path) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for item in _VGG19:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(channels, int(item), 3, padding=1), nn.ReLU()]
+                channels = int(item)
+        self.features = nn.Sequential(*layers)
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        missing = [k for k in self.features.state_dict() if k not in features]
+        if missing:
+            raise ValueError(f"{weights}: not a torchvision vgg19 state dict (missing features.{missing[0]})")
+        self.features.load_state_dict({k: features[k] for k in self.features.state_dict()})
+        self.requires_grad_(False).eval()
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        x, y = fake.repeat(1, 3, 1, 1), real.repeat(1, 3, 1, 1)
+        total = fake.new_zeros(())
+        for (start, stop), weight in zip(self.slices, self.layer_weights):
+            block = self.features[start:stop]
+            x, y = block(x), block(y)
+            total = total + weight * F.l1_loss(x, y.detach())
+        return total
+
+
+# -- one GAN step -------------------------------------------------------------------------------
+
+
+@dataclass
+class SynthNets:
+    decoder: SEANDecoder
+    encoder: StyleEncoder
+    discriminator: MultiScaleDiscriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    vgg: VGGLoss | None = None
+
+
+def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
+    s = cfg.synth
+    decoder, encoder = build_synthesizer(s)
+    discriminator = MultiScaleDiscriminator(s.num_d, s.width, in_channels=5)
+    for net in (decoder, encoder, discriminator):
+        net.to(device).train()
+    # SEAN's TTUR: generator lr / 2, discriminator lr * 2, betas (0, 0.9)
+    opt_g = torch.optim.Adam([*decoder.parameters(), *encoder.parameters()], lr=s.lr / 2, betas=(s.beta1, s.beta2))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=s.lr * 2, betas=(s.beta1, s.beta2))
+    vgg = None
+    if s.vgg_weights:
+        path = Path(s.vgg_weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"synth.vgg_weights: {path} does not exist (weights are never downloaded)")
+        vgg = VGGLoss(path).to(device)
+    else:
+        log.info("VGG perceptual loss off (synth.vgg_weights is empty)")
+    return SynthNets(decoder, encoder, discriminator, opt_g, opt_d, vgg)
+
+
+def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Config) -> dict[str, float]:
+    """One generator step then one discriminator step on a batch; returns the losses."""
+    s = cfg.synth
+    noise = nets.decoder.make_noise(len(image), device=image.device)
+    style = nets.encoder(image, onehot)
+    fake = nets.decoder(onehot, style, noise)
+
+    nets.discriminator.requires_grad_(False)
+    pred_fake = nets.discriminator(onehot, fake)
+    with torch.no_grad():
+        pred_real = nets.discriminator(onehot, image)
+    losses = {"g_gan": hinge_g_loss(pred_fake), "g_feat": s.lambda_feat * feature_matching_loss(pred_real, pred_fake)}
+    if s.lambda_l1:
+        losses["g_l1"] = s.lambda_l1 * F.l1_loss(fake, image)
+    if nets.vgg is not None:
+        losses["g_vgg"] = s.lambda_vgg * nets.vgg(fake, image)
+    g_total = torch.stack(list(losses.values())).sum()
+    nets.opt_g.zero_grad(set_to_none=True)
+    g_total.backward()
+    nets.opt_g.step()
+
+    nets.discriminator.requires_grad_(True)
+    d_loss = hinge_d_loss(nets.discriminator(onehot, image), nets.discriminator(onehot, fake.detach()))
+    nets.opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    nets.opt_d.step()
+    out = {k: float(v) for k, v in losses.items()}
+    out["d_hinge"] = float(d_loss)
+    out["recon_l1"] = float(F.l1_loss(fake.detach(), image))
+    return out
+
+
+@torch.no_grad()
+def reconstruction_l1(decoder: SEANDecoder, encoder: StyleEncoder, image: torch.Tensor, onehot: torch.Tensor) -> float:
+    """Mean |decoder(map, encoder(image, map)) - image| in [-1, 1] units, eval mode, no noise."""
+    modes = decoder.training, encoder.training
+    decoder.eval(), encoder.eval()
+    try:
+        return float(F.l1_loss(decoder(onehot, encoder(image, onehot), None), image))
+    finally:
+        decoder.train(modes[0]), encoder.train(modes[1])
+
+
+def lr_factor(epoch: int, epochs: int) -> float:
+    """SEAN's schedule scaled to ``epochs``: 1 for the first half, then linear decay (never 0)."""
+    half = epochs // 2
+    return 1.0 if epoch < half else (epochs - epoch) / (epochs - half)
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+def _save_last(path: Path, nets: SynthNets, epoch: int, cfg: Config, history: list[dict]) -> None:
+    state = {
+        "epoch": epoch,
+        "decoder": nets.decoder.state_dict(),
+        "encoder": nets.encoder.state_dict(),
+        "discriminator": nets.discriminator.state_dict(),
+        "opt_g": nets.opt_g.state_dict(),
+        "opt_d": nets.opt_d.state_dict(),
+        "config": cfg.to_dict(),
+        "history": history,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, nets: SynthNets, cfg: Config) -> tuple[int, list[dict]]:
+    if not path.is_file():
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"].get("synth") != cfg.to_dict()["synth"]:
+        changed = sorted(k for k, v in cfg.to_dict()["synth"].items() if state["config"]["synth"].get(k) != v)
+        log.warning("resuming %s with a changed synth config: %s", path, ", ".join(changed))
+    nets.decoder.load_state_dict(state["decoder"])
+    nets.encoder.load_state_dict(state["encoder"])
+    nets.discriminator.load_state_dict(state["discriminator"])
+    nets.opt_g.load_state_dict(state["opt_g"])
+    nets.opt_d.load_state_dict(state["opt_d"])
+    log.info("resumed %s after epoch %d", path, state["epoch"])
+    return int(state["epoch"]), list(state.get("history", []))
+
+
+def _preview_subset(dataset, n: int) -> list[int]:
+    """Indices of up to n labeled slices for the grid, slices with infection first."""
+    infected, clean = [], []
+    for i in range(min(len(dataset), 64)):
+        (infected if float(dataset[i]["label"].sum()) > 0 else clean).append(i)
+    return (infected + clean)[:n]
+
+
+def fit_synthesizer(labeled, cfg: Config, out: str | Path, device: str | torch.device = "cpu") -> Path:
+    """Train on a labeled slice dataset (items as ``plsynth.data.datasets``) and write ``out/bundle``."""
+    from plsynth.synth_service.decoder_bundle import write_decoder_bundle
+    from plsynth.synth_service.style_pool import build_style_pool
+    from plsynth.training.synth_preview import write_training_grid
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = cfg.synth
+    if len(labeled) == 0:
+        raise ValueError("synthesizer training needs labeled slices; the labeled split is empty")
+    torch.manual_seed(s.seed)
+    nets = build_nets(cfg, device)
+    start, history = _resume(out / "last.pt", nets, cfg)
+    generator = torch.Generator().manual_seed(s.seed)
+    loader = torch.utils.data.DataLoader(
+        labeled, batch_size=s.batch_size, shuffle=True, drop_last=len(labeled) > s.batch_size, generator=generator
+    )
+    preview = torch.utils.data.Subset(labeled, _preview_subset(labeled, max(s.grid_samples, 1) * 4))
+    t_train = time.perf_counter()
+    for epoch in range(start, s.epochs):
+        for opt, base in ((nets.opt_g, s.lr / 2), (nets.opt_d, s.lr * 2)):
+            for group in opt.param_groups:
+                group["lr"] = base * lr_factor(epoch, s.epochs)
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = 0
+        for batch in loader:
+            image, onehot = prepare_batch(batch, s.image_size)
+            for k, v in gan_step(nets, image.to(device), onehot.to(device), cfg).items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+        record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, **{k: v / max(steps, 1) for k, v in sums.items()}}
+        history.append(record)
+        log.info(
+            "synth epoch %d/%d: %s", epoch + 1, s.epochs,
+            ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"),
+        )
+        _save_last(out / "last.pt", nets, epoch + 1, cfg, history)
+        write_training_grid(nets.decoder, nets.encoder, preview, cfg, out / "grids" / f"epoch_{epoch + 1:03d}.png")
+    train_seconds = time.perf_counter() - t_train
+
+    pool = build_style_pool(nets.encoder, pool_batches(labeled, s.image_size, s.batch_size), device=device)
+    nets.decoder.eval()
+    nets.encoder.eval()
+    extra = {
+        "labeled_slices": len(labeled),
+        "epochs": s.epochs,
+        "train_seconds_this_run": train_seconds,
+        "history": history,
+        "vgg_loss": bool(s.vgg_weights),
+    }
+    return write_decoder_bundle(out / "bundle", nets.decoder, nets.encoder, pool, cfg, extra=extra)
+
+
+def train_synthesizer(cfg: Config, out: str | Path) -> Path:
+    """Train the synthesizer on ``build_splits(cfg, out).labeled``; returns ``out/bundle``."""
+    from plsynth.data.datasets import build_splits
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    splits = build_splits(cfg, Path(out))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return fit_synthesizer(splits.labeled, cfg, out, device=device)
+
+
+__all__ = [
+    "VGGLoss",
+    "build_nets",
+    "fit_synthesizer",
+    "gan_step",
+    "lr_factor",
+    "prepare_batch",
+    "reconstruction_l1",
+    "train_synthesizer",
+]
