@@ -146,8 +146,21 @@ def write_bundle(
 
 
 def _parity_inputs(size: int, cfg: Any, fallback) -> Any:
-    """Phantom slices at the bundle's input size, windowed as at inference."""
-    return fallback(size)
+    """Phantom chest slices (B, 1, S, S) at the bundle's input size, prepared as at inference.
+
+    Uses the project's phantoms (``plsynth.data.phantom``: lesions forced on, windowed with the
+    bundle's window, lung handling applied); the local ellipse drawing is the fallback.
+    """
+    try:
+        from plsynth.data.phantom import make_phantom
+        from plsynth.data.preprocess import to_model_input
+        from plsynth.data.window import window_array
+    except ImportError:
+        return fallback(size)
+    phantom = make_phantom(1234, (12, size, size), lesions=True, name="parity")
+    middle = slice(3, 9)  # the lowest slices show only the costophrenic rim
+    unit = window_array(phantom.hu[middle], tuple(cfg.data.window_hu))
+    return to_model_input(unit, phantom.lung[middle], size, cfg.data.lung_handling)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -157,3 +157,68 @@ def check_parity(
         )
     logger.info("parity %s: max abs diff %.3g, mask Dice %.4f", onnx_path.name, result["max_abs_diff"], result["mask_dice"])
     return result
+
+
+def export_run(run_dir: Path, out: Path | None = None, trt: bool = False, fp16: bool = False, batch_size: int = 8) -> Path:
+    """Re-export a training run's checkpoint (``best.pt``, else ``last.pt``) as a bundle.
+
+    The checkpoint is ``{"networks": {"model": state_dict[, "peer": ...]}, "config": cfg.to_dict(),
+    "val": {...}, ...}`` (``plsynth.training.checkpoint``), read with ``weights_only=True``.
+    The bundle goes to ``out`` (default ``run_dir/bundle``) through `write_bundle`, the same code
+    training ends with. With ``trt``, TensorRT engines are built into the bundle's engine cache
+    and checked against ONNX Runtime (needs TensorRT and a GPU; raises EngineUnavailable).
+    """
+    import torch
+
+    from plsynth.config import config_from_dict
+    from plsynth.deploy.bundle import write_bundle
+    from plsynth.errors import InputError
+    from plsynth.models.unet import UNet
+
+    run_dir = Path(run_dir)
+    source = next((run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).is_file()), None)
+    if source is None:
+        raise InputError(run_dir, "no best.pt or last.pt here; is this a training run folder?")
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(source, f"cannot read the checkpoint with weights_only=True: {exc}") from exc
+    weights = state.get("networks") or state.get("models")
+    if not isinstance(weights, dict) or "config" not in state:
+        raise InputError(source, "checkpoint lacks 'networks' (or 'models') and 'config'")
+    cfg = config_from_dict(state["config"], where=str(source))
+    nets = {}
+    for name, sd in weights.items():
+        net = UNet(cfg.model)
+        net.load_state_dict(sd)
+        nets[name] = net.eval()
+    val = state.get("val") or {}
+    metrics = {"val_dice": val.get("dice"), "val_nsd": val.get("nsd"), "step": state.get("step"), "epoch": state.get("epoch")}
+    bundle_dir = write_bundle(Path(out) if out else run_dir / "bundle", nets, cfg, metrics, {"exported_from": source.name})
+    if trt:
+        build_trt_engines(bundle_dir, fp16=fp16, batch_size=batch_size)
+    return bundle_dir
+
+
+def build_trt_engines(bundle_dir: Path, fp16: bool = False, batch_size: int = 8) -> dict[str, dict]:  # NEVER RUN HERE
+    """Build (or reuse) the TensorRT engine of every network and check it against ONNX Runtime CPU
+    on phantom slices (mask Dice >= 0.99, else BundleError). Returns parity per network."""
+    from plsynth.deploy.bundle import load_bundle
+    from plsynth.deploy.engines import OrtEngine
+    from plsynth.deploy.tensorrt_engine import open_trt_engine, resolve_cache_dir
+
+    bundle = load_bundle(bundle_dir)
+    cache = resolve_cache_dir(bundle.path)
+    slices = phantom_slices(bundle.image_size, count=min(batch_size, 6))
+    cut = logit_threshold(bundle.threshold)
+    report = {}
+    for name in bundle.network_names:
+        engine = open_trt_engine(bundle.onnx_path(name), batch_size, fp16, cache, bundle.onnx_sha256(name))
+        ref = OrtEngine(bundle.onnx_path(name), ["CPUExecutionProvider"]).run(slices)
+        got = engine.run(slices)
+        report[name] = {"max_abs_diff": float(np.max(np.abs(ref - got))), "mask_dice": mask_dice(ref > cut, got > cut),
+                        "precision": "fp16" if fp16 else "fp32", "provider": engine.provider}
+        if report[name]["mask_dice"] < PARITY_MIN_DICE:
+            raise BundleError(f"{bundle.onnx_path(name)}: TensorRT/ONNX mask Dice {report[name]['mask_dice']:.4f} < {PARITY_MIN_DICE}")
+        logger.info("TensorRT parity %s: %s", name, report[name])
+    return report

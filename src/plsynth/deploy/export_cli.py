@@ -1,8 +1,32 @@
-"""`plsynth export` (owned by the deploy stage)."""
+"""`plsynth export --run DIR [--fp16] [--trt]`: a training run's checkpoint -> model bundle (+ TensorRT engine)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
 
-def export_command() -> None:
-    """Export a training run's networks to ONNX (and TensorRT)."""
-    raise NotImplementedError("plsynth export lands with the deploy issue")
+import typer
+
+EXIT_ENGINE = 5  # TensorRT or a GPU asked for with --trt and not available (as plsynth-infer)
+
+
+def export_command(
+    run: Annotated[Path, typer.Option("--run", exists=True, file_okay=False, help="Training run folder (best.pt or last.pt).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Bundle folder; default RUN/bundle.")] = None,
+    trt: Annotated[bool, typer.Option("--trt", help="Also build the TensorRT engine into the bundle's engine cache (GPU).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT engine in FP16 (with --trt).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="TensorRT profile: largest batch.")] = 8,
+) -> None:
+    """Export a run's networks to ONNX (parity-checked against PyTorch) and optionally TensorRT.
+
+    Example: plsynth export --run runs/sa-cps --trt --fp16
+    """
+    from plsynth.deploy.engines import EngineUnavailable
+    from plsynth.deploy.export import export_run
+
+    try:
+        bundle = export_run(run, out, trt=trt, fp16=fp16, batch_size=batch_size)
+    except EngineUnavailable as exc:
+        typer.echo(f"engine unavailable: {exc}", err=True)
+        raise typer.Exit(EXIT_ENGINE) from exc
+    typer.echo(f"bundle: {bundle}")

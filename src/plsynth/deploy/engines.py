@@ -1,0 +1,263 @@
+"""Inference engines behind one interface: ``torch``, ``ort`` (ONNX Runtime) and ``trt`` (TensorRT).
+
+Every engine has ``name`` (torch / ort / trt), ``provider`` (what actually runs it, e.g.
+``CPUExecutionProvider``, ``CUDAExecutionProvider``, ``torch:cpu``, ``tensorrt 10.x fp16``) and
+``run(x)``: ``(B, 1, S, S)`` float32 in [0, 1] -> ``(B, 1, S, S)`` float32 logits. ONNX-based
+engines also have ``run_named(feeds) -> list[np.ndarray]`` for models with several inputs (the
+SEAN decoder service uses the same classes).
+
+ONNX Runtime falls back from GPU to CPU silently (ORT issues #23372, #17801, #17394): after the
+session is created we read ``session.get_providers()``, and when a GPU engine was asked for and
+not obtained we raise `EngineUnavailable` (the CLI's exit code 5) unless ``allow_fallback``.
+The provider logic takes the list of available providers as a parameter so tests can fake a GPU
+machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("auto", "trt", "ort", "torch")
+DEVICES = ("auto", "cuda", "cpu")
+ORT_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+ORT_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine or device the user asked for cannot be had here (and no fallback was allowed)."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    provider: str
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+# ----------------------------------------------------------------------------- choice
+
+
+def wants_gpu(engine: str, device: str) -> bool:
+    """True when the user explicitly asked for a GPU (``--engine trt`` or ``--device cuda``)."""
+    return engine == "trt" or device == "cuda"
+
+
+def ort_providers(device: str, available: Sequence[str]) -> list[str]:
+    """ONNX Runtime providers to ask for, best first: TensorRT, CUDA, CPU (those available).
+
+    device "cpu" asks for the CPU only; "cuda" and "auto" ask for every available GPU provider.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    return [p for p in ORT_ORDER if p in available or p == "CPUExecutionProvider"]
+
+
+def check_providers(obtained: Sequence[str], gpu_required: bool, allow_fallback: bool, source: str = "") -> str:
+    """The provider that actually runs the session (the first one in ``session.get_providers()``).
+
+    Raises EngineUnavailable when a GPU was required and only the CPU was obtained, unless
+    ``allow_fallback``, in which case the fallback is logged as a warning.
+    """
+    used = obtained[0] if obtained else "none"
+    if gpu_required and used not in ORT_GPU_PROVIDERS:
+        message = (
+            f"{source}: a GPU engine was requested but ONNX Runtime loaded {list(obtained)} "
+            "(onnxruntime-gpu, CUDA/cuDNN or TensorRT libraries missing, or no GPU visible); "
+            "pass --allow-fallback to run on the CPU anyway"
+        )
+        if not allow_fallback:
+            raise EngineUnavailable(message)
+        logger.warning("%s; continuing on %s because --allow-fallback was given", message, used)
+    return used
+
+
+def available_ort_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    return list(ort.get_available_providers())
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def resolve_engine(
+    engine: str,
+    device: str,
+    allow_fallback: bool,
+    ort_available: Sequence[str] | None = None,
+    trt_status: tuple[bool, str] | None = None,
+    cuda_available: bool | None = None,
+) -> str:
+    """Which engine to open: ``torch``, ``ort`` or ``trt``.
+
+    auto: TensorRT when it is installed and a GPU is visible (and device is not cpu), else ONNX
+    Runtime when installed, else torch. An explicit ``trt`` that cannot be had raises
+    EngineUnavailable, or falls back to ``ort`` with ``allow_fallback``. The environment probes
+    are parameters so tests can fake machines.
+    """
+    from plsynth.deploy.tensorrt_engine import tensorrt_status
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    ort_available = available_ort_providers() if ort_available is None else list(ort_available)
+    if engine in ("trt", "auto") and device != "cpu":
+        ok, reason = tensorrt_status() if trt_status is None else trt_status
+        cuda = torch_cuda_available() if cuda_available is None else cuda_available
+        if ok and cuda:
+            return "trt"
+        if engine == "trt":
+            why = reason if not ok else "no CUDA device visible to torch"
+            message = f"--engine trt: TensorRT cannot run here ({why}); pass --allow-fallback to use ONNX Runtime"
+            if not allow_fallback:
+                raise EngineUnavailable(message)
+            logger.warning("%s; falling back to ONNX Runtime", message)
+    if engine in ("ort", "trt", "auto"):
+        if ort_available:
+            return "ort"
+        if engine != "auto" and not allow_fallback:
+            raise EngineUnavailable("--engine ort: onnxruntime is not installed; pip install 'plsynth[cpu]' or '[gpu]'")
+    return "torch"
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+class TorchEngine:
+    """PyTorch eager in eval() and inference mode: the reference engine."""
+
+    name = "torch"
+
+    def __init__(self, network: Any, device: str = "cpu") -> None:
+        import torch
+
+        self._torch = torch
+        self.device = device
+        self.network = network.to(device).eval()
+        self.provider = f"torch:{device}"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.network(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device))
+        return out.float().cpu().numpy()
+
+
+class OrtEngine:
+    """An ONNX Runtime session over one ONNX file; generic over input and output names."""
+
+    name = "ort"
+
+    def __init__(
+        self,
+        onnx_path: Path,
+        providers: Sequence[str],
+        gpu_required: bool = False,
+        allow_fallback: bool = False,
+        threads: int | None = None,
+        provider_options: dict[str, dict] | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        provider_list = [(p, (provider_options or {}).get(p, {})) for p in providers]
+        self.onnx_path = Path(onnx_path)
+        self.requested = list(providers)
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=provider_list)
+        self.providers = list(self.session.get_providers())
+        self.provider = check_providers(self.providers, gpu_required, allow_fallback, str(onnx_path))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        logger.info("onnxruntime %s: asked for %s, loaded %s", self.onnx_path.name, self.requested, self.providers)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.run_named({self.input_names[0]: np.ascontiguousarray(x, np.float32)})[0]
+
+    def run_named(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+
+def open_engine(
+    source: Path | Any,
+    engine: str = "auto",
+    device: str = "auto",
+    allow_fallback: bool = False,
+    threads: int | None = None,
+    batch_size: int = 8,
+    fp16: bool = False,
+    cache_dir: Path | None = None,
+    onnx_sha256: str | None = None,
+    available_providers: Sequence[str] | None = None,
+    gpu_required: bool | None = None,
+) -> Engine:
+    """Open one engine over an ONNX file (``ort``/``trt``) or a torch module (``torch``).
+
+    ``engine`` must already be resolved or "auto" (see `resolve_engine`). ``available_providers``
+    fakes ONNX Runtime's provider list in tests. ``gpu_required`` defaults to what ``engine`` and
+    ``device`` say (`wants_gpu`); pass the user's original request when ``engine`` was resolved.
+    """
+    if gpu_required is None:
+        gpu_required = wants_gpu(engine, device)
+    if engine == "auto":
+        engine = resolve_engine(engine, device, allow_fallback, available_providers)
+    if engine == "torch":
+        if isinstance(source, (str, Path)):
+            raise ValueError(f"{source}: the torch engine needs a torch module, not an ONNX file")
+        torch_device = device
+        if device in ("auto", "cuda"):
+            cuda = torch_cuda_available()
+            if gpu_required and not cuda:
+                message = "--device cuda: torch sees no CUDA device; pass --allow-fallback to run on the CPU"
+                if not allow_fallback:
+                    raise EngineUnavailable(message)
+                logger.warning("%s; using the CPU", message)
+            torch_device = "cuda" if cuda else "cpu"
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        return TorchEngine(source, torch_device)
+    if not isinstance(source, (str, Path)):
+        raise ValueError(f"engine {engine!r} needs an ONNX file, got {type(source).__name__}")
+    if engine == "trt":
+        from plsynth.deploy.tensorrt_engine import open_trt_engine
+
+        return open_trt_engine(Path(source), batch_size=batch_size, fp16=fp16, cache_dir=cache_dir, onnx_sha256=onnx_sha256)
+    available = available_ort_providers() if available_providers is None else list(available_providers)
+    providers = ort_providers(device, available)
+    return OrtEngine(
+        Path(source),
+        providers,
+        gpu_required=gpu_required,
+        allow_fallback=allow_fallback,
+        threads=threads,
+        provider_options=_ort_trt_options(cache_dir, fp16, batch_size) if "TensorrtExecutionProvider" in providers else None,
+    )
+
+
+def _ort_trt_options(cache_dir: Path | None, fp16: bool, batch_size: int) -> dict[str, dict]:
+    """ORT's TensorRT EP options: its own engine cache (never run here: no TensorRT on CPU machines)."""
+    options: dict[str, Any] = {"trt_fp16_enable": bool(fp16)}
+    if cache_dir is not None:
+        options.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": True})
+    return {"TensorrtExecutionProvider": options}

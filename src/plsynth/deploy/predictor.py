@@ -1,0 +1,306 @@
+"""The predictor: load a bundle and its engine(s) once, then segment case after case.
+
+One volume's path from disk to mask (each forward step has its inverse beside it)::
+
+    read_image (io)            -> CTImage, (z, y, x) LPS   | write_mask puts the mask back in the input's geometry
+    lung labels (data.lungs)   -> (z, y, x) 0/1/2
+    to_unit (window)           -> [0, 1]
+    to_model_input (preprocess)-> (z, 1, S, S)             | to_input_grid: (z, S, S) -> (z, y, x)
+    engine.run in batches      -> logits -> sigmoid
+    threshold (bundle tau) -> keep inside lungs -> remove small components (postprocess)
+
+Slices without any lung are not sent through the network: their mask is empty anyway, since
+infection is kept inside the lungs only. With a second network in the bundle (SA-CPS), the
+Dice between the two networks' masks is reported as a quality flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from plsynth.deploy.bundle import Bundle, load_bundle, versions
+from plsynth.deploy.engines import Engine, available_ort_providers, open_engine, resolve_engine, wants_gpu
+from plsynth.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+LUNGS_DIR = "lungs"
+OVERLAYS_DIR = "overlays"
+
+
+@dataclass
+class Prediction:
+    """Masks on the input's grid (z, y, x): ``infection`` uint8 0/1 after post-processing."""
+
+    infection: np.ndarray
+    peer_infection: np.ndarray | None = None
+    agreement: float | None = None
+    seconds_network: float = 0.0
+    seconds_agreement: float = 0.0
+
+
+@dataclass
+class CaseResult:
+    case: str
+    path: Path
+    status: str  # "ok", "failed" or "skipped" (already finished, --continue)
+    error: str | None = None
+    row: dict = field(default_factory=dict)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.clip(x, -60.0, 60.0)))).astype(np.float32)
+
+
+def resolve_lung_backend(backend: str) -> tuple[str, Callable[[Any], np.ndarray]]:
+    """(name, function CTImage -> (z, y, x) labels 0/1/2). ``auto``: lungmask when its weights
+    are present on this machine, else the classical back-end."""
+    from plsynth.data import lungs
+
+    if backend == "auto":
+        try:
+            backend = lungs.default_lung_backend()
+        except ImportError as exc:  # the lungmask adapter is optional
+            logger.info("lungmask back-end unavailable (%s); using the classical back-end", exc)
+            backend = "classical"
+    if backend not in ("lungmask", "classical"):
+        raise ValueError(f"lung backend must be auto, lungmask or classical, got {backend!r}")
+
+    def segment(image: Any) -> np.ndarray:
+        return lungs.lung_mask(image, backend=backend)
+
+    return backend, segment
+
+
+class Predictor:
+    """A bundle with its engines open. Build it with `Predictor.from_bundle`."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        engines: dict[str, Engine],
+        batch_size: int = 8,
+        lung_backend: str = "auto",
+        lung_fn: Callable[[Any], np.ndarray] | None = None,
+        min_size_mm3: float = 10.0,
+        min_size_px: int = 10,
+        review_below: float = 0.8,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.bundle = bundle
+        self.engines = engines
+        self.batch_size = int(batch_size)
+        if lung_fn is None:
+            lung_backend, lung_fn = resolve_lung_backend(lung_backend)
+        self.lung_backend = lung_backend
+        self.lung_fn = lung_fn
+        self.min_size_mm3 = float(min_size_mm3)
+        self.min_size_px = int(min_size_px)
+        self.review_below = float(review_below)
+        self.versions = versions()
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | Path,
+        engine: str = "auto",
+        device: str = "auto",
+        batch_size: int = 8,
+        allow_fallback: bool = False,
+        lung_backend: str = "auto",
+        agreement: bool = True,
+        threads: int | None = None,
+        fp16: bool = False,
+        available_providers: list[str] | None = None,
+        **options: Any,
+    ) -> Predictor:
+        """Verify the bundle, open one engine per network (the peer only with ``agreement``).
+
+        Raises BundleError (bad bundle) or EngineUnavailable (GPU engine asked for, not obtained).
+        """
+        bundle = load_bundle(path)
+        resolved = resolve_engine(engine, device, allow_fallback, available_providers)
+        names = bundle.network_names if agreement else ["model"]
+        gpu_required = wants_gpu(engine, device)
+        sources: dict[str, Any] = bundle.torch_networks() if resolved == "torch" else {}
+        cache_dir = None
+        ort_trt = resolved == "ort" and device != "cpu" and "TensorrtExecutionProvider" in (
+            available_providers if available_providers is not None else available_ort_providers()
+        )
+        if resolved == "trt" or ort_trt:
+            from plsynth.deploy.tensorrt_engine import resolve_cache_dir
+
+            cache_dir = resolve_cache_dir(bundle.path)
+        engines = {}
+        for name in names:
+            source = sources[name] if resolved == "torch" else bundle.onnx_path(name)
+            engines[name] = open_engine(
+                source,
+                resolved,
+                device,
+                allow_fallback,
+                threads=threads,
+                batch_size=batch_size,
+                fp16=fp16,
+                cache_dir=cache_dir,
+                onnx_sha256=None if resolved == "torch" else bundle.onnx_sha256(name),
+                available_providers=available_providers,
+                gpu_required=gpu_required,
+            )
+        first = engines["model"]
+        logger.info("engine %s (%s), networks %s", first.name, first.provider, ", ".join(engines))
+        return cls(bundle, engines, batch_size=batch_size, lung_backend=lung_backend, **options)
+
+    @property
+    def engine_name(self) -> str:
+        return self.engines["model"].name
+
+    @property
+    def provider(self) -> str:
+        return self.engines["model"].provider
+
+    # ------------------------------------------------------------------ core
+
+    def probabilities(self, unit: np.ndarray, lung: np.ndarray, network: str = "model") -> np.ndarray:
+        """Infection probability (z, y, x) float32 on the input grid; 0 on slices without lung."""
+        from plsynth.data.preprocess import to_input_grid, to_model_input
+
+        size = self.bundle.image_size
+        engine = self.engines[network]
+        z, y, x = unit.shape
+        prob = np.zeros((z, y, x), np.float32)
+        with_lung = np.flatnonzero(lung.reshape(z, -1).any(axis=1))
+        for start in range(0, len(with_lung), self.batch_size):
+            idx = with_lung[start : start + self.batch_size]
+            batch = to_model_input(unit[idx], lung[idx], size, self.bundle.lung_handling)
+            logits = engine.run(batch)
+            if logits.shape != batch.shape:
+                raise RuntimeError(f"engine {engine.name} returned shape {logits.shape} for input {batch.shape}")
+            prob[idx] = to_input_grid(sigmoid(logits[:, 0]), (y, x))
+        return prob
+
+    def _mask(self, prob: np.ndarray, lung: np.ndarray, spacing: Any) -> np.ndarray:
+        from plsynth.deploy import postprocess as post
+
+        mask = post.keep_inside_lungs(post.threshold(prob, self.bundle.threshold), lung)
+        return post.remove_small_components(mask, post.min_voxels(self.min_size_mm3, spacing, self.min_size_px))
+
+    def predict(self, image: Any, lung: np.ndarray) -> Prediction:
+        """Infection mask for one CTImage given its lung labels (z, y, x), on the input's grid."""
+        from plsynth.data.window import to_unit
+
+        lung = np.asarray(lung)
+        if lung.shape != image.array.shape:
+            raise ValueError(f"{image.source}: lung labels {lung.shape} differ from image {image.array.shape}")
+        unit = to_unit(image, self.bundle.window_hu)
+        started = time.perf_counter()
+        infection = self._mask(self.probabilities(unit, lung, "model"), lung, image.spacing)
+        result = Prediction(infection=infection, seconds_network=time.perf_counter() - started)
+        if "peer" in self.engines:
+            from plsynth.metrics import dice
+
+            started = time.perf_counter()
+            result.peer_infection = self._mask(self.probabilities(unit, lung, "peer"), lung, image.spacing)
+            result.agreement = round(float(dice(infection, result.peer_infection)), 4)
+            result.seconds_agreement = time.perf_counter() - started
+        return result
+
+    # ------------------------------------------------------------------ batch
+
+    def output_path(self, out_dir: Path, case: Any, is_slice: bool) -> Path:
+        return Path(out_dir) / f"{case.name}{'.png' if is_slice else '.nii.gz'}"
+
+    def is_finished(self, out_dir: Path, case: Any) -> dict | None:
+        """The case's record when a previous run finished it (record ok and its mask present)."""
+        from plsynth.deploy.report import read_case_record
+
+        record = read_case_record(out_dir, case.name)
+        if record and record.get("status") == "ok" and record.get("mask") and (Path(out_dir) / record["mask"]).is_file():
+            return record
+        return None
+
+    def run(
+        self,
+        cases: Iterable[Any],
+        out_dir: Path,
+        overlays: bool = False,
+        resume: bool = False,
+        series_uid: str | None = None,
+    ) -> Iterator[CaseResult]:
+        """Segment ``cases`` (``plsynth.data.io.Case``) one by one, writing outputs under ``out_dir``.
+
+        Per case, in this order, each written atomically: ``lungs/<name>.*`` (lung labels),
+        ``overlays/<name>.png`` (with ``overlays``), ``<name>.nii.gz``/``<name>.png`` (infection),
+        ``cases/<name>.json`` (its report row). A failing case yields status "failed" with its
+        error and the batch goes on. With ``resume``, finished cases are yielded as "skipped".
+        """
+        from plsynth.deploy.report import write_case_record
+
+        out_dir = Path(out_dir)
+        for case in cases:
+            if resume and (record := self.is_finished(out_dir, case)) is not None:
+                yield CaseResult(case.name, Path(case.path), "skipped", None, record)
+                continue
+            started = time.perf_counter()
+            row: dict[str, Any] = {"case": case.name, "input": Path(case.path).name, "lung_backend": self.lung_backend,
+                                   "engine": self.engine_name, "provider": self.provider, "versions": self.versions}
+            try:
+                row.update(self._run_case(case, out_dir, overlays, series_uid))
+                row.update(status="ok", error=None)
+            except (InputError, ValueError, OSError, RuntimeError, MemoryError) as exc:
+                logger.debug("case %s failed", case.name, exc_info=True)
+                row.update(status="failed", error=_message(exc))
+            row["seconds"] = round(time.perf_counter() - started, 3)
+            write_case_record(out_dir, row)
+            yield CaseResult(case.name, Path(case.path), row["status"], row.get("error"), row)
+
+    def _run_case(self, case: Any, out_dir: Path, overlays: bool, series_uid: str | None) -> dict:
+        from plsynth.data.io import read_image, write_mask
+        from plsynth.deploy import postprocess as post
+
+        image = read_image(Path(case.path), series_uid)
+        info: dict[str, Any] = {
+            "kind": "slice" if image.is_slice else "volume",
+            "shape": list(image.array.shape),
+            "spacing_mm": None if image.spacing is None else [round(float(s), 4) for s in image.spacing],
+        }
+        started = time.perf_counter()
+        lung = np.asarray(self.lung_fn(image)).astype(np.uint8)
+        info["seconds_lungs"] = round(time.perf_counter() - started, 3)
+        if not lung.any():
+            raise InputError(case.path, f"no lung found by the {self.lung_backend} lung back-end; no mask written")
+        prediction = self.predict(image, lung)
+        info["seconds_network"] = round(prediction.seconds_network, 3)
+        info.update(post.measure(prediction.infection, lung, image.spacing))
+        if prediction.agreement is not None:
+            info["agreement_dice"] = prediction.agreement
+            info["seconds_agreement"] = round(prediction.seconds_agreement, 3)
+            if prediction.agreement < self.review_below:
+                info["review"] = True
+                info["review_reason"] = f"the two networks agree at Dice {prediction.agreement:.3f} < {self.review_below}"
+        info.setdefault("review", False)
+        final = self.output_path(out_dir, case, image.is_slice)
+        lung_path = out_dir / LUNGS_DIR / final.name
+        write_mask(lung, image, lung_path)
+        if overlays:
+            from plsynth.data.window import to_unit
+            from plsynth.deploy.overlays import draw_overlay
+
+            draw_overlay(out_dir / OVERLAYS_DIR / f"{case.name}.png", to_unit(image, self.bundle.window_hu),
+                         lung, prediction.infection, f"{case.name}: {info.get('percent_involved')} % of lung")
+        write_mask(prediction.infection, image, final)
+        info["mask"] = final.name
+        return info
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, InputError) else f"{type(exc).__name__}: {text}"
