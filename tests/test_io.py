@@ -260,6 +260,11 @@ def test_png_slice_reads_as_uint8_and_mask_is_written_at_input_size(tmp_path: Pa
     labels = np.zeros((33, 63), np.uint8)
     labels[:, 40:] = 3
     np.testing.assert_array_equal(np.asarray(Image.open(write_mask(labels, image, tmp_path / "l.png"))), labels)
+    left_lung_only = (image.array[0] > 128).astype(np.uint8)  # a lung mask that happens to hold label 1 only
+    raw = write_mask(left_lung_only, image, tmp_path / "lung.png", scale_binary_png=False)
+    np.testing.assert_array_equal(np.asarray(Image.open(raw)), left_lung_only)
+    with pytest.raises(ValueError, match="labels up to 3"):
+        write_mask(labels, image, tmp_path / "x.png", scale_binary_png=True)
 
 
 def test_rgb_png_and_jpg_slices_become_greyscale(tmp_path: Path) -> None:

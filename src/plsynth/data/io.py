@@ -115,6 +115,8 @@ def read_image(path: Path, series_uid: str | None = None) -> CTImage:
         return _volume(path, array, tuple(float(v) for v in geometry.spacing[::-1]), geometry)
     if path.stat().st_size == 0:
         raise InputError(path, "empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise InputError(path, "not readable (permission denied)")
     if lower.endswith(NIFTI_SUFFIXES):
         return _read_nifti(path)
     if lower.endswith(SLICE_SUFFIXES):
@@ -185,6 +187,8 @@ def _read_nifti(path: Path) -> CTImage:
         raise InputError(path, _nifti_read_problem(path, error)) from None
     data = data.reshape(shape[:3])
     affine = np.asarray(image.affine, dtype=float)
+    if int(image.header["sform_code"]) == 0 and int(image.header["qform_code"]) == 0:
+        logger.warning("%s: NIfTI has neither qform nor sform; orientation assumed from pixdim (left/right unsure)", path)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(path, "the affine is singular or not finite; cannot tell the orientation")
     to_lps = ornt_transform(io_orientation(affine), axcodes2ornt(LPS))
@@ -254,7 +258,7 @@ def _require_suffix(path: Path, suffixes: tuple[str, ...], like: CTImage) -> Non
         raise ValueError(f"{path}: a mask for {like.source} must be written as {' or '.join(suffixes)}")
 
 
-def write_mask(mask: np.ndarray, like: CTImage, path: Path) -> Path:
+def write_mask(mask: np.ndarray, like: CTImage, path: Path, *, scale_binary_png: bool | None = None) -> Path:
     """Write a label mask in ``like``'s array grid back in the input's exact geometry; returns ``path``.
 
     ``mask``: shape ``like.array.shape`` ((z, y, x); ``(rows, columns)`` is also accepted for a
@@ -266,8 +270,11 @@ def write_mask(mask: np.ndarray, like: CTImage, path: Path) -> Path:
       (reset to 0, the CT's display range makes no sense for labels) change.
     - DICOM input -> NIfTI in the series' own voxel order whose affine reproduces the series
       geometry (it overlays the series in 3D Slicer).
-    - 2D slice -> ``.png`` of the input's size; a binary mask is written as 0/255, a mask with
-      labels above 1 as its raw values (0..3). JPEG is refused: it is lossy.
+    - 2D slice -> ``.png`` of the input's size. ``scale_binary_png``: True writes ``mask * 255``
+      (0/255, the infection output; labels above 1 are then a ValueError), False the raw label
+      values (use it for lung masks 0..2, whose content may happen to hold only label 1), None
+      (default) decides by content: 0/255 when the mask holds only 0 and 1, else raw values.
+      JPEG is refused: it is lossy.
 
     Written atomically (``plsynth.atomic.atomic_write``): no half-written file under ``path``.
     """
@@ -282,6 +289,11 @@ def write_mask(mask: np.ndarray, like: CTImage, path: Path) -> Path:
         return write_dicom_mask(labels, like, path)
     if isinstance(geometry, SliceGeometry) or like.is_slice:
         _require_suffix(path, (".png",), like)
+        binary = labels.max(initial=0) <= 1
+        if scale_binary_png and not binary:
+            raise ValueError(f"{path}: scale_binary_png=True but the mask holds labels up to {labels.max()}")
+        if scale_binary_png or (scale_binary_png is None and binary):
+            labels = labels * np.uint8(255)
         return _write_png_mask(labels[0], path)
     raise ValueError(f"{path}: {like.source} has no geometry that write_mask knows ({type(geometry).__name__})")
 
@@ -315,8 +327,6 @@ def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
 def _write_png_mask(labels: np.ndarray, path: Path) -> Path:
     from PIL import Image
 
-    if labels.max(initial=0) <= 1:
-        labels = labels * np.uint8(255)
     with atomic_write(path) as tmp:
         Image.fromarray(np.ascontiguousarray(labels), mode="L").save(tmp, format="PNG")
     return path
