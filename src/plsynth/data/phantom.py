@@ -175,6 +175,8 @@ def make_phantom(seed: int, shape: tuple[int, int, int] = (24, 128, 128), *, les
         taper = np.clip((t_apex - t) / (t_apex - t_base), 0.0, 1.0) ** 0.3
         r0 = _superellipse(u - cx, v - cy, lax, lay, 2.2)
         dome_height = t_base + dome * np.clip(1.0 - r0, 0.0, 1.0) * (1.0 - 0.35 * np.clip(v, 0, 1))
+        # the medial base rises (mediastinum, pericardial fat): low slices show an open crescent, not a ring
+        dome_height = dome_height + 0.12 * np.clip(sign * (cx - u) / lax, 0.0, 1.0) ** 1.5
         inside = (_superellipse(u - cx, v - cy, lax * taper + 1e-6, lay * taper + 1e-6, 2.2) < 1.0) & (t > dome_height)
         inside &= ~heart & ~aorta & np.broadcast_to((rho < fat_in - 0.08) & (d_body > rv + 0.02), full)
         lung[inside] = label
@@ -256,7 +258,7 @@ def _paint_lesion(rng: np.random.Generator, hu: np.ndarray, lung: np.ndarray, in
             py, px = qy, qx
         y, x = int(round(py)), int(round(px))
     kind = rng.choice(["ggo", "consolidation", "mixed"], p=[0.5, 0.3, 0.2])
-    radius_mm = float(rng.uniform(8.0, 40.0) if kind != "consolidation" else rng.uniform(8.0, 32.0))
+    radius_mm = float(rng.uniform(8.0, 40.0) if kind == "ggo" else rng.uniform(6.0, 24.0))
     axes_mm = radius_mm * rng.uniform(0.7, 1.3, size=3)
     axes = axes_mm / np.asarray(spacing)  # voxels
     box = [(max(0, int(c - 1.5 * a) - 1), min(n, int(c + 1.5 * a) + 2)) for c, a, n in zip((z, y, x), axes, lung.shape)]
