@@ -88,39 +88,93 @@ def choose_backend(requested: str = "auto") -> str:
 
 @dataclass(frozen=True)
 class BundleDecoderFactory:
-    """Picklable recipe that loads a synthesizer bundle inside the actor process."""
+    """Picklable recipe that loads a synthesizer bundle inside the actor process.
+
+    ``trt``: the decoder ONNX is built into a TensorRT engine by the deploy engine builder
+    (``plsynth.deploy.tensorrt_engine.open_trt_engine``, cached by GPU, TensorRT version, ONNX
+    hash and precision); ``ort``: ONNX Runtime with CUDA when available, else CPU; ``torch``:
+    the reference, on CUDA when available.
+    """
 
     bundle: str
     backend: str = "auto"  # auto | trt | ort | torch
     seed: int = 0
+    max_batch: int = 32  # TensorRT profile maximum
+    fp16: bool = False
 
     def __call__(self) -> BatchDecoder:
+        import torch
+
         from plsynth.synth_service.local import LocalSynthesizer
 
         backend = choose_backend(self.backend)
-        local = LocalSynthesizer(self.bundle, backend=backend, seed=self.seed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if backend == "ort":
+            import onnxruntime
+
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                         if p in onnxruntime.get_available_providers()]
+            local = LocalSynthesizer(self.bundle, backend="ort", seed=self.seed, providers=providers)
+            return LocalDecoderAdapter(local)
+        local = LocalSynthesizer(self.bundle, backend="torch", seed=self.seed,
+                                 device=device if backend == "torch" else "cpu")
+        if backend == "trt":  # NEVER RUN HERE (no TensorRT on the CPU machines)
+            from plsynth.deploy.tensorrt_engine import open_trt_engine
+
+            engine = open_trt_engine(local.bundle.onnx_path, batch_size=self.max_batch, fp16=self.fp16)
+            return LocalDecoderAdapter(local, trt_engine=engine, backend=f"trt:{'fp16' if self.fp16 else 'fp32'}")
         return LocalDecoderAdapter(local)
 
 
 class LocalDecoderAdapter:
     """Splits a :class:`plsynth.synth_service.local.LocalSynthesizer` into condition + decode.
 
-    Uses the synthesizer's own ``condition``/``decode`` when it has them; otherwise its style
-    pool and ``plsynth.data.semantic`` for the per-request part.
+    ``condition`` does what ``LocalSynthesizer.synthesize`` does before its decoder call (nearest
+    resize to the decoder size, 4-class one-hot by ``plsynth.data.semantic``, one pool draw per
+    request with the request's seed, or the images' own styles in ``self`` mode). ``decode``
+    is the synthesizer's (torch / ORT) or a TensorRT engine run on the same inputs.
     """
 
-    def __init__(self, local: Any) -> None:
+    def __init__(self, local: Any, trt_engine: Any = None, backend: str | None = None) -> None:
         self.local = local
-        self.backend = str(local.backend)
+        self.trt_engine = trt_engine
+        self.backend = backend or str(local.backend)
         self.bundle_sha256 = str(local.bundle_sha256)
 
     def condition(self, infection, lung, images, seed):
-        if hasattr(self.local, "condition"):
-            return self.local.condition(infection, lung, images=images, seed=seed)
-        raise NotImplementedError("LocalSynthesizer has no condition(); see docs/ray-guide.md")
+        import torch
+        import torch.nn.functional as F
+
+        from plsynth.data.semantic import one_hot, semantic_map
+
+        s = self.local.image_size
+        infection = (infection.float() > 0.5).float()
+        lung = lung.long()
+        if tuple(infection.shape[-2:]) != (s, s):
+            infection = F.interpolate(infection, size=(s, s), mode="nearest")
+            lung = F.interpolate(lung[:, None].float(), size=(s, s), mode="nearest")[:, 0].long()
+        onehot = one_hot(semantic_map(lung, infection[:, 0]))
+        if self.local.pool_mode == "self":
+            if images is None:
+                raise ValueError("pool mode 'self' needs the request's images")
+            if tuple(images.shape[-2:]) != (s, s):
+                images = F.interpolate(images.float(), size=(s, s), mode="bilinear", align_corners=False)
+            return onehot, self.local.encode(images, onehot)
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else self.local.generator
+        return onehot, self.local.reference_style(onehot.shape[0], generator)
 
     def decode(self, onehot, style, noise_seed):
-        return self.local.decode(onehot, style, noise_seed)
+        if self.trt_engine is None:
+            return self.local.decode(onehot, style, noise_seed)
+        import torch
+
+        generator = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else self.local.generator
+        feeds = {"onehot": onehot.float().numpy(), "style": style.float().numpy()}
+        noise = self.local.bundle.decoder.make_noise(len(onehot), generator)
+        if noise is not None:
+            feeds["noise"] = noise.numpy()
+        (image,) = self.trt_engine.run_named(feeds)
+        return ((torch.from_numpy(image) + 1) / 2).clamp(0, 1).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,11 +346,12 @@ def kill_actor(name: str = ACTOR_NAME, namespace: str = NAMESPACE) -> bool:
     return True
 
 
-def start_synthesis_actors(cfg: Any, bundle: str, count: int | None = None, *, backend: str = "auto",
+def start_synthesis_actors(cfg: Any, bundle: str, count: int | None = None, *, backend: str | None = None,
                            name: str = ACTOR_NAME) -> list:
     """Start (or join) ``count`` actors named ``name``, ``name-1``, ... from a Config's ``ray`` section."""
     count = cfg.ray.synth_actors if count is None else count
-    factory = BundleDecoderFactory(str(bundle), backend=backend, seed=cfg.synth.seed)
+    factory = BundleDecoderFactory(str(bundle), backend=backend or cfg.ray.synth_backend, seed=cfg.synth.seed,
+                                   max_batch=cfg.ray.synth_max_batch)
     num_gpus = cfg.ray.synth_actor_gpus if cfg.ray.use_gpu else 0.0
     return [get_or_create_actor(factory, name=name if i == 0 else f"{name}-{i}", num_cpus=cfg.ray.synth_actor_cpus,
                                 num_gpus=num_gpus, max_batch=cfg.ray.synth_max_batch,

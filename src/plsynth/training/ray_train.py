@@ -1,0 +1,177 @@
+"""Run the one training loop under Ray Train (TorchTrainer, DDP across workers).
+
+The loop (`plsynth.training.loop.run_training`) is the same as in a local run; only its hooks
+differ (:class:`RayTrainHooks`): networks go through ``ray.train.torch.prepare_model`` (DDP,
+gloo on CPU, NCCL on GPU), every validation's metrics and the ``last.pt`` just written are
+reported with ``ray.train.report`` (rank 0 attaches the checkpoint, every rank calls it the
+same number of times, as Ray requires), and only rank 0 writes files.
+
+Checkpoints are persisted by Ray Train under ``ray.storage_path`` (default ``<out>/ray``; use
+shared storage on a multi-node cluster). ``FailureConfig(max_failures=ray.max_failures)``
+restarts a failed worker group; each worker then copies ``last.pt`` out of
+``ray.train.get_checkpoint()`` into the run folder before calling the loop, so the loop
+resumes at the checkpoint's step (the step counter continues, it does not restart at 0).
+Each worker start is logged to ``<out>/ray_attempts.jsonl`` (rank, resume step), which is
+how the tests see a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from plsynth.config import Config, config_from_dict
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "last.pt"
+
+
+class RayTrainHooks:
+    """`plsynth.training.loop.TrainHooks` for a Ray Train worker (same attributes and methods)."""
+
+    def __init__(self, fail_after_reports: int = 0, fail_marker: str = "") -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = str(ray.train.torch.get_device())
+        self.reports = 0
+        # Test-only fault injection: after this many reports, the rank-0 process exits hard
+        # once (marker file), as a crashed worker would.
+        self._fail_after, self._fail_marker = fail_after_reports, fail_marker
+
+    def prepare_model(self, net):
+        import ray.train.torch
+
+        if self.world_size == 1:
+            return net.to(self.device)
+        return ray.train.torch.prepare_model(net)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        import ray.train
+
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        if self.is_main and checkpoint is not None and Path(checkpoint).is_file():
+            with tempfile.TemporaryDirectory(prefix="plsynth-ckpt-") as tmp:
+                shutil.copy2(checkpoint, Path(tmp) / CHECKPOINT_FILE)
+                (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, default=str))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        self.reports += 1
+        if self._fail_after and self.reports >= self._fail_after and self.is_main and self._fail_marker \
+                and not Path(self._fail_marker).exists():
+            Path(self._fail_marker).write_text(str(os.getpid()))
+            time.sleep(3.0)  # let the controller register the reported checkpoint first
+            log.warning("fault injection: worker rank %d exits after report %d", self.rank, self.reports)
+            os._exit(17)
+
+    def after_step(self, step: int, terms: dict[str, float]) -> None:
+        pass
+
+
+def restore_from_ray_checkpoint(out: Path) -> int:
+    """Copy ``last.pt`` from Ray Train's latest checkpoint into ``out`` when it is newer; return its step (0: none)."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        source = Path(folder) / CHECKPOINT_FILE
+        if not source.is_file():
+            return 0
+        step = int(torch.load(source, map_location="cpu", weights_only=False).get("step", 0))
+        target = Path(out) / CHECKPOINT_FILE
+        current = int(torch.load(target, map_location="cpu", weights_only=False).get("step", -1)) \
+            if target.is_file() else -1
+        if step > current:
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            shutil.copy2(source, tmp)
+            os.replace(tmp, target)
+    return step
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: rebuild the config, restore, call the training loop."""
+    import ray.train
+    import torch
+
+    cfg = config_from_dict(config["cfg"], where=config["cfg"].get("source") or "<ray>")
+    out = Path(config["out"])
+    hooks = RayTrainHooks(config.get("fail_after_reports", 0), config.get("fail_marker", ""))
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    resume_step = restore_from_ray_checkpoint(out) if hooks.is_main else 0
+    with open(out / "ray_attempts.jsonl", "a") as fh:
+        fh.write(json.dumps({"rank": hooks.rank, "world_size": hooks.world_size, "resume_step": resume_step,
+                             "pid": os.getpid(), "time": time.time()}) + "\n")
+    loop_fn = config.get("loop_fn")
+    if loop_fn is None:
+        from plsynth.training.loop import run_training
+
+        loop_fn = run_training
+    synth = config.get("synth")
+    kwargs = {"synth": synth} if synth is not None else {}
+    result = loop_fn(cfg, out, hooks, **kwargs)
+    if hooks.is_main and getattr(result, "bundle", None) is not None:
+        log.info("rank 0 wrote %s", result.bundle)
+    del ray  # (imported for its side effect: the worker's train context)
+
+
+def make_trainer(cfg: Config, out: Path, *, synth: Any = None, loop_fn: Callable | None = None,
+                 fail_after_reports: int = 0, fail_marker: str = "", name: str | None = None):
+    """Build the TorchTrainer for ``cfg`` writing into ``out`` (not started).
+
+    synth: a picklable SynthesisClient (the actor client) handed to every worker.
+    loop_fn: ``(cfg, out, hooks, **kw) -> result`` (default ``run_training``; tests pass a tiny loop).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    r = cfg.ray
+    storage = Path(r.storage_path).resolve() if r.storage_path else out / "ray"
+    resources = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = 1.0
+    scaling = ScalingConfig(num_workers=max(1, r.num_workers), use_gpu=r.use_gpu, resources_per_worker=resources,
+                            placement_strategy="PACK")
+    run_config = RunConfig(
+        name=name or f"{cfg.name}-{cfg.train.method}",
+        storage_path=str(storage),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        failure_config=FailureConfig(max_failures=r.max_failures),
+    )
+    loop_config = {"cfg": cfg.to_dict(), "out": str(out), "synth": synth, "loop_fn": loop_fn,
+                   "fail_after_reports": fail_after_reports, "fail_marker": fail_marker}
+    return TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
+
+
+def fit(cfg: Config, out: Path, **kwargs: Any):
+    """Run :func:`make_trainer`'s trainer to the end and return Ray's Result.
+
+    Raises RuntimeError naming the run when training failed after ``ray.max_failures`` restarts.
+    """
+    trainer = make_trainer(cfg, out, **kwargs)
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        raise RuntimeError(f"Ray Train run {cfg.name}/{cfg.train.method} in {out} failed: {exc}") from exc
+    if getattr(result, "error", None):
+        raise RuntimeError(f"Ray Train run {cfg.name}/{cfg.train.method} in {out} failed: {result.error}")
+    log.info("Ray Train finished in %.1f s; checkpoint %s", time.perf_counter() - t0, result.checkpoint)
+    return result
