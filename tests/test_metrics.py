@@ -109,3 +109,24 @@ def test_nsd_does_not_leak_monai_deprecation_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nsd(np.roll(a, 1, axis=1), a, (1.0, 1.0, 1.0))
+
+
+def test_nsd_does_not_depend_on_where_the_masks_sit_in_the_array():
+    # nsd crops to the masks' bounding box; the score must equal that of the same masks placed
+    # elsewhere in a larger array, including touching the array's border.
+    rng = np.random.default_rng(0)
+    ref = np.zeros((6, 9, 11), dtype=bool)
+    ref[1:5, 2:7, 3:9] = rng.random((4, 5, 6)) > 0.3
+    pred = np.roll(ref, 1, axis=2) | (rng.random(ref.shape) > 0.95)
+    spacing = (2.0, 0.8, 0.8)
+    inner = nsd(pred, ref, spacing, 1.0)
+    big_ref = np.zeros((14, 30, 31), dtype=bool)
+    big_pred = np.zeros_like(big_ref)
+    big_ref[5:11, 10:19, 13:24] = ref
+    big_pred[5:11, 10:19, 13:24] = pred
+    assert nsd(big_pred, big_ref, spacing, 1.0) == pytest.approx(inner, abs=1e-6)
+    corner_ref = np.zeros_like(big_ref)
+    corner_pred = np.zeros_like(big_ref)
+    corner_ref[:6, :9, :11] = ref
+    corner_pred[:6, :9, :11] = pred
+    assert nsd(corner_pred, corner_ref, spacing, 1.0) == pytest.approx(inner, abs=1e-6)

@@ -84,6 +84,17 @@ def nsd(
     if has_a != has_b:
         return 0.0
 
+    # Surface distances are translation invariant: crop both masks to the box around their union,
+    # with one voxel of background kept on every side that is not the array's own border, so the
+    # one-hot tensors are the size of the lesions, not of a 512 x 512 x 300 volume.
+    union = np.logical_or(a, b)
+    box = []
+    for axis in range(a.ndim):
+        other = tuple(i for i in range(a.ndim) if i != axis)
+        hits = np.flatnonzero(union.any(axis=other))
+        box.append(slice(max(int(hits[0]) - 1, 0), min(int(hits[-1]) + 2, a.shape[axis])))
+    a, b = a[tuple(box)], b[tuple(box)]
+
     def one_hot(mask: np.ndarray) -> torch.Tensor:
         fg = torch.from_numpy(mask.astype(np.float32))
         return torch.stack([1.0 - fg, fg])[None]  # (B=1, C=2, ...), channel 0 background
