@@ -196,8 +196,6 @@ class RayConfig:
     synth_gather_ms: float = 5.0  # how long the actor waits to gather concurrent requests into one batch
     synth_max_restarts: int = 3  # Ray restarts a crashed synthesis actor this many times
     synth_retries: int = 5  # client retries of a failed call (exponential backoff from 0.5 s)
-    checkpoint_every: int = 0  # iterations between Ray Train checkpoints; 0: once per epoch
-    shard_size: int = 64  # SA-ST offline synthesis: slices per shard file
 
     def __post_init__(self) -> None:
         if self.num_workers < 0 or self.synth_actors < 1 or self.synth_max_batch < 1:

@@ -431,3 +431,14 @@ class ActorSynthesisClient:
 
     def reset_stats(self) -> None:
         self._call(lambda h: h.reset_stats.remote())
+
+
+def connect_service(cfg: Any, seed: int | None = None, name: str = ACTOR_NAME) -> ActorSynthesisClient:
+    """The client of the running synthesis actor for ``cfg`` (``synth.backend: service``).
+
+    The actor must have been started by the driver (``start_synthesis_actors``; the
+    ``train_sa_cps`` / ``train_sa_st`` entry points do it); ``seed`` is unused here because
+    every request carries its own seed.
+    """
+    del seed
+    return ActorSynthesisClient(name, retries=cfg.ray.synth_retries)
