@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 
 from plsynth.config import Config, DataConfig
 from plsynth.data import slice_cache
-from plsynth.data.datasets import SliceDataset, build_splits
+from plsynth.data.datasets import SliceDataset, build_cases, build_splits
 from plsynth.data.layouts import find_covid19_20, find_mosmed, find_semiseg
 from plsynth.data.phantom import make_phantom
 from plsynth.data.splits import check_disjoint, read_slice_list, read_volume_list, split_by_volume
@@ -205,6 +205,12 @@ def test_split_files_choose_the_volumes_and_slices(tmp_path):
     ]
     assert [splits.unlabeled[i]["index"] for i in range(len(splits.unlabeled))] == [2, 6]
     assert [c.name for c in splits.val] == [names[3]] and splits.val[0].image.shape[0] == SHAPE[0]
+    assert splits.test is None  # no test list in this config
+
+    # A held-out volume list (the paper's test_volume.csv) is prepared like validation, from the same cache.
+    (test_case,) = build_cases(cfg, tmp_path / "run", _write_csv(splits_dir / "test.csv", "volume", [names[3]]))
+    np.testing.assert_array_equal(test_case.image, splits.val[0].image)
+    assert test_case.spacing == splits.val[0].spacing
 
     _write_csv(splits_dir / "leak.csv", "volume", [names[0]])
     with pytest.raises(ValueError, match="both"):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,13 +121,24 @@ class ValCase:
 
 @dataclass
 class DataSplits:
-    """What ``build_splits`` returns; ``info`` records where everything came from (goes into run logs)."""
+    """What ``build_splits`` returns; ``info`` records where everything came from (goes into run logs).
+
+    ``test`` is None unless the config names a test volume list (``data.test_split``, where the
+    schema has it); it is prepared on first access only, so training runs never pay for it.
+    """
 
     labeled: SliceDataset
     unlabeled: SliceDataset
     val: list[ValCase]
     info: dict[str, Any] = field(default_factory=dict)
-    test: list[ValCase] | None = None
+    test_loader: Callable[[], list[ValCase]] | None = field(default=None, repr=False)
+    _test: list[ValCase] | None = field(default=None, repr=False)
+
+    @property
+    def test(self) -> list[ValCase] | None:
+        if self._test is None and self.test_loader is not None:
+            self._test = self.test_loader()
+        return self._test
 
 
 def _val_case(volume: CachedVolume) -> ValCase:
@@ -209,12 +220,35 @@ def build_splits(cfg: Config, out: Path) -> DataSplits:
     }
     info["prepared"], info["reused"] = cache.prepared, cache.reused
     check_disjoint(**info["volumes"])
+    test_split = getattr(data, "test_split", "")
+    if test_split and data.layout != "semiseg":
+        test_file = Path(data.splits_dir) / test_split if data.splits_dir else Path(test_split)
+        test_names = read_volume_list(test_file)
+        check_disjoint(training=info["volumes"]["labeled"] + info["volumes"]["unlabeled"] + info["volumes"]["val"], test=test_names)
+        info["test_split"] = str(test_file)
+        splits.test_loader = lambda: build_cases(cfg, out, test_file)
     log.info(
         "data %s: %d labeled slices (%d volumes), %d unlabeled slices (%d volumes), %d val cases",
         data.layout, len(splits.labeled), len(info["volumes"]["labeled"]), len(splits.unlabeled),
         len(info["volumes"]["unlabeled"]), len(splits.val),
     )
     return splits
+
+
+def build_cases(cfg: Config, out: Path, volume_list: str | Path) -> list[ValCase]:
+    """Evaluation cases for the volumes named in ``volume_list`` (a ``volume`` CSV, e.g. the paper's
+    ``test_volume.csv``), found in ``cfg.data.root`` with ``cfg.data.layout`` and prepared exactly as
+    validation volumes (same cache). Every listed volume must exist and have an infection mask.
+    """
+    data = cfg.data
+    out = Path(out)
+    if data.layout == "semiseg":
+        raise ValueError("build_cases needs a volume layout; COVID-SemiSeg has no volumes (its test split is not here)")
+    root = Path(data.root) if data.root or data.layout != "phantom" else out / "data"
+    cache = SliceCache(Path(data.cache_dir) if data.cache_dir else out / "cache", data)
+    names = read_volume_list(volume_list)
+    records = _records_by_name(find_volumes(data.layout, root), names, Path(volume_list), need_label=True)
+    return [_val_case(v) for v in _prepare(cache, records, "test")]
 
 
 def _extra_unlabeled(cfg: Config) -> list[VolumeRecord]:
