@@ -327,7 +327,8 @@ def run_training(
                                   **{k: v for k, v in last_val.items() if k != "per_case"}}, last_path)
                     if log is not None:
                         log.flush()
-                        plot_curves(out, f"{cfg.name}: {t.method}")
+            if end_of_epoch and log is not None and ((epoch + 1) % t.val_every == 0 or done == total):
+                plot_curves(out, f"{cfg.name}: {t.method}")
     finally:
         if log is not None:
             log.close()

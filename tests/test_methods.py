@@ -1,0 +1,200 @@
+"""The segmentation methods: who supervises whom, what the synthesizer is handed, and that every
+method overfits a few phantom slices (Dice >= 0.8 on them).
+
+Data are tiny ellipse phantoms made in `_training_data`; the synthesizer is a fake painter of
+the semantic map (a trained SEAN bundle cannot be made inside a unit test), standing in for
+`SynthesisClient` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from _training_data import FakeSynthesizer, tiny_splits
+from plsynth.config import Config, DataConfig, OptimConfig, TrainConfig, UNetConfig
+from plsynth.data.semantic import INFECTION, semantic_map
+from plsynth.models.unet import UNet
+from plsynth.training.losses import seg_loss
+from plsynth.training.loop import BatchMaker, run_training
+from plsynth.training.methods import cps_step, cross_pseudo_terms, method_switches, pseudo_label
+from plsynth.training.schedule import BatchPlan
+
+torch.set_num_threads(1)
+
+
+def _cfg(method: str, **train) -> Config:
+    base = dict(method=method, epochs=24, batch_labeled=4, batch_unlabeled=4, rotate_degrees=0.0, val_every=24)
+    base.update(train)
+    return Config(
+        data=DataConfig(image_size=32),
+        model=UNetConfig(width=8, depth=2),
+        optim=OptimConfig(lr=0.1),
+        train=TrainConfig(**base),
+    )
+
+
+def _batch(cfg: Config, data, step: int = 0) -> dict:
+    plan = BatchPlan(len(data.labeled), len(data.unlabeled), 4, 4, 0)
+    return BatchMaker(cfg, data.labeled, data.unlabeled, plan, "cpu")(step)
+
+
+def _nets(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    a = UNet(UNetConfig(width=4, depth=2))
+    torch.manual_seed(seed + 1)
+    b = UNet(UNetConfig(width=4, depth=2))
+    return {"model": a, "peer": b}
+
+
+def test_switches_follow_the_paper_tables():
+    assert method_switches(TrainConfig(method="baseline")) == (False, False)
+    assert method_switches(TrainConfig(method="cps", use_synthetic=True)) == (True, False)
+    assert method_switches(TrainConfig(method="st", use_synthetic=True)) == (True, False)
+    assert method_switches(TrainConfig(method="sa-cps", use_pseudo=False)) == (False, True)
+    assert method_switches(TrainConfig(method="sa-st", use_synthetic=False)) == (True, False)
+
+
+def test_pseudo_label_thresholds_at_tau_inside_the_lung_without_gradient():
+    logits = torch.tensor([[[[2.0, -2.0], [0.0, 3.0]]]], requires_grad=True)  # p: .88 .12 / .5 .95
+    lung = torch.tensor([[[1, 1], [2, 0]]])
+    label = pseudo_label(logits, 0.5, lung)
+    assert label.tolist() == [[[[1.0, 0.0], [1.0, 0.0]]]]  # p = tau counts (eq. 9 uses >=); outside lung dropped
+    assert not label.requires_grad
+
+
+def test_cps_supervises_each_network_with_the_others_detached_prediction():
+    cfg = _cfg("cps")
+    data = tiny_splits(4, 4, size=32)
+    batch = _batch(cfg, data)
+    nets = _nets()
+    x = torch.cat([batch["image"], batch["u_image"]])
+    with torch.no_grad():
+        o1, o2 = nets["model"](x), nets["peer"](x)
+    lung_in = (batch["u_lung"][:, None] > 0).float()
+    y1 = (torch.sigmoid(o1[4:]) >= 0.5).float() * lung_in
+    y2 = (torch.sigmoid(o2[4:]) >= 0.5).float() * lung_in
+    assert not torch.equal(y1, y2)  # different initialisations disagree: the test can tell them apart
+
+    out = cps_step(nets, batch, cfg.train)
+    assert torch.equal(out.extras["pseudo_model"], y1) and torch.equal(out.extras["pseudo_peer"], y2)
+    expected = (
+        seg_loss(o1[:4], batch["label"]) + seg_loss(o2[:4], batch["label"])
+        + 0.5 * (seg_loss(o1[4:], y2) + seg_loss(o2[4:], y1))
+    )
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # Gradient of the cross term w.r.t. network 1's logits is that of L_seg against the peer's
+    # label taken as a constant: no path into network 2 through its pseudo-label.
+    l1 = o1[4:].clone().requires_grad_(True)
+    l2 = o2[4:].clone().requires_grad_(True)
+    term, _, _ = cross_pseudo_terms(l1, l2, 0.5, batch["u_lung"])
+    g1, g2 = torch.autograd.grad(term, [l1, l2])
+    ref1 = l1.detach().clone().requires_grad_(True)
+    (expected_g1,) = torch.autograd.grad(seg_loss(ref1, y2), [ref1])
+    ref2 = l2.detach().clone().requires_grad_(True)
+    (expected_g2,) = torch.autograd.grad(seg_loss(ref2, y1), [ref2])
+    assert torch.allclose(g1, expected_g1, atol=1e-7) and torch.allclose(g2, expected_g2, atol=1e-7)
+
+
+def test_sa_cps_hands_the_synthesizer_each_pseudo_label_with_the_lung_and_trains_the_other_network():
+    cfg = _cfg("sa-cps")
+    data = tiny_splits(4, 4, size=32)
+    batch = _batch(cfg, data)
+    nets = _nets(3)
+    synth = FakeSynthesizer()
+    out = cps_step(nets, batch, cfg.train, synth, seed=11, use_pseudo=True, use_synthetic=True)
+    (call,) = synth.calls
+    y1, y2 = out.extras["pseudo_model"], out.extras["pseudo_peer"]
+    # eq. 10: x1_hat = Dec(y2) for s1 first, then x2_hat = Dec(y1) for s2, each with the slice's lung.
+    assert torch.equal(call["infection"], torch.cat([y2, y1]))
+    assert torch.equal(call["lung"], torch.cat([batch["u_lung"], batch["u_lung"]]))
+    assert call["seed"] == 11
+    merged = semantic_map(call["lung"], call["infection"][:, 0].long())
+    assert torch.equal(merged == INFECTION, call["infection"][:, 0] > 0)
+    outside = call["infection"][:, 0] == 0
+    assert torch.equal(merged[outside], call["lung"][outside])
+    x1_hat, x2_hat = out.extras["synthetic_model"], out.extras["synthetic_peer"]
+    assert "loss_synthetic" in out.terms and out.terms["loss_synthetic"] > 0
+    # The synthetic term is L_seg(s1(x1_hat), y2) + L_seg(s2(x2_hat), y1) (eq. 12): recompute it.
+    with torch.no_grad():
+        expected = seg_loss(nets["model"](x1_hat), y2) + seg_loss(nets["peer"](x2_hat), y1)
+    assert out.terms["loss_synthetic"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_sa_cps_without_a_synthesizer_is_a_clear_error():
+    cfg = _cfg("sa-cps")
+    batch = _batch(cfg, tiny_splits(4, 4))
+    with pytest.raises(ValueError, match="synthesis client"):
+        cps_step(_nets(), batch, cfg.train, None, use_synthetic=True)
+
+
+def _overfit_dice(result) -> float:
+    return result.last_val["dice"]
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline")
+    result = run_training(_cfg("baseline"), out, data=tiny_splits(), write_bundle=False)
+    return out, result
+
+
+@pytest.mark.slow
+def test_baseline_overfits_a_few_phantom_slices(baseline_run):
+    out, result = baseline_run
+    assert _overfit_dice(result) >= 0.8
+    rows = (out / "log.csv").read_text().splitlines()
+    assert len(rows) == 1 + 24 * 3  # header + epochs * ceil(12 unlabeled / 4): the same budget as CPS
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_cps_overfits_a_few_phantom_slices(tmp_path):
+    result = run_training(_cfg("cps"), tmp_path, data=tiny_splits(), write_bundle=False)
+    assert _overfit_dice(result) >= 0.8
+
+
+@pytest.mark.slow
+def test_sa_cps_overfits_and_its_bundle_records_the_synthesizer(tmp_path):
+    synth = FakeSynthesizer()
+    result = run_training(_cfg("sa-cps"), tmp_path, data=tiny_splits(), synth=synth)
+    assert _overfit_dice(result) >= 0.8
+    assert len(synth.calls) == 24 * 3
+    meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
+    assert meta["method"] == "sa-cps"
+    assert meta["synthesizer"] == {"bundle": "", "sha256": FakeSynthesizer.bundle_sha256, "backend": "fake:test"}
+    assert set(meta["networks"]) == {"model", "peer"}
+    assert meta["metrics"]["val_dice"] == pytest.approx(result.best["dice"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["st", "sa-st"])
+def test_self_training_overfits_from_an_offline_set_made_once(method, baseline_run, tmp_path):
+    teacher_out, _ = baseline_run
+    cfg = _cfg(method, teacher=str(teacher_out / "best.pt"))
+    synth = FakeSynthesizer()
+    data = tiny_splits()
+    result = run_training(cfg, tmp_path, data=data, synth=synth, write_bundle=False)
+    assert _overfit_dice(result) >= 0.8
+    offline = tmp_path / "offline"
+    manifest = json.loads((offline / "manifest.json").read_text())
+    pseudo = np.load(offline / "pseudo-00000.npy")
+    assert pseudo.shape == (12, 32, 32) and pseudo.dtype == np.uint8
+    lungs = np.stack([it["lung"] for it in data.unlabeled])
+    assert not pseudo[lungs == 0].any()  # kept inside the lung
+    truth = np.stack([it["truth"][0] for it in data.unlabeled])
+    assert 2 * (pseudo * truth).sum() / (pseudo.sum() + truth.sum()) > 0.5  # the teacher's labels are informative
+    if method == "sa-st":
+        assert len(synth.calls) == 1  # 12 slices, offline_batch 16: synthesized once, offline
+        assert np.load(offline / "synthetic-00000.npy").shape == (12, 32, 32)
+        assert manifest["key"]["synthesizer"]["backend"] == "fake:test"
+    else:
+        assert not synth.calls and not (offline / "synthetic-00000.npy").exists()
+    # A second run in a new folder would rebuild; the same folder reuses the stored set.
+    again = run_training(dataclasses.replace(cfg), tmp_path, data=data, synth=synth, write_bundle=False)
+    assert again.steps == result.steps and len(synth.calls) == (1 if method == "sa-st" else 0)
