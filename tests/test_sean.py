@@ -82,7 +82,7 @@ def test_decoder_output_of_a_slice_does_not_depend_on_the_rest_of_the_batch():
     with torch.no_grad():
         together = decoder(onehot, style, noise)
         alone = decoder(onehot[1:2], style[1:2], noise[1:2])
-    torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[1:2], alone, atol=1e-4, rtol=1e-4)  # float noise only; batch norm would differ by ~0.1
 
 
 def test_noise_is_an_input_fixed_noise_gives_identical_images():

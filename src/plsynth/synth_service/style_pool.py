@@ -120,8 +120,9 @@ def build_style_pool(encoder: torch.nn.Module, batches: Iterable[dict], device: 
     """Encode every labeled slice once (eval mode, no augmentation) into a pool.
 
     ``batches`` yields dicts with "image" (B, 1, S, S) in [0, 1], "onehot" (B, 4, S, S) and
-    optionally "case" / "index"; ``has_infection`` is read from the map (class 3 present at
-    full size), ``present`` at the encoder's feature resolution.
+    optionally "has_infection" (B,) (the ground truth at the data's own size, which a small
+    lesion may not survive resizing; default: class 3 present in the map), "case" / "index".
+    ``present`` is read at the encoder's feature resolution.
     """
     from plsynth.models.sean import region_average, resize_nearest
 
@@ -135,7 +136,10 @@ def build_style_pool(encoder: torch.nn.Module, batches: Iterable[dict], device: 
             features = encoder.features(image)
             codes.append(region_average(features, onehot).cpu())
             present.append(resize_nearest(onehot, features.shape[-2:]).sum(dim=(2, 3)).cpu() > 0)
-            infected.append(onehot[:, 3].sum(dim=(1, 2)).cpu() > 0)
+            if "has_infection" in batch:
+                infected.append(torch.as_tensor(batch["has_infection"]).bool().cpu())
+            else:
+                infected.append(onehot[:, 3].sum(dim=(1, 2)).cpu() > 0)
             n = len(onehot)
             cases.extend(str(c) for c in batch.get("case", [""] * n))
             indices.extend(int(i) for i in batch.get("index", [-1] * n))

@@ -71,7 +71,13 @@ def pool_batches(dataset, size: int, batch_size: int) -> Iterator[dict[str, Any]
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in loader:
         image, onehot = prepare_batch(batch, size)
-        yield {"image": (image + 1) / 2, "onehot": onehot, "case": batch.get("case"), "index": batch.get("index")}
+        yield {
+            "image": (image + 1) / 2,
+            "onehot": onehot,
+            "has_infection": batch["label"].flatten(1).amax(1) > 0.5,  # ground truth at the data's size
+            "case": batch.get("case"),
+            "index": batch.get("index"),
+        }
 
 
 # -- perceptual loss (optional, local weights only) ---------------------------------------------
@@ -177,7 +183,7 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
     nets.opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     nets.opt_d.step()
-    out = {k: float(v) for k, v in losses.items()}
+    out = {k: float(v.detach()) for k, v in losses.items()}
     out["d_hinge"] = float(d_loss)
     out["recon_l1"] = float(F.l1_loss(fake.detach(), image))
     return out
