@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 LUNG_BACKENDS = ("classical", "lungmask")
 HU_THRESHOLD = -400.0  # aerated lung (-900..-700) and GGO (-650..-350) below, soft tissue (0..+60) above
 ASSUMED_FOV_MM = 350.0  # 8-bit slices carry no spacing: assume a chest field of view over the width
+UINT8_AIR = 12.0  # 8-bit grey below this is air or export padding (black), never lung parenchyma
 CLOSING_MM = 4.0  # smooths vessel notches at the pleura
 IN_PLANE = np.array([[[0, 0, 0], [0, 0, 0], [0, 0, 0]],
                      [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
@@ -92,11 +93,34 @@ def _candidate(array: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     if kind == "hu":
         return smoothed < HU_THRESHOLD, smoothed
     # 8-bit slices come with unknown windows (COVID-SemiSeg: two hospitals, mean grey 137 vs 85):
-    # threshold each slice at Otsu's split between dark (air, lung) and bright (tissue, bone).
+    # threshold each slice at Otsu's split between dark (lung) and bright (tissue, bone), computed
+    # over the pixels that are not black (outside air / export padding would pull the split down).
     cand = np.zeros(array.shape, dtype=bool)
     for z in range(array.shape[0]):
-        cand[z] = smoothed[z] < _otsu(smoothed[z])
+        values = smoothed[z][smoothed[z] > UINT8_AIR]
+        if values.size > 16 and np.ptp(values) > 0:
+            cand[z] = smoothed[z] < _otsu(values)
     return cand, smoothed
+
+
+def _outside_air(cand: np.ndarray, smoothed: np.ndarray, kind: str) -> np.ndarray:
+    """Air outside the patient: dark regions touching the slice edge (in-plane, per slice).
+
+    For 8-bit slices only near-black regions count: COVID-SemiSeg slices are cropped to the chest,
+    so the lungs themselves often touch the image edge and must not be removed with the air.
+    """
+    if kind == "hu":
+        air = cand
+    else:  # black, or within 10 grey levels of the slice's darkest (windows that do not map air to 0)
+        darkest = np.percentile(smoothed.reshape(smoothed.shape[0], -1), 0.5, axis=1).reshape(-1, 1, 1)
+        air = smoothed < np.maximum(UINT8_AIR, darkest + 10.0)
+    labels, _ = ndimage.label(air, structure=IN_PLANE)
+    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
+                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    outside = np.isin(labels, border[border > 0])
+    if kind != "hu":  # grow into the dark-but-not-black rim around the black air
+        outside = ndimage.binary_dilation(outside, structure=IN_PLANE, iterations=2) & cand | outside
+    return outside
 
 
 def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, float, float] | None = None) -> np.ndarray:
@@ -131,13 +155,10 @@ def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, floa
 
     cand, smoothed = _candidate(array, kind)
     # (2) outside air: per-slice components touching the in-plane border
-    labels, _ = ndimage.label(cand, structure=IN_PLANE)
-    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
-                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    outside = np.isin(labels, border[border > 0])
+    outside = _outside_air(cand, smoothed, kind)
     body = ~outside  # everything that is not outside air (the patient, the table)
     cand &= ~outside
-    del labels, outside
+    del outside
 
     # (3) keep large 3D components; tiny specks (noise, bowel gas, esophagus) go
     labels, count = ndimage.label(cand)
@@ -213,7 +234,9 @@ def _complete_lung(lung2d: np.ndarray, intensity: np.ndarray, kind: str, closing
     padded = np.pad(lung2d, pad)
     padded = ndimage.binary_closing(padded, structure=_disk(closing_r))[pad:-pad, pad:-pad]
     lung2d = ndimage.binary_fill_holes(padded | lung2d)
-    if lung2d.sum() < 20:
+    if lung2d.sum() < 20 or kind != "hu":
+        # 8-bit slices: no density to tell consolidation from heart or chest wall, and cropped
+        # slices (COVID-SemiSeg) give hulls that swallow the mediastinum: holes only
         return lung2d
     hull = convex_hull_image(lung2d)
     pockets, count = ndimage.label(hull & ~lung2d & body2d)
