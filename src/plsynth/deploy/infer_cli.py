@@ -154,7 +154,7 @@ def main() -> None:
     import click
 
     try:
-        code = app(standalone_mode=False)  # click returns Exit's code instead of raising it here
+        code = app(standalone_mode=False, prog_name="plsynth-infer")  # click returns Exit's code instead of raising it here
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

@@ -1,0 +1,320 @@
+"""plsynth-infer end to end with real files: every input kind, geometry round trips, bad inputs,
+exit codes, a run killed mid-case, and --continue.
+
+The bundle holds two tiny U-Nets (width 4, depth 2, 32 px) trained for a few seconds on phantom
+slices so that masks are not empty; volumes are small phantoms written with nibabel, SimpleITK
+(DICOM) and PIL.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from plsynth.config import Config, DataConfig, UNetConfig
+from plsynth.data.phantom import _nifti, make_phantom
+from plsynth.data.preprocess import resize_labels, to_model_input
+from plsynth.data.window import window_array
+from plsynth.deploy.bundle import write_bundle
+from plsynth.deploy.infer_cli import EXIT_BUNDLE, EXIT_CASES_FAILED, EXIT_ENGINE, app
+from plsynth.models.unet import UNet
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "Secret^Patientname"
+
+
+def train_tiny(seed: int, x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> UNet:
+    torch.manual_seed(seed)
+    net = UNet(UNetConfig(width=4, depth=2))
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(3.0))
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (16,), generator=torch.Generator().manual_seed(seed * 1000 + step))
+        loss = loss_fn(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    cfg = Config(data=DataConfig(image_size=32), model=UNetConfig(width=4, depth=2))
+    xs, ys = [], []
+    for seed in range(3):
+        p = make_phantom(100 + seed, (12, 64, 64), lesions=True)
+        xs.append(to_model_input(window_array(p.hu), p.lung, 32, "none"))
+        ys.append(resize_labels(p.infection, 32)[:, None].astype(np.float32))
+    x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    model = train_tiny(0, x, y)  # ~0.8 Dice on its phantom slices after 150 steps
+    peer = copy.deepcopy(model)  # a second, slightly different network (cheaper than training one)
+    with torch.no_grad():
+        peer.head.bias += 0.5
+    nets = {"model": model, "peer": peer}
+    return write_bundle(tmp_path_factory.mktemp("bundle") / "bundle", nets, cfg, {"note": "test"})
+
+
+def phantom_nifti(path: Path, seed: int, shape=(8, 64, 64), affine: np.ndarray | None = None) -> Path:
+    p = make_phantom(seed, shape, lesions=True)
+    image = _nifti(p.hu, p.spacing, np.int16)
+    if affine is not None:
+        image = nib.Nifti1Image(np.asarray(image.dataobj), affine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+    return path
+
+
+def phantom_slice(path: Path, seed: int) -> Path:
+    p = make_phantom(seed, (12, 64, 64), lesions=True)
+    z = int(np.argmax(p.infection.reshape(12, -1).sum(1)))
+    Image.fromarray((window_array(p.hu[z]) * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+def dicom_series(folder: Path, seed: int) -> Path:
+    import SimpleITK as sitk
+
+    p = make_phantom(seed, (8, 64, 64), lesions=True)
+    folder.mkdir(parents=True)
+    volume = sitk.GetImageFromArray(p.hu.astype(np.int16))
+    volume.SetSpacing((p.spacing[2], p.spacing[1], p.spacing[0]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    uid = "1.2.826.0.1.3680043.2.1125.777"
+    for k in range(p.hu.shape[0]):
+        s = volume[:, :, k]
+        pos = volume.TransformIndexToPhysicalPoint((0, 0, k))
+        for key, value in {"0010|0010": SECRET, "0010|0020": "ID-SECRET-42", "0008|0060": "CT", "0020|000e": uid,
+                           "0008|0018": f"{uid}.{k + 1}", "0020|0013": str(k + 1),
+                           "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": "\\".join(f"{v:.4f}" for v in pos),
+                           "0028|1052": "-1024", "0028|1053": "1", "0018|0050": str(p.spacing[0])}.items():
+            s.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"im{k:03d}.dcm"))
+        writer.Execute(s)
+    return folder
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def rows(out: Path) -> dict[str, dict]:
+    with open(out / "report.csv") as handle:
+        return {r["case"]: r for r in csv.DictReader(handle)}
+
+
+def test_every_input_kind_end_to_end(bundle: Path, tmp_path: Path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    vol = phantom_nifti(inputs / "vol.nii.gz", 1)
+    phantom_nifti(inputs / "plain.nii", 2)
+    phantom_slice(inputs / "slice.png", 3)
+    phantom_slice(inputs / "photo.jpg", 4)
+    dicom_series(tmp_path / "dicom" / "series-a", 5)
+    out = tmp_path / "out"
+    result = invoke(inputs, tmp_path / "dicom" / "series-a", "-o", out, "--model", bundle, "--overlays",
+                    "--lung-backend", "classical", "--batch-size", "3")
+    assert result.exit_code == 0, result.output
+    report = rows(out)
+    assert set(report) == {"vol", "plain", "slice", "photo", "series-a"}
+    assert all(r["status"] == "ok" and r["engine"] == "ort" and r["provider"] == "CPUExecutionProvider" for r in report.values())
+    # volumes: mask in the input's geometry, infection only, ml figures; at least one finds infection
+    written = nib.load(out / "vol.nii.gz")
+    original = nib.load(vol)
+    assert written.shape == original.shape and np.allclose(written.affine, original.affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+    assert nib.load(out / "plain.nii.gz").shape == (64, 64, 8)
+    assert float(report["vol"]["lung_ml"]) > 0 and report["vol"]["percent_involved"] != ""
+    assert any(float(report[c]["infection_ml"]) > 0 for c in ("vol", "plain", "series-a"))
+    assert float(report["vol"]["lung_ml"]) == pytest.approx(
+        float(report["vol"]["left_lung_ml"]) + float(report["vol"]["right_lung_ml"]), abs=0.01)
+    # 2D slices: PNG 0/255 of the input's size, pixel figures, no ml
+    png = np.asarray(Image.open(out / "slice.png"))
+    assert png.shape == (64, 64) and set(np.unique(png)) <= {0, 255}
+    assert report["slice"]["infection_ml"] == "" and report["slice"]["lung_px"] != ""
+    assert (out / "photo.png").is_file()
+    # DICOM: a NIfTI mask; no patient tag anywhere in the outputs
+    assert nib.load(out / "series-a.nii.gz").shape[:3] == (64, 64, 8)
+    for name in ("report.csv", "report.json"):
+        text = (out / name).read_text()
+        assert "Secret" not in text and "SECRET" not in text
+    assert "Secret" not in result.output
+    # sub-folders: lungs and overlays; report.json has the run and the agreement flag
+    assert (out / "lungs" / "vol.nii.gz").is_file() and (out / "overlays" / "vol.png").is_file()
+    data = json.loads((out / "report.json").read_text())
+    assert data["run"]["engine"] == "ort" and data["run"]["networks"] == ["model", "peer"]
+    assert data["run"]["lung_backend"] == "classical"
+    assert all(0.0 <= c["agreement_dice"] <= 1.0 for c in data["cases"])
+    assert not [p for p in out.rglob(".tmp-*")]
+
+
+def test_geometry_round_trips_for_flipped_and_oblique_affines(bundle: Path, tmp_path: Path):
+    lps = phantom_nifti(tmp_path / "in" / "lps.nii.gz", 7)
+    image = nib.load(lps)
+    data = np.asarray(image.dataobj)
+    # the same world image stored as RAS (x and y axes flipped in voxel order)
+    ras_affine = image.affine @ np.array([[-1, 0, 0, 63], [0, -1, 0, 63], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    nib.save(nib.Nifti1Image(data[::-1, ::-1].copy(), ras_affine), tmp_path / "in" / "ras.nii.gz")
+    # an oblique scan: the LPS grid rotated 12 degrees about z
+    c, s = np.cos(np.radians(12)), np.sin(np.radians(12))
+    rot = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(data, rot @ image.affine), tmp_path / "in" / "oblique.nii.gz")
+    out = tmp_path / "out"
+    result = invoke(tmp_path / "in", "-o", out, "--model", bundle, "--lung-backend", "classical", "--no-agreement")
+    assert result.exit_code == 0, result.output
+    masks = {n: nib.load(out / f"{n}.nii.gz") for n in ("lps", "ras", "oblique")}
+    for name, source in (("lps", lps), ("ras", tmp_path / "in" / "ras.nii.gz"), ("oblique", tmp_path / "in" / "oblique.nii.gz")):
+        assert np.allclose(masks[name].affine, nib.load(source).affine)
+    reference = np.asarray(masks["lps"].dataobj)
+    assert reference.any(), "the tiny model should find some infection in a lesioned phantom"
+    np.testing.assert_array_equal(np.asarray(masks["ras"].dataobj), reference[::-1, ::-1])
+    np.testing.assert_array_equal(np.asarray(masks["oblique"].dataobj), reference)
+
+
+def test_bad_inputs_fail_one_by_one_while_good_cases_finish(bundle: Path, tmp_path: Path):
+    bad = tmp_path / "in"
+    bad.mkdir()
+    good = phantom_nifti(bad / "good.nii.gz", 8)
+    (bad / "empty.nii.gz").write_bytes(b"")
+    (bad / "truncated.nii.gz").write_bytes(good.read_bytes()[:300])
+    (bad / "text.nii").write_text("this is not a NIfTI file\n" * 20)
+    nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), bad / "flat2d.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8, 3), np.int16), np.eye(4)), bad / "fourd.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((16, 16, 8), np.nan, np.float32), np.eye(4)), bad / "nan.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((16, 16, 8), -1000, np.int16), np.eye(4)), bad / "nolung.nii.gz")
+    (tmp_path / "folder.nii.gz").mkdir()
+    out = tmp_path / "out"
+    result = invoke(bad, tmp_path / "folder.nii.gz", "-o", out, "--model", bundle, "--lung-backend", "classical")
+    assert result.exit_code == EXIT_CASES_FAILED, result.output
+    report = rows(out)
+    assert report["good"]["status"] == "ok" and (out / "good.nii.gz").is_file()
+    failed = {c: r["error"] for c, r in report.items() if c != "good"}
+    assert set(failed) == {"empty", "truncated", "text", "flat2d", "fourd", "nan", "nolung", "folder"}
+    assert all(report[c]["status"] == "failed" and msg for c, msg in failed.items())
+    assert "no lung" in failed["nolung"] and "folder" in failed["folder"] and "2D" in failed["flat2d"]
+    for case in failed:
+        assert not (out / f"{case}.nii.gz").exists()
+        assert f"{case}: failed" in result.output
+
+
+def test_exit_codes_for_bundle_input_and_engine_problems(bundle: Path, tmp_path: Path):
+    vol = phantom_nifti(tmp_path / "v.nii.gz", 9)
+    assert invoke(vol, "-o", tmp_path / "o").exit_code == EXIT_BUNDLE  # no --model, no PLSYNTH_MODEL
+    import shutil
+
+    tampered = shutil.copytree(bundle, tmp_path / "tampered")
+    (tampered / "model.onnx").write_bytes((tampered / "model.onnx").read_bytes()[:-10])
+    result = invoke(vol, "-o", tmp_path / "o", "--model", tampered)
+    assert result.exit_code == EXIT_BUNDLE and "model.onnx" in result.output
+    (tmp_path / "nothing").mkdir()
+    empty = invoke(tmp_path / "nothing", "--model", bundle, "-o", tmp_path / "o3")
+    assert empty.exit_code == EXIT_CASES_FAILED and rows(tmp_path / "o3")["nothing"]["status"] == "failed"
+    result = invoke(vol, "-o", tmp_path / "o", "--model", bundle, "--engine", "trt")
+    assert result.exit_code == EXIT_ENGINE and "--allow-fallback" in result.output
+    result = invoke(vol, "-o", tmp_path / "o2", "--model", bundle, "--engine", "trt", "--allow-fallback",
+                    "--lung-backend", "classical")
+    assert result.exit_code == 0 and rows(tmp_path / "o2")["v"]["engine"] == "ort"
+    assert invoke(vol, "--model", bundle, "--engine", "tensorrt").exit_code == 2
+
+
+def test_torch_engine_reports_agreement_and_marks_cases_for_review(bundle: Path, tmp_path: Path, monkeypatch):
+    vol = phantom_nifti(tmp_path / "in" / "v.nii.gz", 10)
+    monkeypatch.setenv("PLSYNTH_MODEL", str(bundle))
+    out = tmp_path / "out"
+    result = invoke(vol, "-o", out, "--engine", "torch", "--review-below", "1.01", "--lung-backend", "classical")
+    assert result.exit_code == 0, result.output
+    row = rows(out)["v"]
+    assert row["engine"] == "torch" and row["provider"] == "torch:cpu"
+    assert row["review"] == "True" and "agree" in row["review_reason"]
+    assert row["agreement_dice"] != ""
+
+
+def _all_final_outputs_load(out: Path) -> int:
+    """Every file under its final name loads completely; returns how many were checked."""
+    count = 0
+    for path in out.rglob("*"):
+        if not path.is_file() or path.name.startswith(".tmp-"):
+            continue
+        if path.name.endswith(".nii.gz"):
+            np.asarray(nib.load(path).dataobj).sum()
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            list(csv.DictReader(path.open()))
+        elif path.suffix == ".png":
+            Image.open(path).load()
+        count += 1
+    return count
+
+
+def test_a_run_killed_mid_case_leaves_no_partial_output_and_continue_finishes(bundle: Path, tmp_path: Path):
+    inputs = tmp_path / "in"
+    for i in range(5):
+        phantom_nifti(inputs / f"c{i}.nii.gz", 20 + i, shape=(16, 96, 96))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", "from plsynth.deploy.infer_cli import main; main()", str(inputs), "-o", str(out),
+           "--model", str(bundle), "--lung-backend", "classical", "--overlays", "--batch-size", "2", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "cases").is_dir() and any((out / "cases").glob("*.json")):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # land somewhere inside the next case
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; make the cases larger"
+    assert _all_final_outputs_load(out) >= 1
+    done_before = {p.stem for p in (out / "cases").glob("*.json")}
+    assert 1 <= len(done_before) < 5
+    result = invoke(inputs, "-o", out, "--model", bundle, "--lung-backend", "classical", "--overlays", "--continue")
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "report.json").read_text())
+    statuses = {c["case"]: c["status"] for c in data["cases"]}
+    assert set(statuses) == {f"c{i}" for i in range(5)}
+    assert {c for c, s in statuses.items() if s == "ok"} == {f"c{i}" for i in range(5)}
+    for i in range(5):
+        assert (out / f"c{i}.nii.gz").is_file()
+    assert all(f"{case}: skipped" in result.output for case in done_before)
+    _all_final_outputs_load(out)
+
+
+def test_continue_skips_finished_cases_and_retries_failed_ones(bundle: Path, tmp_path: Path):
+    inputs = tmp_path / "in"
+    phantom_nifti(inputs / "a.nii.gz", 30)
+    (inputs / "b.nii.gz").write_bytes(b"broken")
+    out = tmp_path / "out"
+    first = invoke(inputs, "-o", out, "--model", bundle, "--lung-backend", "classical")
+    assert first.exit_code == EXIT_CASES_FAILED
+    mtime = (out / "a.nii.gz").stat().st_mtime_ns
+    phantom_nifti(inputs / "b.nii.gz", 31)  # the user fixes b
+    second = invoke(inputs, "-o", out, "--model", bundle, "--lung-backend", "classical", "--continue")
+    assert second.exit_code == 0, second.output
+    assert (out / "a.nii.gz").stat().st_mtime_ns == mtime, "a finished case is not redone"
+    report = rows(out)
+    assert report["a"]["status"] == "ok" and report["b"]["status"] == "ok" and (out / "b.nii.gz").is_file()
+    assert "a: skipped" in second.output
+
+
+def test_help_is_instant_and_names_the_defaults():
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", "from plsynth.deploy.infer_cli import main; main()", "--help"],
+                            capture_output=True, text=True, encoding="utf-8", timeout=60)
+    assert result.returncode == 0 and "PLSYNTH_MODEL" in result.stdout and "--continue" in result.stdout
+    assert time.perf_counter() - started < 10
