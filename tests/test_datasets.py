@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -169,6 +170,10 @@ def test_phantom_layout_splits_by_volume_and_items_follow_the_contract(tmp_path)
     z = SHAPE[0]
     assert case.image.shape == (z, 1, SIZE, SIZE) and case.image.dtype == np.float32
     assert case.lung.shape == case.label.shape == (z, SIZE, SIZE) and case.label.dtype == np.uint8
+    assert isinstance(case.image, np.memmap)  # validation volumes are not held in RAM either
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # wrapping for a forward pass must not warn (copy-on-write maps)
+        torch.as_tensor(case.image)
     phantom_spacing = make_phantom(0, SHAPE).spacing  # same fov rule: in-plane spacing scales by 64 / 32
     assert case.spacing[0] > 0 and case.spacing[1] == pytest.approx(case.spacing[2])
     assert case.spacing[1] > phantom_spacing[1] * 1.5  # 64 -> 32 pixels: about twice the source spacing

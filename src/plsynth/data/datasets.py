@@ -107,8 +107,8 @@ class SliceDataset(Dataset):
 class ValCase:
     """One validation (or test) case, prepared exactly as training slices.
 
-    ``image`` (Z, 1, S, S) float32, ``lung`` (Z, S, S) uint8, ``label`` (Z, S, S) uint8 (read-only
-    memmaps); ``spacing`` (z, y*, x*) mm of the prepared grid, or None for 2D slices (metrics then
+    ``image`` (Z, 1, S, S) float32, ``lung`` (Z, S, S) uint8, ``label`` (Z, S, S) uint8
+    (copy-on-write memmaps: nothing is read into RAM until used); ``spacing`` (z, y*, x*) mm of the prepared grid, or None for 2D slices (metrics then
     use pixels).
     """
 
@@ -144,7 +144,8 @@ class DataSplits:
 def _val_case(volume: CachedVolume) -> ValCase:
     if not volume.has_label:
         raise ValueError(f"{volume.source}: a validation case needs an infection mask")
-    return ValCase(volume.name, volume.open("image"), volume.open("lung"), volume.open("label"), volume.spacing)
+    # Copy-on-write memmaps: torch.as_tensor wraps them without copying or warning; the cache is never written.
+    return ValCase(volume.name, volume.open("image", "c"), volume.open("lung", "c"), volume.open("label", "c"), volume.spacing)
 
 
 def _training_slices(volume: CachedVolume, skip_without_lung: bool) -> np.ndarray:

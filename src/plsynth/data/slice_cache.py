@@ -91,11 +91,18 @@ class CachedVolume:
     has_label: bool
     source: Path
 
-    def open(self, array: str) -> np.ndarray:
-        """The named array (``image``, ``lung`` or ``label``) as a read-only memmap."""
+    def open(self, array: str, mode: str = "r") -> np.ndarray:
+        """The named array (``image``, ``lung`` or ``label``) as a memmap.
+
+        ``mode="r"`` is read-only; ``"c"`` (copy-on-write) is writable in memory but never
+        changes the file, which lets ``torch.as_tensor`` wrap it without a warning. Neither
+        reads the array into RAM until its pages are touched.
+        """
         if array not in ARRAYS or (array == "label" and not self.has_label):
             raise ValueError(f"{self.folder}: no {array!r} array (has_label={self.has_label})")
-        return np.load(self.folder / f"{array}.npy", mmap_mode="r")
+        if mode not in ("r", "c"):
+            raise ValueError(f"mode must be 'r' or 'c', got {mode!r}")
+        return np.load(self.folder / f"{array}.npy", mmap_mode=mode)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
