@@ -1,0 +1,154 @@
+"""Synthesizer bundle: ONNX export parity, dynamic batch, sha256 checks, LocalSynthesizer backends."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from plsynth.config import Config, SynthConfig
+from plsynth.errors import BundleError
+from plsynth.models.sean import build_synthesizer
+from plsynth.synth_service.decoder_bundle import (
+    bundle_sha256,
+    load_decoder_bundle,
+    ort_session,
+    parity_inputs,
+    write_decoder_bundle,
+)
+from plsynth.synth_service.protocol import SynthesisClient
+from plsynth.synth_service.style_pool import StylePool
+
+torch.set_num_threads(1)
+TINY = SynthConfig(image_size=32, width=4, style_dim=8, num_up=3, pool_k=2)
+
+
+def _bundle(path, synth: SynthConfig = TINY):
+    torch.manual_seed(0)
+    decoder, encoder = build_synthesizer(synth)
+    with torch.no_grad():  # non-trivial noise weights and blends, so parity covers them
+        for name, p in decoder.named_parameters():
+            if "noise_weight" in name or "blend" in name:
+                p.normal_()
+    rng = np.random.default_rng(0)
+    pool = StylePool(
+        codes=rng.uniform(-1, 1, (6, 4, synth.style_dim)).astype(np.float32),
+        present=np.ones((6, 4), bool),
+        has_infection=np.array([1, 1, 0, 1, 0, 0], bool),
+    )
+    cfg = Config(synth=synth)
+    return write_decoder_bundle(path, decoder, encoder, pool, cfg), decoder
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return _bundle(tmp_path_factory.mktemp("synth") / "bundle")
+
+
+def _lungs(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lung = torch.zeros(batch, size, size, dtype=torch.long)
+    lung[:, size // 4 : 3 * size // 4, size // 2 + 2 : size - 3] = 1
+    lung[:, size // 4 : 3 * size // 4, 3 : size // 2 - 2] = 2
+    infection = torch.zeros(batch, 1, size, size)
+    infection[:, :, size // 3 : size // 2, size // 2 + 4 : size - 6] = 1
+    return infection, lung
+
+
+def test_bundle_holds_every_file_and_records_export_parity_under_1e_4(bundle):
+    path, _ = bundle
+    meta = json.loads((path / "meta.json").read_text())
+    assert set(meta["files"]) == {"decoder.pt", "encoder.pt", "decoder.onnx", "pool.npz"}
+    assert meta["export_parity_max_abs"] <= 1e-4
+    assert meta["onnx"]["inputs"] == ["onehot", "style", "noise"]
+    assert meta["image_size"] == 32 and meta["style_dim"] == 8 and meta["classes"][3] == "infection"
+    assert meta["pool"] == {**meta["pool"], "n": 6, "n_positive": 3, "default_mode": "positive"}
+    assert bundle_sha256(path) == load_decoder_bundle(path).sha256
+
+
+def test_onnx_decoder_matches_torch_at_another_batch_size(bundle):
+    path, decoder = bundle
+    inputs = parity_inputs(TINY, batch=3, seed=5)
+    decoder.eval()
+    with torch.no_grad():
+        expected = decoder(inputs["onehot"], inputs["style"], inputs["noise"]).numpy()
+    session = ort_session(path / "decoder.onnx")
+    (got,) = session.run(["image"], {k: v.numpy() for k, v in inputs.items()})
+    assert got.shape == (3, 1, 32, 32)
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_loaded_decoder_reproduces_the_written_one(bundle):
+    path, decoder = bundle
+    loaded = load_decoder_bundle(path)
+    inputs = parity_inputs(TINY)
+    decoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decoder(**inputs), decoder(**inputs))
+    assert loaded.pool.n_positive == 3
+
+
+def test_tampered_or_missing_file_is_a_bundle_error(tmp_path):
+    path, _ = _bundle(tmp_path / "b", SynthConfig(image_size=16, width=2, style_dim=4, num_up=2, noise=False))
+    assert json.loads((path / "meta.json").read_text())["onnx"]["inputs"] == ["onehot", "style"]
+    data = bytearray((path / "pool.npz").read_bytes())
+    data[-10] ^= 0xFF
+    (path / "pool.npz").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="pool.npz: sha256"):
+        load_decoder_bundle(path)
+    (path / "encoder.pt").unlink()
+    with pytest.raises(BundleError, match="encoder.pt: missing"):
+        load_decoder_bundle(path)
+    with pytest.raises(BundleError, match="no meta.json"):
+        load_decoder_bundle(tmp_path)
+
+
+def test_local_synthesizer_torch_and_ort_agree_and_return_unit_images_at_the_request_size(bundle):
+    from plsynth.synth_service.local import LocalSynthesizer
+
+    path, _ = bundle
+    torch_synth = LocalSynthesizer(path, backend="torch")
+    ort_synth = LocalSynthesizer(path, backend="ort")
+    assert isinstance(torch_synth, SynthesisClient)
+    assert torch_synth.backend == "torch:cpu" and ort_synth.backend == "ort:CPUExecutionProvider"
+    infection, lung = _lungs(2, 48)  # request at 48 px, decoder at 32 px
+    a = torch_synth.synthesize(infection, lung, seed=3)
+    b = ort_synth.synthesize(infection, lung, seed=3)
+    assert a.shape == (2, 1, 48, 48) and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1
+    assert (a - b).abs().max() <= 1e-4
+    assert torch.equal(torch_synth.synthesize(infection, lung, seed=3), a)
+    assert not torch.equal(torch_synth.synthesize(infection, lung, seed=4), a)
+    # same map and one reference style for the batch, but noise is drawn per sample (weights non-zero here)
+    assert not torch.equal(a[0], a[1])
+    style = torch_synth.reference_style(3, torch.Generator().manual_seed(0))
+    assert torch.equal(style[0], style[2])
+    assert torch_synth.bundle_sha256 == bundle_sha256(path)
+
+
+def test_local_synthesizer_self_mode_needs_images_and_trt_is_refused(bundle):
+    from plsynth.synth_service.local import LocalSynthesizer
+
+    path, _ = bundle
+    synth = LocalSynthesizer(path, pool_mode="self")
+    infection, lung = _lungs(2, 32)
+    with pytest.raises(ValueError, match="needs the request's images"):
+        synth.synthesize(infection, lung)
+    images = torch.rand(2, 1, 32, 32)
+    out = synth.synthesize(infection, lung, images=images, seed=0)
+    assert out.shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="deploy engine builder"):
+        LocalSynthesizer(path, backend="trt")
+
+
+def test_decode_takes_onehot_and_style_directly(bundle):
+    from plsynth.synth_service.local import LocalSynthesizer
+
+    path, _ = bundle
+    synth = LocalSynthesizer(path, backend="ort")
+    inputs = parity_inputs(TINY, batch=2)
+    out = synth.decode(inputs["onehot"], inputs["style"], noise_seed=1)
+    assert out.shape == (2, 1, 32, 32) and torch.equal(out, synth.decode(inputs["onehot"], inputs["style"], noise_seed=1))
+    with pytest.raises(ValueError, match="expected onehot"):
+        synth.decode(inputs["onehot"][:, :3], inputs["style"])
