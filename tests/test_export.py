@@ -1,0 +1,95 @@
+"""`plsynth export --run DIR`: a run's checkpoint -> bundle, parity measured and gated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from plsynth.cli import app
+from plsynth.config import Config, DataConfig, UNetConfig
+from plsynth.deploy.bundle import load_bundle
+from plsynth.deploy.export import check_parity, export_onnx, mask_dice, phantom_slices
+from plsynth.errors import BundleError
+from plsynth.models.unet import UNet
+
+CFG = Config(data=DataConfig(image_size=32), model=UNetConfig(width=4, depth=2))
+
+
+def net(seed: int) -> UNet:
+    torch.manual_seed(seed)
+    model = UNet(CFG.model)
+    with torch.no_grad():  # non-trivial BN statistics so masks are not all empty
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def write_run(run: Path, names=("model", "peer")) -> Path:
+    run.mkdir(parents=True)
+    state = {
+        "networks": {n: net(i).state_dict() for i, n in enumerate(names)},
+        "config": CFG.to_dict(),
+        "val": {"dice": 0.61, "nsd": 0.7},
+        "step": 40,
+        "epoch": 2,
+    }
+    torch.save(state, run / "best.pt")
+    return run
+
+
+def test_export_writes_a_bundle_with_parity_from_the_best_checkpoint(tmp_path: Path):
+    run = write_run(tmp_path / "run")
+    result = CliRunner().invoke(app, ["export", "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(run / "bundle")
+    meta = bundle.meta
+    assert bundle.network_names == ["model", "peer"] and meta["exported_from"] == "best.pt"
+    assert meta["metrics"]["val_dice"] == 0.61
+    for name in ("model", "peer"):
+        parity = meta["parity"][name]
+        assert parity["mask_dice"] >= 0.99 and parity["max_abs_diff"] < 1e-4 and parity["inputs"] == "phantom chest slices"
+    x = torch.from_numpy(phantom_slices(32, 3))
+    with torch.inference_mode():
+        np.testing.assert_allclose(bundle.torch_networks()["peer"](x).numpy(), net(1)(x).numpy(), atol=1e-6)
+
+
+def shifted(seed: int, bias: float) -> UNet:
+    model = net(seed)
+    with torch.no_grad():
+        model.head.bias.fill_(bias)  # +10: every pixel infected; -10: none
+    return model
+
+
+def test_parity_gate_refuses_an_onnx_that_disagrees_with_its_network(tmp_path: Path):
+    onnx = export_onnx(shifted(5, 10.0), tmp_path / "m.onnx", {"x": torch.zeros(1, 1, 32, 32)}, ["logits"])
+    slices = phantom_slices(32, 4)
+    assert check_parity(shifted(5, 10.0), onnx, slices, 0.5)["mask_dice"] == 1.0
+    with pytest.raises(BundleError, match="mask Dice 0.0000 < 0.99"):
+        check_parity(shifted(5, -10.0), onnx, slices, 0.5)
+
+
+def test_mask_dice_conventions():
+    empty = np.zeros((4, 4), bool)
+    full = np.ones((4, 4), bool)
+    assert mask_dice(empty, empty) == 1.0 and mask_dice(empty, full) == 0.0 and mask_dice(full, full) == 1.0
+
+
+def test_export_without_checkpoint_or_with_trt_on_cpu_fails_clearly(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "empty")])
+    assert result.exit_code != 0 and "best.pt" in str(result.exception or result.output)
+    from plsynth.deploy.tensorrt_engine import tensorrt_status
+
+    if tensorrt_status()[0] and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are here: --trt would succeed")
+    run = write_run(tmp_path / "run", names=("model",))
+    result = CliRunner().invoke(app, ["export", "--run", str(run), "--trt", "--fp16"])
+    assert result.exit_code == 5 and "TensorRT" in result.output
+    assert json.loads((run / "bundle" / "meta.json").read_text())["networks"].keys() == {"model"}
