@@ -201,13 +201,9 @@ def make_synthesis_client(cfg: Config, seed: int | None = None) -> Any:
         )
     seed = cfg.synth.seed if seed is None else seed
     if cfg.synth.backend == "service":
-        try:
-            from plsynth.synth_service.client import connect_service  # the Ray engineer's client
-        except ImportError as exc:
-            raise ValueError(
-                "synth.backend=service: the Ray synthesis service client is not available in this build; "
-                "use synth.backend=torch or ort"
-            ) from exc
+        # The Ray actor must already run (the train_sa_cps / train_sa_st entry points start it).
+        from plsynth.synth_service.actor import connect_service
+
         return connect_service(cfg, seed=seed)
     from plsynth.synth_service.local import LocalSynthesizer
 
