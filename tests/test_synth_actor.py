@@ -183,3 +183,97 @@ def test_actor_class_batches_without_ray():
     out_a, out_b = asyncio.run(both())
     assert out_a.shape[0] == 2 and out_b.shape[0] == 3
     assert actor.stats()["batch_sizes"] == [5]
+
+
+# ---------------------------------------------------------------------------------------------
+# the real decoder bundle and the real training loop
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def write_untrained_synth_bundle(path, cfg):
+    """A real synthesizer bundle (SEAN decoder + encoder + pool, ONNX, meta) with untrained weights."""
+    from plsynth.models.sean import build_synthesizer
+    from plsynth.synth_service.decoder_bundle import write_decoder_bundle
+    from plsynth.synth_service.style_pool import StylePool
+
+    torch.manual_seed(0)
+    decoder, encoder = build_synthesizer(cfg.synth)
+    rng = np.random.default_rng(0)
+    pool = StylePool(codes=rng.uniform(-1, 1, (4, 4, cfg.synth.style_dim)).astype(np.float32),
+                     present=np.ones((4, 4), bool), has_infection=np.ones(4, bool))
+    return write_decoder_bundle(path, decoder, encoder, pool, cfg)
+
+
+def test_bundle_actor_serves_the_real_decoder_and_reports_its_backend(ray_local, tmp_path):
+    from plsynth.config import load_config
+    from plsynth.synth_service.actor import start_synthesis_actors
+
+    cfg = load_config(REPO / "configs" / "phantom-smoke.yaml", ["ray.synth_backend=ort"])
+    bundle = write_untrained_synth_bundle(tmp_path / "synth", cfg)
+    actors = start_synthesis_actors(cfg, str(bundle), name="t-real")
+    try:
+        client = ActorSynthesisClient("t-real")
+        assert client.backend == "ort:CPUExecutionProvider"
+        inf, lung = make_batch(3, size=40)
+        out = client.synthesize(torch.from_numpy(inf), torch.from_numpy(lung), seed=5)
+        assert out.shape == (3, 1, 40, 40) and 0 <= float(out.min()) and float(out.max()) <= 1
+        # same request, same seed, served alone: same images (pool draw and noise fixed by the seed)
+        again = client.synthesize(torch.from_numpy(inf), torch.from_numpy(lung), seed=5)
+        torch.testing.assert_close(out, again)
+    finally:
+        kill_actor("t-real")
+        del actors
+
+
+@pytest.mark.slow
+def test_sa_cps_training_finishes_when_the_synthesis_actor_is_killed_mid_run(ray_local, tmp_path):
+    """Two Ray Train workers call the actor every iteration; it is killed once after serving a
+    request; Ray restarts it (max_restarts) and the workers' clients retry, so the run ends."""
+    import dataclasses
+
+    from plsynth.config import load_config
+    from plsynth.data.datasets import build_splits
+    from plsynth.synth_service.actor import start_synthesis_actors
+    from plsynth.training.ray_train import fit
+
+    cfg = load_config(REPO / "configs" / "phantom-smoke.yaml",
+                      ["train.method=sa-cps", "train.epochs=1", "train.max_iters=4", "synth.backend=service",
+                       "ray.num_workers=2", "ray.synth_backend=torch", "ray.synth_gather_ms=50", "train.threads=1"])
+    bundle = write_untrained_synth_bundle(tmp_path / "synth", cfg)
+    cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, bundle=str(bundle)))
+    out = tmp_path / "run"
+    build_splits(cfg, out)
+    actors = start_synthesis_actors(cfg, str(bundle), name="t-train")
+    try:
+        pid_before = ray.get(actors[0].info.remote())["pid"]
+        client = ActorSynthesisClient("t-train", retries=8, backoff_s=0.5)
+        killed = threading.Event()
+
+        def kill_after_first_request():
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                try:
+                    if ray.get(actors[0].stats.remote(), timeout=5)["requests"] >= 1:
+                        ray.kill(actors[0], no_restart=False)
+                        killed.set()
+                        return
+                except Exception:  # noqa: BLE001 - keep polling until the first request lands
+                    pass
+                time.sleep(0.2)
+
+        killer = threading.Thread(target=kill_after_first_request, daemon=True)
+        killer.start()
+        result = fit(cfg, out, synth=client)
+        killer.join(timeout=5)
+        assert killed.is_set()
+        assert result.metrics["step"] == 4
+        assert (out / "bundle" / "meta.json").is_file()
+        info = ray.get(actors[0].info.remote())
+        assert info["pid"] != pid_before  # the restarted actor served the rest of the run
+        assert ray.get(actors[0].stats.remote())["requests"] >= 1
+        attempts = (out / "ray_attempts.jsonl").read_text().splitlines()
+        assert len(attempts) == 2  # both workers started once: the actor's death did not fail the run
+    finally:
+        kill_actor("t-train")

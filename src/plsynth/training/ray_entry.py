@@ -1,0 +1,234 @@
+"""Ray job entry points ``train_sa_cps`` and ``train_sa_st`` (console scripts and ``python -m``).
+
+    ray job submit --working-dir . -- train_sa_cps --config configs/phantom-smoke.yaml --out /abs/runs/x
+    train_sa_cps --config configs/phantom-smoke.yaml --out runs/x          # no cluster: embedded local Ray
+    python -m plsynth.training.ray_entry sa-st --config ... --out ...
+
+What a run does (see docs/ray-guide.md):
+
+1. join Ray: ``ray.address``, else ``RAY_ADDRESS`` (set by ``ray job submit``), else a cluster
+   started with ``ray start`` on this machine, else start an embedded local Ray (logged);
+2. train the synthesizer into ``OUT/synth`` when ``synth.bundle`` is empty or missing;
+3. build the data once in the driver (phantoms, slice cache), so workers only read it;
+4. start the named synthesis actor(s) and hand their client to every Ray Train worker;
+5. SA-CPS: TorchTrainer runs the one training loop, calling the actor every iteration.
+   SA-ST: train a baseline teacher first when ``train.teacher`` is empty (``OUT/teacher``),
+   synthesize the pseudo-labeled set offline with ``ray.synth_actors`` actors into shards,
+   then TorchTrainer trains the student on them;
+6. ``OUT/bundle`` is written by rank 0; ``OUT/ray_summary.json`` records the Ray mode, the
+   actor's back-end and counters, and timings.
+
+Every failure exits non-zero (config 2, bundle 4, anything else 1), so ``ray job submit``
+reports the job FAILED. Relative ``--out`` paths are resolved against the current folder,
+which under ``ray job submit --working-dir`` is a temporary copy: give jobs an absolute --out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+log = logging.getLogger("plsynth.training.ray_entry")
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_BUNDLE = 1, 2, 4
+
+
+def connect_ray(address: str = "", namespace: str = "plsynth") -> str:
+    """Join or start Ray; returns ``"cluster"`` or ``"local"`` (which one is also logged)."""
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    target = address or os.environ.get("RAY_ADDRESS", "")
+    if target:
+        ray.init(address=target, namespace=namespace, log_to_driver=True)
+        log.info("joined the Ray cluster at %s", target)
+        return "cluster"
+    try:
+        ray.init(address="auto", namespace=namespace)
+        log.info("joined the Ray cluster started with `ray start` on this machine")
+        return "cluster"
+    except ConnectionError:
+        pass
+    ray.init(namespace=namespace, include_dashboard=False)
+    log.info("no Ray cluster found (RAY_ADDRESS unset, no `ray start`): started an embedded local Ray with %s CPUs",
+             ray.cluster_resources().get("CPU"))
+    return "local"
+
+
+def ensure_synth_bundle(cfg, out: Path):
+    """``cfg`` with ``synth.bundle`` pointing at a usable bundle, training one into OUT/synth if needed."""
+    bundle = Path(cfg.synth.bundle) if cfg.synth.bundle else None
+    if bundle is not None and (bundle / "meta.json").is_file():
+        return cfg
+    if bundle is not None:
+        log.warning("synth.bundle %s has no meta.json; training a synthesizer into %s", bundle, out / "synth")
+    existing = out / "synth" / "bundle"
+    if (existing / "meta.json").is_file():
+        log.info("reusing the synthesizer bundle %s", existing)
+    else:
+        from plsynth.training.synthesizer import train_synthesizer
+
+        log.info("synth.bundle is empty: training the synthesizer into %s first", out / "synth")
+        existing = train_synthesizer(cfg, out / "synth")
+    return cfg.replace(synth=dataclasses.replace(cfg.synth, bundle=str(Path(existing).resolve())))
+
+
+def run_sa_cps(cfg, out: Path) -> dict:
+    return _run(cfg.replace(train=dataclasses.replace(cfg.train, method="sa-cps")), out)
+
+
+def run_sa_st(cfg, out: Path) -> dict:
+    return _run(cfg.replace(train=dataclasses.replace(cfg.train, method="sa-st")), out)
+
+
+def _run(cfg, out: Path) -> dict:
+    """Both entry points; returns the summary also written to OUT/ray_summary.json."""
+    import ray
+
+    from plsynth.synth_service.actor import ActorSynthesisClient, kill_actor, start_synthesis_actors
+    from plsynth.training.ray_train import fit
+
+    t0 = time.perf_counter()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    mode = connect_ray(cfg.ray.address)
+    summary: dict = {"method": cfg.train.method, "out": str(out), "ray_mode": mode,
+                     "ray_address": ray.get_runtime_context().gcs_address}
+    names = []
+    try:
+        cfg = ensure_synth_bundle(cfg, out)
+        cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, backend="service"))
+        from plsynth.data.datasets import build_splits
+
+        data = build_splits(cfg, out)  # once, here: workers then read the cache instead of racing to write it
+        summary["data"] = {"labeled": len(data.labeled), "unlabeled": len(data.unlabeled), "val": len(data.val)}
+        if cfg.train.method == "sa-st" and not cfg.train.teacher:
+            teacher_cfg = cfg.replace(train=dataclasses.replace(cfg.train, method="baseline"))
+            log.info("train.teacher is empty: training a baseline teacher into %s first", out / "teacher")
+            build_splits(teacher_cfg, out / "teacher")
+            fit(teacher_cfg, out / "teacher", name=f"{cfg.name}-teacher")
+            cfg = cfg.replace(train=dataclasses.replace(cfg.train, teacher=str(out / "teacher" / "bundle")))
+        actors = start_synthesis_actors(cfg, cfg.synth.bundle)
+        names = _actor_names(len(actors))
+        client = ActorSynthesisClient(names[0], retries=cfg.ray.synth_retries)
+        summary["synth"] = {"bundle": cfg.synth.bundle, "backend": client.backend, "actors": len(actors),
+                            "bundle_sha256": client.bundle_sha256}
+        log.info("synthesis: %d actor(s), back-end %s", len(actors), client.backend)
+        if cfg.train.method == "sa-st":
+            from plsynth.synth_service.offline import synthesize_offline_set
+            from plsynth.training.self_training import load_teacher
+
+            teacher, fingerprint = load_teacher(cfg.train.teacher)
+            manifest = synthesize_offline_set(
+                teacher, data.unlabeled, actors, out / "offline",
+                synthesizer={"sha256": client.bundle_sha256, "backend": client.backend},
+                tau=cfg.train.tau, pseudo_in_lung=cfg.train.pseudo_in_lung, batch_size=cfg.train.offline_batch,
+                seed=cfg.train.seed, fingerprint=fingerprint)
+            summary["offline"] = {"shards": len(manifest["shards"]), "timing": manifest.get("timing", {})}
+        t_train = time.perf_counter()
+        result = fit(cfg, out, synth=client)
+        summary["train_s"] = time.perf_counter() - t_train
+        summary["metrics"] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
+        summary["checkpoint"] = getattr(result.checkpoint, "path", None)
+        summary["synth"]["stats"] = client.stats()
+        summary["bundle"] = str(out / "bundle")
+        if not (out / "bundle").is_dir():
+            raise RuntimeError(f"{out}: training finished but wrote no bundle")
+    finally:
+        for name in names:
+            kill_actor(name)
+        summary["seconds"] = time.perf_counter() - t0
+        (out / "ray_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if mode == "local":
+            ray.shutdown()
+    return summary
+
+
+def _actor_names(count: int) -> list[str]:
+    from plsynth.synth_service.actor import ACTOR_NAME
+
+    return [ACTOR_NAME if i == 0 else f"{ACTOR_NAME}-{i}" for i in range(count)]
+
+
+def _command(method: str):
+    def command(
+        config: Annotated[Path, typer.Option("--config", exists=True, dir_okay=False, help="YAML file under configs/.")],
+        out: Annotated[Optional[Path], typer.Option("--out", help="Run folder; default runs/<name>-<method>. "
+                                                    "Use an absolute path under `ray job submit`.")] = None,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="Dotted override, e.g. "
+                                                          "--set ray.num_workers=2 (repeatable).")] = None,
+        address: Annotated[str, typer.Option("--address", help="Ray address; default ray.address, RAY_ADDRESS, "
+                                             "a local `ray start`, else an embedded Ray.")] = "",
+    ) -> None:
+        from plsynth.config import load_config
+
+        cfg = load_config(config, set_ or [])
+        if address:
+            cfg = cfg.replace(ray=dataclasses.replace(cfg.ray, address=address))
+        folder = out or Path("runs") / f"{cfg.name}-{method}"
+        summary = (run_sa_cps if method == "sa-cps" else run_sa_st)(cfg, folder)
+        typer.echo(f"{method} bundle: {summary['bundle']}")
+
+    command.__doc__ = f"""Train {method} with Ray Train and the synthesis actor; leaves OUT/bundle.
+
+    Example: ray job submit --working-dir . -- train_{method.replace('-', '_')} --config configs/phantom-smoke.yaml
+    """
+    return command
+
+
+def main(method: str, argv: list[str] | None = None) -> int:
+    """Run one entry point; returns the exit code (0 ok, 2 config, 4 bundle, 1 anything else)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from plsynth.config import ConfigError
+    from plsynth.errors import BundleError
+
+    app = typer.Typer(add_completion=False)
+    app.command()(_command(method))
+    try:
+        app(args=argv, prog_name=f"train_{method.replace('-', '_')}", standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        return 130
+    except ConfigError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        return EXIT_CONFIG
+    except BundleError as exc:
+        typer.echo(f"bundle error: {exc}", err=True)
+        return EXIT_BUNDLE
+    except Exception as exc:  # noqa: BLE001 - every failure must become a non-zero exit for `ray job submit`
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        log.exception("%s failed", method)
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        return EXIT_FAILED
+    return 0
+
+
+def train_sa_cps() -> None:
+    """Console script ``train_sa_cps``."""
+    sys.exit(main("sa-cps"))
+
+
+def train_sa_st() -> None:
+    """Console script ``train_sa_st``."""
+    sys.exit(main("sa-st"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in ("sa-cps", "sa-st"):
+        sys.stderr.write("usage: python -m plsynth.training.ray_entry {sa-cps,sa-st} --config FILE [--out DIR]\n")
+        sys.exit(2)
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
