@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,23 @@ def test_self_training_overfits_from_an_offline_set_made_once(method, baseline_r
     # A second run in a new folder would rebuild; the same folder reuses the stored set.
     again = run_training(dataclasses.replace(cfg), tmp_path, data=data, synth=synth, write_bundle=False)
     assert again.steps == result.steps and len(synth.calls) == (1 if method == "sa-st" else 0)
+
+
+@pytest.mark.parametrize("name", ["covid19-20-10", "covid19-20-20", "covid19-20-30", "mosmed-40"])
+def test_paper_presets_use_the_papers_numbers_and_existing_split_files(name, splits_root):
+    from plsynth.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "configs" / f"{name}.yaml")
+    assert cfg.data.image_size == 512 and cfg.train.epochs == (10 if name.startswith("mosmed") else 20)
+    assert (cfg.train.batch_labeled, cfg.train.batch_unlabeled, cfg.optim.lr, cfg.train.tau) == (8, 8, 0.01, 0.5)
+    for split in (cfg.data.labeled_split, cfg.data.unlabeled_split, cfg.data.val_split):
+        assert (splits_root / Path(cfg.data.splits_dir).name / split).is_file()
+
+
+def test_semiseg_cpu_preset_is_small_and_capped():
+    from plsynth.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "semiseg-cpu.yaml")
+    assert cfg.data.layout == "semiseg" and cfg.data.image_size <= 192 and cfg.model.width <= 16
+    assert cfg.train.max_iters > 0

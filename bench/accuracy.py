@@ -1,0 +1,129 @@
+"""Accuracy benchmark: each method x seeds on one preset with the same iteration budget.
+
+    python bench/accuracy.py --out runs/bench-accuracy                     # semiseg-cpu, baseline/cps/sa-cps, seeds 0 1 2
+    python bench/accuracy.py --out /tmp/b --config configs/phantom-smoke.yaml --seeds 0 1
+
+Every run uses ``train.bundle_from=last`` and reports the validation Dice / NSD of its *final*
+checkpoint (the last row of val.csv, at the fixed iteration count), so no run is picked by its
+validation score (no selection bias). Runs go to ``OUT/<method>-s<seed>/`` (each with its
+bundle) and ``OUT/<method>/bundle`` links to the first seed's bundle. The SA-CPS synthesizer is
+the config's ``synth.bundle`` when it exists, else it is trained once into ``OUT/synthesizer``
+on the same split's labeled slices. All runs share one preprocessed slice cache
+(``OUT/cache``). A finished run is not retrained (its last.pt is at the final step), so a
+killed benchmark picks up where it stopped. The table (mean +- sd over seeds) goes to
+``--results`` (default bench/results/accuracy.md) and ``OUT/accuracy.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _final_val(run: Path) -> dict:
+    with open(run / "val.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise RuntimeError(f"{run}/val.csv has no validation rows; the benchmark needs a validation split")
+    last = rows[-1]
+    return {"step": int(last["step"]), "dice": float(last["dice"]), "nsd": float(last["nsd"]), "cases": int(last["cases"])}
+
+
+def _seconds_per_iteration(run: Path) -> float:
+    with open(run / "log.csv", newline="") as handle:
+        times = [float(r["seconds"]) for r in csv.DictReader(handle)]
+    return statistics.median(times) if times else float("nan")
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "semiseg-cpu.yaml")
+    parser.add_argument("--methods", nargs="+", default=["baseline", "cps", "sa-cps"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override, repeatable")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "accuracy.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from plsynth.config import load_config
+    from plsynth.training.run import train
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = [f"data.cache_dir={out / 'cache'}", "train.bundle_from=last", *args.overrides]
+    base = load_config(args.config, overrides)
+    if any(m in ("sa-cps", "sa-st") for m in args.methods):
+        synth_bundle = Path(base.synth.bundle) if base.synth.bundle else None
+        if synth_bundle is None or not (synth_bundle / "meta.json").is_file():
+            from plsynth.training.synthesizer import train_synthesizer
+
+            synth_out = out / "synthesizer"
+            if not (synth_out / "bundle" / "meta.json").is_file():
+                logging.info("training the synthesizer once for all SA-CPS runs: %s", synth_out)
+                train_synthesizer(base, synth_out)
+            synth_bundle = synth_out / "bundle"
+        base = base.replace(synth=dataclasses.replace(base.synth, bundle=str(synth_bundle)))
+
+    results: dict[str, list[dict]] = {}
+    for method in args.methods:
+        for seed in args.seeds:
+            run = out / f"{method}-s{seed}"
+            cfg = base.replace(train=dataclasses.replace(base.train, method=method, seed=seed))
+            tic = time.perf_counter()
+            train(cfg, run)
+            row = {"seed": seed, **_final_val(run), "seconds_per_iteration": _seconds_per_iteration(run),
+                   "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run)}
+            results.setdefault(method, []).append(row)
+            logging.info("%s seed %d: final val dice %.4f nsd %.4f", method, seed, row["dice"], row["nsd"])
+        link = out / method / "bundle"
+        link.parent.mkdir(exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path("..") / f"{method}-s{args.seeds[0]}" / "bundle", target_is_directory=True)
+
+    steps = {r["step"] for rows in results.values() for r in rows}
+    lines = [
+        f"# Accuracy: {base.name} ({args.config.name})",
+        "",
+        f"Final checkpoint at a fixed budget of {sorted(steps)} iterations (batch {base.train.batch_labeled} labeled "
+        f"+ {base.train.batch_unlabeled} unlabeled, {base.data.image_size} px, U-Net width {base.model.width}); "
+        f"seeds {args.seeds}; validation: {rows[0]['cases']} held-out cases; NSD tolerance "
+        f"{base.train.tolerance_mm} {'mm' if base.data.layout not in ('semiseg',) else 'pixel'} "
+        "(slices without spacing use pixels).",
+        "",
+        "| method | seeds | val DSC (mean +- sd) | val NSD (mean +- sd) | s / iteration (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for method, rows in results.items():
+        lines.append(
+            f"| {method} | {len(rows)} | {_mean_sd([r['dice'] for r in rows])} | {_mean_sd([r['nsd'] for r in rows])} "
+            f"| {statistics.median(r['seconds_per_iteration'] for r in rows):.3f} |"
+        )
+    lines += ["", f"Command: `python bench/accuracy.py --out {args.out} --config {args.config} "
+              f"--methods {' '.join(args.methods)} --seeds {' '.join(map(str, args.seeds))}"
+              + "".join(f" --set {o}" for o in args.overrides) + "`", ""]
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text("\n".join(lines))
+    (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
