@@ -43,6 +43,8 @@ class DataConfig:
     val_split: str = ""  # file in splits_dir with rows `volume` (validation volumes)
     val_fraction: float = 0.2  # share of labeled volumes (or slices, for semiseg) held out when no val_split
     labeled_fraction: float = 0.3  # share of training volumes kept labeled when the layout has no split files
+    split_seed: int = 0  # seeded splits use this, not train.seed, so runs with several seeds share one split
+    test_split: str = ""  # file in splits_dir with rows `volume` (test volumes, scored by `plsynth eval --split test`)
     image_size: int = 512  # slices are resized to image_size x image_size (paper: 512)
     window_hu: tuple[float, float] = (-1250.0, 250.0)  # paper's HU window, mapped linearly to [0, 1]
     lung_backend: Literal["classical", "lungmask"] = "classical"
@@ -60,9 +62,10 @@ class DataConfig:
             raise ValueError(f"image_size must be a multiple of 16 and >= 16, got {self.image_size}")
         if not self.window_hu[0] < self.window_hu[1]:
             raise ValueError(f"window_hu must be (low, high) with low < high, got {self.window_hu}")
-        for name in ("val_fraction", "labeled_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 < self.labeled_fraction <= 1.0:
+            raise ValueError(f"labeled_fraction must be in (0, 1], got {self.labeled_fraction}")
 
 
 @dataclass(frozen=True)

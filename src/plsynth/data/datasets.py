@@ -156,7 +156,7 @@ def _training_slices(volume: CachedVolume, skip_without_lung: bool) -> np.ndarra
 
 def _split_seed(cfg: Config) -> int:
     # A split must not change with the training seed (runs with several seeds share one split).
-    return int(getattr(cfg.data, "split_seed", 0))
+    return cfg.data.split_seed
 
 
 def _prepare(cache: SliceCache, records: Sequence[VolumeRecord], role: str) -> list[CachedVolume]:
@@ -221,7 +221,7 @@ def build_splits(cfg: Config, out: Path) -> DataSplits:
     }
     info["prepared"], info["reused"] = cache.prepared, cache.reused
     check_disjoint(**info["volumes"])
-    test_split = getattr(data, "test_split", "")
+    test_split = data.test_split
     if test_split and data.layout != "semiseg":
         test_file = Path(data.splits_dir) / test_split if data.splits_dir else Path(test_split)
         test_names = read_volume_list(test_file)
