@@ -219,3 +219,30 @@ def test_semiseg_cpu_preset_is_small_and_capped():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "semiseg-cpu.yaml")
     assert cfg.data.layout == "semiseg" and cfg.data.image_size <= 192 and cfg.model.width <= 16
     assert cfg.train.max_iters > 0
+
+
+@pytest.mark.slow
+def test_train_entry_point_on_phantoms_leaves_a_bundle_that_plsynth_eval_scores(tmp_path):
+    """The real path: build_splits on generated phantoms -> train -> DIR/bundle -> evaluate_bundle."""
+    from plsynth.training.evaluate import evaluate_bundle
+    from plsynth.training.run import train
+
+    cfg = Config(
+        data=DataConfig(layout="phantom", phantom_n=3, phantom_shape=(8, 48, 48), image_size=32,
+                        val_fraction=0.34, labeled_fraction=0.5),
+        model=UNetConfig(width=4, depth=2),
+        train=TrainConfig(method="baseline", epochs=2, batch_labeled=4, batch_unlabeled=4, threads=1),
+    )
+    bundle = train(cfg, tmp_path / "run")
+    assert bundle == tmp_path / "run" / "bundle" and (bundle / "model.onnx").is_file()
+    meta = json.loads((bundle / "meta.json").read_text())
+    assert meta["method"] == "baseline" and meta["metrics"]["selected"] == "best"
+    result = evaluate_bundle(bundle, cfg, out=tmp_path / "eval")
+    assert result["cases"] >= 1 and 0.0 <= result["dice"] <= 1.0
+    lines = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "case,unit,dice,nsd" and lines[-1].startswith("mean,")
+    assert len(lines) == 2 + result["cases"]
+    stored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert stored["dice"] == pytest.approx(result["dice"])
+    # The validation the run logged for its best checkpoint is what eval measures again.
+    assert result["dice"] == pytest.approx(meta["metrics"]["val_dice"], abs=1e-6)
