@@ -32,8 +32,10 @@ app.command("export")(export_command)
 @app.command("demo")
 def demo_command(
     out: str = typer.Option("runs/demo", "--out", help="Folder for data, bundles, masks and the report."),
+    config: str = typer.Option("", "--config", help="Preset (default: configs/demo.yaml)."),
+    sa_st: bool = typer.Option(True, "--sa-st/--no-sa-st", help="Also train SA-ST from the SA-CPS teacher."),
 ) -> None:
-    """The whole pipeline on phantoms in minutes: synthesizer, baseline, SA-CPS, plsynth-infer, table.
+    """The whole pipeline on phantoms in minutes: synthesizer, baseline, SA-CPS, SA-ST, plsynth-infer, table.
 
     Example: plsynth demo --out runs/demo
     """
@@ -41,7 +43,7 @@ def demo_command(
 
     from plsynth.demo import run_demo
 
-    run_demo(Path(out))
+    run_demo(Path(out), Path(config) if config else None, sa_st=sa_st)
 
 
 EXIT_CONFIG, EXIT_INPUT, EXIT_BUNDLE = 2, 3, 4
