@@ -98,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         link.symlink_to(Path("..") / f"{method}-s{args.seeds[0]}" / "bundle", target_is_directory=True)
 
     steps = {r["step"] for rows in results.values() for r in rows}
+    cases = next(iter(results.values()))[0]["cases"]
     lines = [
         f"# Accuracy: {base.name} ({args.config.name})",
         "",
         f"Final checkpoint at a fixed budget of {sorted(steps)} iterations (batch {base.train.batch_labeled} labeled "
         f"+ {base.train.batch_unlabeled} unlabeled, {base.data.image_size} px, U-Net width {base.model.width}); "
-        f"seeds {args.seeds}; validation: {rows[0]['cases']} held-out cases; NSD tolerance "
+        f"seeds {args.seeds}; validation: {cases} held-out cases; NSD tolerance "
         f"{base.train.tolerance_mm} {'mm' if base.data.layout not in ('semiseg',) else 'pixel'} "
         "(slices without spacing use pixels).",
         "",
