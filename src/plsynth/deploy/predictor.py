@@ -255,8 +255,10 @@ class Predictor:
             try:
                 row.update(self._run_case(case, out_dir, overlays, series_uid))
                 row.update(status="ok", error=None)
-            except (InputError, ValueError, OSError, RuntimeError, MemoryError) as exc:
-                logger.debug("case %s failed", case.name, exc_info=True)
+            except InputError as exc:
+                row.update(status="failed", error=_message(exc))
+            except Exception as exc:  # noqa: BLE001 - one case never stops the batch; the traceback is logged
+                logger.warning("case %s failed unexpectedly", case.name, exc_info=True)
                 row.update(status="failed", error=_message(exc))
             row["seconds"] = round(time.perf_counter() - started, 3)
             write_case_record(out_dir, row)
