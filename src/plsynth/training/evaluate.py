@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -149,7 +148,3 @@ def format_table(rows: list[dict[str, Any]], mean: dict[str, Any]) -> str:
     nsd_note = mean.get("tolerance", "")
     lines.append(f"{'mean':<{width}}  {mean['dice']:6.4f}  {mean['nsd']:6.4f}  ({mean['cases']} cases; NSD at {nsd_note})")
     return "\n".join(lines)
-
-
-def finite_or_none(value: float) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
