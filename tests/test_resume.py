@@ -40,6 +40,7 @@ class Crash(RuntimeError):
 
 class CrashAt(TrainHooks):
     def __init__(self, step: int) -> None:
+        super().__init__("cpu")
         self.step = step
 
     def after_step(self, step, terms):

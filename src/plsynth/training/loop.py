@@ -50,8 +50,11 @@ class TrainHooks:
     ``after_step`` is called after every optimizer step (progress bars, tests).
     """
 
-    device: str = "cpu"
     is_main: bool = True
+
+    def __init__(self, device: str | None = None) -> None:
+        # A local run uses the GPU when there is one (paper presets), else the CPU.
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def prepare_model(self, net: torch.nn.Module) -> torch.nn.Module:
         return net
