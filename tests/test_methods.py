@@ -180,9 +180,14 @@ def test_self_training_overfits_from_an_offline_set_made_once(method, baseline_r
     cfg = _cfg(method, teacher=str(teacher_out / "best.pt"))
     synth = FakeSynthesizer()
     data = tiny_splits()
-    result = run_training(cfg, tmp_path, data=data, synth=synth, write_bundle=False)
+    result = run_training(cfg, tmp_path, data=data, synth=synth, write_bundle=(method == "sa-st"))
     assert _overfit_dice(result) >= 0.8
     offline = tmp_path / "offline"
+    if method == "sa-st":
+        meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
+        assert meta["synthesizer"]["sha256"] == FakeSynthesizer.bundle_sha256
+        assert meta["synthesizer"]["backend"] == "fake:test"
+        assert meta["teacher"]["checkpoint"].endswith("best.pt")
     manifest = json.loads((offline / "manifest.json").read_text())
     pseudo = np.load(offline / "pseudo-00000.npy")
     assert pseudo.shape == (12, 32, 32) and pseudo.dtype == np.uint8

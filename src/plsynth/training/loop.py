@@ -205,7 +205,13 @@ def _unlabeled_source(cfg: Config, data: Any, out: Path, synth: Any, teacher: An
         seed=cfg.train.seed,
         fingerprint=fingerprint,
     )
-    return offline, fingerprint
+    info = dict(fingerprint)
+    info["offline"] = {"folder": str(out / "offline"),
+                       "pseudo_positive_fraction": offline.manifest.get("pseudo_positive_fraction")}
+    if offline.has_synthetic:
+        # What actually drew the stored images (a local decoder or the Ray actors).
+        info["offline"]["synthesizer"] = offline.manifest["key"]["synthesizer"]
+    return offline, info
 
 
 def run_training(
@@ -230,6 +236,10 @@ def run_training(
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
+    if torch.cuda.is_available():
+        # Reproducible resumes need deterministic kernels (the official code sets the same flags).
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     random.seed(t.seed)
     np.random.seed(t.seed % 2**32)
     torch.manual_seed(t.seed)
@@ -372,6 +382,9 @@ def _write_run_bundle(cfg: Config, out: Path, synth: Any, teacher_info: dict, to
                      "checkpoint": source.name},
         **teacher_info,
     }
-    if use_synthetic and synth is not None:
+    used = teacher_info.get("offline", {}).get("synthesizer")
+    if use_synthetic and used is not None:  # sa-st: the decoder that drew the offline set
+        extra["synthesizer"] = {"bundle": cfg.synth.bundle, **used}
+    elif use_synthetic and synth is not None:  # sa-cps: the client used at every step
         extra["synthesizer"] = {"bundle": cfg.synth.bundle, "sha256": synth.bundle_sha256, "backend": synth.backend}
     return write_bundle(out / "bundle", nets, cfg, metrics, extra)
