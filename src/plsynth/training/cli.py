@@ -68,6 +68,7 @@ def eval_command(
 
     Example: plsynth eval --model runs/sa-cps/bundle --config configs/phantom-smoke.yaml
     """
-    from plsynth.training.evaluate import evaluate_bundle
+    from plsynth.training.evaluate import evaluate_bundle, format_table
 
-    evaluate_bundle(model, _load(config, set_), split=split, out=out)
+    result = evaluate_bundle(model, _load(config, set_), split=split, out=out)
+    typer.echo(format_table(result["per_case"], result))
