@@ -288,7 +288,7 @@ class SynthesisActor:
         onehots, styles = [], []
         with torch.inference_mode():
             for r in batch:
-                images = None if r.images is None else torch.as_tensor(np.asarray(r.images, dtype=np.float32))
+                images = None if r.images is None else torch.from_numpy(np.array(r.images, dtype=np.float32))
                 onehot, style = self._decoder.condition(torch.as_tensor(r.infection), torch.as_tensor(r.lung),
                                                         images, r.seed)
                 onehots.append(onehot)

@@ -58,7 +58,7 @@ def connect_ray(address: str = "", namespace: str = "plsynth") -> str:
         return "cluster"
     except ConnectionError:
         pass
-    ray.init(namespace=namespace, include_dashboard=False)
+    ray.init(namespace=namespace)  # with the dashboard: Ray Train's state API needs it
     log.info("no Ray cluster found (RAY_ADDRESS unset, no `ray start`): started an embedded local Ray with %s CPUs",
              ray.cluster_resources().get("CPU"))
     return "local"
