@@ -51,6 +51,8 @@ class TrainHooks:
     """
 
     is_main: bool = True
+    rank: int = 0
+    world_size: int = 1
 
     def __init__(self, device: str | None = None) -> None:
         # A local run uses the GPU when there is one (paper presets), else the CPU.
@@ -95,15 +97,24 @@ def make_optimizer(net: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 class BatchMaker:
-    """Collates and augments the batch of one step from the plan (no DataLoader: order is ours)."""
+    """Collates and augments the batch of one step from the plan (no DataLoader: order is ours).
 
-    def __init__(self, cfg: Config, labeled: Any, unlabeled: Any | None, plan: BatchPlan, device: str) -> None:
+    Under DDP each of ``world_size`` workers takes every ``world_size``-th slice of the plan's
+    batch, so the workers together see exactly the batch of a single-process run (same budget).
+    """
+
+    def __init__(self, cfg: Config, labeled: Any, unlabeled: Any | None, plan: BatchPlan, device: str,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.cfg, self.labeled, self.unlabeled, self.plan, self.device = cfg, labeled, unlabeled, plan, device
+        self.rank, self.world_size = rank, world_size
+
+    def _shard(self, indices: np.ndarray) -> np.ndarray:
+        return indices[self.rank :: self.world_size]
 
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         t = self.cfg.train
-        g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=0))
-        items = [self.labeled[int(i)] for i in self.plan.labeled(step)]
+        g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=self.rank))
+        items = [self.labeled[int(i)] for i in self._shard(self.plan.labeled(step))]
         image, lung, label = augment(
             _stack(items, "image", torch.float32),
             _stack(items, "lung", torch.long),
@@ -114,7 +125,7 @@ class BatchMaker:
         )
         batch = {"image": image, "lung": lung, "label": label}
         if self.unlabeled is not None:
-            items = [self.unlabeled[int(i)] for i in self.plan.unlabeled(step)]
+            items = [self.unlabeled[int(i)] for i in self._shard(self.plan.unlabeled(step))]
             images = [_stack(items, "image", torch.float32)]
             has_synthetic = "synthetic" in items[0]
             if has_synthetic:
@@ -284,7 +295,8 @@ def run_training(
         logger.info("resuming %s from %s at step %d/%d", t.method, last_path, start, total)
     prepared = {k: hooks.prepare_model(v) for k, v in nets.items()}
     step_fn = step_function(t)
-    make_batch = BatchMaker(cfg, data.labeled, unlabeled, plan, device)
+    make_batch = BatchMaker(cfg, data.labeled, unlabeled, plan, device,
+                            rank=hooks.rank, world_size=hooks.world_size)
     log = RunLog(out, start) if hooks.is_main else None
     progress = _Progress(total, start, t.method) if hooks.is_main else None
     logger.info(
