@@ -149,6 +149,9 @@ class TorchEngine:
         import torch
 
         self._torch = torch
+        from plsynth.torch_setup import flush_denormals
+
+        flush_denormals()
         self.device = device
         self.network = network.to(device).eval()
         self.provider = f"torch:{device}"

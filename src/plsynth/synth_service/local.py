@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from plsynth.synth_service.decoder_bundle import load_decoder_bundle, ort_session
 from plsynth.synth_service.style_pool import PoolMode
+from plsynth.torch_setup import flush_denormals
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class LocalSynthesizer:
             )
         if backend not in ("torch", "ort"):
             raise ValueError(f"unknown synthesis backend {backend!r}; use torch or ort")
+        flush_denormals()
         self.bundle = load_decoder_bundle(bundle, device=device)
         self.bundle_sha256 = self.bundle.sha256
         self.device = torch.device(device)

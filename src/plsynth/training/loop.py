@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from plsynth.config import Config
+from plsynth.torch_setup import flush_denormals
 from plsynth.training import checkpoint as ckpt
 from plsynth.training.augment import augment
 from plsynth.training.methods import method_switches, network_names, step_function
@@ -242,6 +243,7 @@ def run_training(
     teacher: the ST / SA-ST teacher network; default loaded from ``cfg.train.teacher``.
     """
     hooks = hooks or TrainHooks()
+    flush_denormals()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t = cfg.train

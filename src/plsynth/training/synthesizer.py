@@ -254,6 +254,9 @@ def fit_synthesizer(labeled, cfg: Config, out: str | Path, device: str | torch.d
     from plsynth.synth_service.decoder_bundle import write_decoder_bundle
     from plsynth.synth_service.style_pool import build_style_pool
     from plsynth.training.synth_preview import write_training_grid
+    from plsynth.torch_setup import flush_denormals
+
+    flush_denormals()
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
