@@ -71,6 +71,8 @@ def nsd(
     import torch
     from monai.metrics import compute_surface_dice
 
+    from plsynth.torch_setup import denormals_kept
+
     a, b = _binary_pair(pred, ref)
     if not np.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise ValueError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm}")
@@ -99,7 +101,7 @@ def nsd(
         fg = torch.from_numpy(mask.astype(np.float32))
         return torch.stack([1.0 - fg, fg])[None]  # (B=1, C=2, ...), channel 0 background
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), denormals_kept():
         # MONAI 1.5+ passes a deprecated argument to its own get_mask_edges; not ours to fix.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
         value = compute_surface_dice(
