@@ -63,6 +63,38 @@ def test_classical_back_end_works_on_an_8bit_slice_made_from_a_phantom():
     assert dice(flipped[0, ::-1] == 2, p.lung[z] == 2) >= 0.8
 
 
+@pytest.mark.parametrize("turns", [1, -1])
+def test_rotated_8bit_slice_gives_each_lung_one_label(turns):
+    # about half of COVID-SemiSeg's slices are rotated by 90 degrees: lungs stacked top/bottom
+    p = make_phantom(5, (16, 160, 144))
+    z = int(np.argmax((p.lung > 0).sum(axis=(1, 2))))
+    grey = np.rint(np.clip((p.hu[z] + 1250.0) / 1500.0, 0, 1) * 255).astype(np.float32)
+    rotated, truth = np.rot90(grey, turns).copy(), np.rot90(p.lung[z], turns)
+    mask = lung_mask(CTImage(array=rotated[None], kind="uint8", spacing=None, source=Path("rot.png")))[0]
+    assert mask.shape == rotated.shape
+    assert dice(mask > 0, truth > 0) >= 0.93
+    majority = {}
+    for lung in (1, 2):
+        got = mask[(truth == lung) & (mask > 0)]
+        counts = np.bincount(got, minlength=3)[1:]
+        majority[lung] = int(np.argmax(counts)) + 1
+        assert counts.max() >= 0.97 * counts.sum(), (lung, counts)  # never half of a lung with each label
+    assert majority[1] != majority[2]
+    if turns == 1:  # the documented best guess: counter-clockwise rotation, patient left at the top
+        assert majority == {1: 1, 2: 2}
+    # an upright slice of the same phantom is not taken for a rotated one
+    upright = lung_mask(CTImage(array=grey[None], kind="uint8", spacing=None, source=Path("up.png")))[0]
+    assert dice(upright == 1, p.lung[z] == 1) >= 0.9 and dice(upright == 2, p.lung[z] == 2) >= 0.9
+
+
+def test_rotated_hu_single_slice_is_split_along_rows_too():
+    p = make_phantom(3, (12, 128, 128))
+    z = int(np.argmax((p.lung > 0).sum(axis=(1, 2))))
+    mask = classical_lung_mask(np.rot90(p.hu[z]).copy(), "hu", spacing=p.spacing)[0]
+    truth = np.rot90(p.lung[z])
+    assert dice(mask == 1, truth == 1) >= 0.9 and dice(mask == 2, truth == 2) >= 0.9
+
+
 def test_classical_on_empty_air_returns_no_lung():
     air = np.full((3, 32, 32), -1000.0, dtype=np.float32)
     assert classical_lung_mask(air, "hu").sum() == 0
@@ -78,7 +110,13 @@ def test_classical_finds_two_lungs_on_real_covid_semiseg_slices(semiseg_root: Pa
         mask = lung_mask(CTImage(array=grey[None], kind="uint8", spacing=None, source=path))[0]
         left, right = (mask == 1), (mask == 2)
         assert left.sum() > 0.01 * mask.size and right.sum() > 0.01 * mask.size, path.name
-        assert np.nonzero(left)[1].mean() > np.nonzero(right)[1].mean(), path.name
+        (ly, lx), (ry, rx) = np.argwhere(left).mean(axis=0), np.argwhere(right).mean(axis=0)
+        if path.name == "0.jpg" and path.parent.parent.name == "labeled":  # stored rotated: lungs top/bottom
+            assert abs(ly - ry) > abs(lx - rx), path.name
+        if abs(ly - ry) > abs(lx - rx):  # rotated slice: split along rows, upper lung = patient left
+            assert ly < ry and np.nonzero(left)[0].max() < np.nonzero(right)[0].max(), path.name
+        else:
+            assert lx > rx and np.nonzero(left)[1].min() > np.nonzero(right)[1].min(), path.name
 
 
 # --- lungmask back-end: plumbing only (no download; random weights of lungmask's own network) ---

@@ -108,16 +108,22 @@ def _outside_air(cand: np.ndarray, smoothed: np.ndarray, kind: str) -> np.ndarra
 
     For 8-bit slices only near-black regions count: COVID-SemiSeg slices are cropped to the chest,
     so the lungs themselves often touch the image edge and must not be removed with the air.
+    One 3D labelling with a structure that does not link slices; a lookup table marks the
+    components that touch an edge.
     """
     if kind == "hu":
         air = cand
     else:  # black, or within 10 grey levels of the slice's darkest (windows that do not map air to 0)
         darkest = np.percentile(smoothed.reshape(smoothed.shape[0], -1), 0.5, axis=1).reshape(-1, 1, 1)
         air = smoothed < np.maximum(UINT8_AIR, darkest + 10.0)
-    labels, _ = ndimage.label(air, structure=IN_PLANE)
-    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
-                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    outside = np.isin(labels, border[border > 0])
+    labels, count = ndimage.label(air, structure=IN_PLANE)
+    border = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
+                             labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    touching = np.zeros(count + 1, dtype=bool)
+    touching[border] = True
+    touching[0] = False
+    outside = touching[labels]
+    del labels
     if kind != "hu":  # grow into the dark-but-not-black rim around the black air
         outside = ndimage.binary_dilation(outside, structure=IN_PLANE, iterations=2) & cand | outside
     return outside
@@ -130,14 +136,35 @@ def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, floa
     more radiological-view slices). ``spacing`` (z, y, x) mm sets the morphology radii; None
     assumes a 350 mm field of view over the width.
 
-    Steps: (1) dark voxels: < -320 HU after a 1-voxel in-plane blur, or below the slice's Otsu
+    Steps: (1) dark voxels: < -400 HU after a 1-voxel in-plane blur, or below the slice's Otsu
     threshold for 8-bit; (2) outside air = dark regions touching the image edge in each slice,
-    removed; (3) 3D connected components, keep the large ones (the two lungs, or one when the
-    airways merge them); (4) per slice: drop small central components (trachea, main bronchi),
+    removed (one labelling of the volume with in-plane connectivity); (3) 3D connected
+    components, keep the large ones (the two lungs, or one when the airways merge them); (4) per
+    slice, on the crop around the lungs: drop small central components (trachea, main bronchi),
     split a component that straddles the body midline at its thinnest column, label each side
-    by its x-centre; (5) per lung and slice: closing, hole filling (vessels, enclosed
-    consolidation) and filling of convex-hull concavities that face the chest wall (lateral or
-    posterior) and hold soft-tissue density, so consolidation touching the pleura stays inside.
+    by its x-centre; (5) per lung and slice, on the crop around that lung: closing, hole filling
+    (vessels, enclosed consolidation) and filling of convex-hull concavities that face the chest
+    wall (lateral or posterior) and hold soft-tissue density, so consolidation touching the
+    pleura stays inside. Per-slice body statistics are computed for the whole volume at once and
+    all per-slice work runs on crops, so a 300x512x512 volume takes seconds (see
+    ``bench/results/lung_dice.md``).
+
+    Rotated 2D slices (8-bit slices, or any single slice): some exported slices (about half of
+    COVID-SemiSeg's) are rotated by 90 degrees, the lungs stacked top/bottom. When the two largest
+    lung components lie above each other (centres further apart in rows than in columns), or a
+    single centred component is taller than wide, the slice is turned back by 90 degrees
+    clockwise, labelled as an upright slice and the labels turned back, so each lung gets ONE
+    label. Which one is the patient's left is then a best guess: the rule assumes a 90-degree
+    counter-clockwise rotation of a radiological view (``np.rot90(slice)``: patient left at the
+    top, posterior at the image right), which is what the rotated COVID-SemiSeg slices inspected
+    show (spine on the image right, descending aorta above it); the upper lung (smaller row
+    index) gets label 1. A clockwise-rotated slice comes out with the sides swapped (and, for
+    HU, the concavity rule of step (5) looking at the anterior side), never with a lung cut in
+    half. The unlabeled "coronacases" slices of COVID-SemiSeg show the spine on the image LEFT:
+    they are either clockwise turns (sides swapped by this rule) or mirrored exports of the
+    volume arrays (rule right); nothing in a single 8-bit slice tells these apart reliably, so
+    left/right of a rotated 2D slice is a best guess. Volumes of several HU slices are never
+    taken for rotated.
 
     Limits: a lung slice entirely consolidated has no dark voxels and is missed; a slice of
     upside-down 8-bit data (COVID-SemiSeg has some) keeps left/right (a vertical flip does not
@@ -157,110 +184,218 @@ def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, floa
     # (2) outside air: per-slice components touching the in-plane border
     outside = _outside_air(cand, smoothed, kind)
     body = ~outside  # everything that is not outside air (the patient, the table)
-    cand &= ~outside
+    cand &= body
     del outside
 
     # (3) keep large 3D components; tiny specks (noise, bowel gas, esophagus) go
     labels, count = ndimage.label(cand)
+    out = np.zeros(array.shape, dtype=np.uint8)
     if count == 0:
-        return np.zeros(array.shape, dtype=np.uint8)
+        return out
     sizes = np.bincount(labels.ravel())[1:]
     order = np.argsort(sizes)[::-1]
     keep_min = 0.05 * sizes[order[0]] if nz > 1 else 0.02 * sizes[order[0]]
-    keep = [i + 1 for i in order[:6] if sizes[i] >= keep_min]
-    cand = np.isin(labels, keep)
+    lut = np.zeros(count + 1, dtype=bool)
+    lut[[i + 1 for i in order[:6] if sizes[i] >= keep_min]] = True
+    cand = lut[labels]
     del labels
 
-    out = np.zeros(array.shape, dtype=np.uint8)
+    # per-slice body statistics, for all slices at once: midline (mean x), width, area
+    columns = body.sum(axis=1, dtype=np.int64)  # (z, x) body pixels per column
+    areas = columns.sum(axis=1)
+    xs = np.arange(nx)
+    mids = np.where(areas > 0, (columns * xs).sum(axis=1) / np.maximum(areas, 1), (nx - 1) / 2.0)
+    occupied = columns > 0
+    first = np.argmax(occupied, axis=1)
+    last = nx - 1 - np.argmax(occupied[:, ::-1], axis=1)
+    widths = np.where(occupied.any(axis=1), last - first + 1, nx).astype(float)
+    areas = np.where(areas > 0, areas, ny * nx).astype(float)
+    del columns, occupied
+
+    # crop every slice to the bounding box of all lung candidates (+ room for the closing)
     closing_r = max(1, int(round(CLOSING_MM / pixel_mm)))
-    for z in range(nz):
-        if not cand[z].any():
-            continue
-        sides = _split_slice(cand[z], body[z], nx)
-        for label in (1, 2):
-            lung2d = sides == label
-            if lung2d.any():
-                lung2d = _complete_lung(lung2d, smoothed[z], kind, closing_r, body[z])
-                out[z][lung2d & (out[z] == 0)] = label
+    zs = np.nonzero(cand.any(axis=(1, 2)))[0]
+    if zs.size == 0:
+        return out
+    y0, y1 = _extent(cand.any(axis=(0, 2)), closing_r + 2)
+    x0, x1 = _extent(cand.any(axis=(0, 1)), closing_r + 2)
+    may_rotate = kind == "uint8" or nz == 1
+    for z in zs:
+        crop = (z, slice(y0, y1), slice(x0, x1))
+        if may_rotate and _is_rotated(cand[crop], mids[z] - x0, widths[z]):
+            # undo the assumed counter-clockwise turn, label upright, turn the labels back
+            body2d = np.rot90(body[crop], -1)
+            xs_body = np.nonzero(body2d)[1]
+            mid = float(xs_body.mean()) if xs_body.size else (body2d.shape[1] - 1) / 2.0
+            width = float(np.ptp(xs_body) + 1) if xs_body.size else float(body2d.shape[1])
+            labels2d = _label_slice(np.rot90(cand[crop], -1), body2d, np.rot90(smoothed[crop], -1), kind,
+                                    closing_r, mid, width, areas[z])
+            out[crop] = np.rot90(labels2d, 1)
+        else:
+            out[crop] = _label_slice(cand[crop], body[crop], smoothed[crop], kind, closing_r, mids[z] - x0,
+                                     widths[z], areas[z])
     return out
 
 
-def _midline(body2d: np.ndarray, nx: int) -> float:
-    cols = np.nonzero(body2d.any(axis=0))[0]
-    if cols.size == 0:
-        return (nx - 1) / 2.0
-    return float(np.mean(np.nonzero(body2d)[1]))
+def _label_slice(cand2d: np.ndarray, body2d: np.ndarray, smoothed2d: np.ndarray, kind: str, closing_r: int,
+                 mid: float, width: float, area: float) -> np.ndarray:
+    """Steps (4) and (5) for one upright slice (crop): 0/1/2 labels of the crop's shape."""
+    sides = _split_slice(cand2d, mid, width, area)
+    target = np.zeros(cand2d.shape, dtype=np.uint8)
+    for label in (1, 2):
+        lung2d = sides == label
+        if lung2d.any():
+            lung2d = _complete_lung(lung2d, smoothed2d, kind, closing_r, body2d, mid)
+            target[lung2d & (target == 0)] = label
+    return target
 
 
-def _split_slice(mask2d: np.ndarray, body2d: np.ndarray, nx: int) -> np.ndarray:
-    """Label one slice's lung components 1 (x > midline, patient left) or 2; drop central airways."""
-    out = np.zeros(mask2d.shape, dtype=np.uint8)
+def _extent(occupied: np.ndarray, pad: int) -> tuple[int, int]:
+    """[start, stop) of the True entries of a 1D mask, widened by ``pad`` and clipped."""
+    idx = np.nonzero(occupied)[0]
+    return max(0, int(idx[0]) - pad), min(occupied.size, int(idx[-1]) + 1 + pad)
+
+
+def _is_rotated(mask2d: np.ndarray, mid: float, body_width: float) -> bool:
+    """True when a 2D slice's lungs lie above each other (a slice rotated by 90 degrees)."""
     labels, count = ndimage.label(mask2d)
     if count == 0:
-        return out
-    mid = _midline(body2d, nx)
-    body_cols = np.nonzero(body2d.any(axis=0))[0]
-    body_width = float(np.ptp(body_cols) + 1) if body_cols.size else float(nx)
-    body_area = float(body2d.sum()) or float(mask2d.size)
-    areas = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, count + 1))
+        return False
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    order = np.argsort(areas)[::-1]
+    big = [int(i) + 1 for i in order[:2] if areas[i] >= 0.15 * areas[order[0]]]
+    if len(big) == 2:
+        (ya, xa), (yb, xb) = ndimage.center_of_mass(mask2d, labels, big)
+        return abs(ya - yb) > abs(xa - xb)
+    box = ndimage.find_objects(labels)[big[0] - 1]
+    height, width = box[0].stop - box[0].start, box[1].stop - box[1].start
+    cx = 0.5 * (box[1].start + box[1].stop - 1)
+    # one component: two merged lungs are wider than tall when upright; a single upright lung is
+    # taller than wide but sits off the midline
+    return height > width and abs(cx - mid) < 0.15 * body_width
+
+
+def _split_slice(mask2d: np.ndarray, mid: float, body_width: float, body_area: float) -> np.ndarray:
+    """Label one slice's lung components 1 (x > midline, patient left) or 2; drop central airways."""
+    labels, count = ndimage.label(mask2d)
+    if count == 0:
+        return np.zeros(mask2d.shape, dtype=np.uint8)
+    return _split_labels(labels, count, mid, body_width, body_area)
+
+
+def _split_labels(labels: np.ndarray, count: int, mid: float, body_width: float, body_area: float) -> np.ndarray:
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(float)
     largest = float(areas.max())
-    cols = np.arange(mask2d.shape[1])
+    boxes = ndimage.find_objects(labels)
     for index in range(1, count + 1):
-        comp = labels == index
+        box = boxes[index - 1]
+        if box is None:
+            continue
+        comp = labels[box] == index
         area = float(areas[index - 1])
-        xs = np.nonzero(comp)[1]
+        xs = np.nonzero(comp)[1] + box[1].start
         centre = float(xs.mean())
         small = area < 0.25 * largest and area < 0.02 * body_area
         if small and abs(centre - mid) < 0.15 * body_width:
             continue  # trachea / main bronchus cross-section
         left_share = float(np.mean(xs > mid))
+        target = out[box]
         if 0.1 < left_share < 0.9:  # straddles the midline: two lungs merged (anterior junction, hilum)
+            cols = np.arange(box[1].start, box[1].stop)
             band = (cols > mid - 0.1 * body_width) & (cols < mid + 0.1 * body_width)
             thickness = np.where(band, comp.sum(axis=0), np.iinfo(np.int64).max)
-            cut = int(np.argmin(thickness))
-            out[comp & (cols[None, :] > cut)] = 1
-            out[comp & (cols[None, :] <= cut)] = 2
+            cut = int(cols[np.argmin(thickness)])
+            target[comp & (cols[None, :] > cut)] = 1
+            target[comp & (cols[None, :] <= cut)] = 2
         else:
-            out[comp] = 1 if centre > mid else 2
+            target[comp] = 1 if centre > mid else 2
     return out
 
 
 def _complete_lung(lung2d: np.ndarray, intensity: np.ndarray, kind: str, closing_r: int,
-                   body2d: np.ndarray) -> np.ndarray:
-    """Close, fill holes and fill chest-wall-facing concavities of one lung in one slice."""
-    from skimage.morphology import convex_hull_image
+                   body2d: np.ndarray, mid: float) -> np.ndarray:
+    """Close, fill holes and fill chest-wall-facing concavities of one lung in one slice.
 
+    Works on the crop around the lung (everything it adds lies within the closing radius or the
+    lung's convex hull) and returns a mask of ``lung2d``'s shape.
+    """
+    ys = np.nonzero(lung2d.any(axis=1))[0]
+    xs = np.nonzero(lung2d.any(axis=0))[0]
     pad = closing_r + 1
-    padded = np.pad(lung2d, pad)
-    padded = ndimage.binary_closing(padded, structure=_disk(closing_r))[pad:-pad, pad:-pad]
-    lung2d = ndimage.binary_fill_holes(padded | lung2d)
+    # the padded crop; zeros beyond the array edge, like the zero padding of the original slice
+    yy = slice(int(ys[0]) - pad, int(ys[-1]) + 1 + pad)
+    xx = slice(int(xs[0]) - pad, int(xs[-1]) + 1 + pad)
+    ny, nx = lung2d.shape
+    inner_y = slice(max(0, yy.start), min(ny, yy.stop))
+    inner_x = slice(max(0, xx.start), min(nx, xx.stop))
+    local = np.zeros((yy.stop - yy.start, xx.stop - xx.start), dtype=bool)
+    at = (slice(inner_y.start - yy.start, inner_y.stop - yy.start), slice(inner_x.start - xx.start, inner_x.stop - xx.start))
+    local[at] = lung2d[inner_y, inner_x]
+    closed = ndimage.binary_closing(local, structure=_disk(closing_r))[at] | lung2d[inner_y, inner_x]
+    done = np.zeros_like(lung2d)
+    done[inner_y, inner_x] = _fill_concavities(closed, intensity[inner_y, inner_x], kind,
+                                               body2d[inner_y, inner_x], mid - inner_x.start)
+    return done
+
+
+def _convex_hull(mask: np.ndarray) -> np.ndarray:
+    """Filled convex hull of a 2D mask (each pixel a diamond of radius 1/2, as skimage's convex_hull_image).
+
+    qhull on the diamond tips of the boundary pixels, then each row's span is the intersection of the
+    hull's half-planes along that row: O(pixels) instead of a point-in-polygon test per pixel.
+    """
+    from scipy.spatial import ConvexHull
+
+    edge = mask & ~ndimage.binary_erosion(mask)
+    points = np.argwhere(edge).astype(np.float64)
+    tips = (points[:, None, :] + np.array([[-0.5, 0.0], [0.5, 0.0], [0.0, -0.5], [0.0, 0.5]])).reshape(-1, 2)
+    equations = ConvexHull(tips).equations  # rows (ny, nx, offset): ny*y + nx*x + offset <= 0 inside
+    rows = np.arange(mask.shape[0], dtype=np.float64)
+    lo = np.full(rows.shape, -np.inf)
+    hi = np.full(rows.shape, np.inf)
+    eps = 1e-6  # a pixel centre exactly on a hull edge is outside, as in skimage
+    for ny_, nx_, off in equations:
+        bound = -(ny_ * rows + off)  # nx_ * x <= bound
+        if nx_ > eps:
+            hi = np.minimum(hi, bound / nx_ - eps)
+        elif nx_ < -eps:
+            lo = np.maximum(lo, bound / nx_ + eps)
+        else:  # horizontal edge: the whole row is in or out
+            outside = bound < -eps
+            lo[outside], hi[outside] = np.inf, -np.inf
+    cols = np.arange(mask.shape[1], dtype=np.float64)
+    return (cols[None, :] >= lo[:, None]) & (cols[None, :] <= hi[:, None])
+
+
+def _fill_concavities(lung2d: np.ndarray, intensity: np.ndarray, kind: str, body2d: np.ndarray,
+                      mid: float) -> np.ndarray:
+    lung2d = ndimage.binary_fill_holes(lung2d)
     if lung2d.sum() < 20 or kind != "hu":
         # 8-bit slices: no density to tell consolidation from heart or chest wall, and cropped
         # slices (COVID-SemiSeg) give hulls that swallow the mediastinum: holes only
         return lung2d
-    hull = convex_hull_image(lung2d)
+    hull = _convex_hull(lung2d)
     pockets, count = ndimage.label(hull & ~lung2d & body2d)
     if count == 0:
         return lung2d
     ys, xs = np.nonzero(lung2d)
     cy, cx = float(ys.mean()), float(xs.mean())
-    mid = float(np.mean(np.nonzero(body2d)[1])) if body2d.any() else lung2d.shape[1] / 2.0
     lung_area = float(ys.size)
-    for index in range(1, count + 1):
-        pocket = pockets == index
-        py, px = np.nonzero(pocket)
-        if py.size < 4 or py.size > 1.5 * lung_area:
-            continue
-        pcx, pcy = float(px.mean()), float(py.mean())
-        lateral = abs(pcx - mid) > 0.8 * abs(cx - mid)
-        posterior = pcy > cy and abs(pcx - mid) > 0.6 * abs(cx - mid)
-        if not (lateral or posterior):
-            continue  # mediastinal side: heart, hilum, aorta are concave there by nature
-        density = float(intensity[pocket].mean())
-        if kind == "hu" and not -600.0 < density < 150.0:
-            continue  # bone (ribs, spine) or air is not consolidation
-        lung2d = lung2d | pocket
-    return ndimage.binary_fill_holes(lung2d)
+    index = np.arange(1, count + 1)
+    sizes = np.bincount(pockets.ravel(), minlength=count + 1)[1:]
+    centres = np.array(ndimage.center_of_mass(pockets > 0, pockets, index)).reshape(-1, 2)
+    density = np.asarray(ndimage.mean(intensity, pockets, index))
+    pcy, pcx = centres[:, 0], centres[:, 1]
+    lateral = np.abs(pcx - mid) > 0.8 * abs(cx - mid)
+    posterior = (pcy > cy) & (np.abs(pcx - mid) > 0.6 * abs(cx - mid))
+    # mediastinal side (heart, hilum, aorta are concave there by nature), bone (ribs, spine) and
+    # air are not consolidation
+    accept = (sizes >= 4) & (sizes <= 1.5 * lung_area) & (lateral | posterior) & (density > -600.0) & (density < 150.0)
+    if not accept.any():
+        return lung2d
+    lut = np.concatenate([[False], accept])
+    return ndimage.binary_fill_holes(lung2d | lut[pockets])
 
 
 __all__ = [
