@@ -58,7 +58,8 @@ def run_demo(out: Path, config: Path | None = None, sa_st: bool = True) -> dict:
 
     t = _stage(f"1/6 synthesizer: SEAN on the labeled phantom slices ({cfg.synth.image_size} px)")
     # every stage shares one data folder and slice cache, so phantoms and lung masks are made once
-    cfg = cfg.replace(data=dataclasses.replace(cfg.data, cache_dir=str((out / "cache").resolve())))
+    cfg = cfg.replace(data=dataclasses.replace(
+        cfg.data, root=str((out / "data").resolve()), cache_dir=str((out / "cache").resolve())))
     synth_bundle = train_synthesizer(cfg, out / "synth")
     gallery = _gallery(cfg, synth_bundle, out)
     _done(t, f"bundle {synth_bundle}; gallery {gallery}")
