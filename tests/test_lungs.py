@@ -95,6 +95,20 @@ def test_rotated_hu_single_slice_is_split_along_rows_too():
     assert dice(mask == 1, truth == 1) >= 0.9 and dice(mask == 2, truth == 2) >= 0.9
 
 
+def test_wide_hu_volumes_are_labelled_at_half_resolution_without_losing_accuracy():
+    # >= 384 px in-plane: labelled on a 2x2 block-mean grid, border re-decided at full size (odd sizes padded)
+    p = make_phantom(10, (8, 390, 385), lesions=True)
+    assert p.infection_fraction > 0.05
+    fast = classical_lung_mask(p.hu, "hu", spacing=p.spacing)
+    full = classical_lung_mask(p.hu, "hu", spacing=p.spacing, downsample=False)
+    assert fast.shape == p.lung.shape and fast.dtype == np.uint8
+    assert dice(fast > 0, p.lung > 0) >= 0.97
+    assert dice(fast == 1, p.lung == 1) >= 0.95 and dice(fast == 2, p.lung == 2) >= 0.95
+    assert dice(fast > 0, full > 0) >= 0.98
+    covered = np.logical_and(fast > 0, p.infection > 0).sum() / p.infection.sum()
+    assert covered >= 0.6
+
+
 def test_classical_on_empty_air_returns_no_lung():
     air = np.full((3, 32, 32), -1000.0, dtype=np.float32)
     assert classical_lung_mask(air, "hu").sum() == 0

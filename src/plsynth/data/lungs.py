@@ -33,6 +33,7 @@ LUNG_BACKENDS = ("classical", "lungmask")
 HU_THRESHOLD = -400.0  # aerated lung (-900..-700) and GGO (-650..-350) below, soft tissue (0..+60) above
 ASSUMED_FOV_MM = 350.0  # 8-bit slices carry no spacing: assume a chest field of view over the width
 UINT8_AIR = 12.0  # 8-bit grey below this is air or export padding (black), never lung parenchyma
+DOWNSAMPLE_FROM = 384  # HU volumes this wide (in-plane, pixels) or wider are labelled at half resolution
 CLOSING_MM = 4.0  # smooths vessel notches at the pleura
 IN_PLANE = np.array([[[0, 0, 0], [0, 0, 0], [0, 0, 0]],
                      [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
@@ -129,7 +130,8 @@ def _outside_air(cand: np.ndarray, smoothed: np.ndarray, kind: str) -> np.ndarra
     return outside
 
 
-def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, float, float] | None = None) -> np.ndarray:
+def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, float, float] | None = None, *,
+                        downsample: bool = True) -> np.ndarray:
     """Lung labels (uint8 (z, y, x) 0/1/2, 1 = patient left = larger x) without any network.
 
     ``array``: (z, y, x) float HU (``kind="hu"``) or 8-bit grey values (``kind="uint8"``, one or
@@ -166,6 +168,15 @@ def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, floa
     left/right of a rotated 2D slice is a best guess. Volumes of several HU slices are never
     taken for rotated.
 
+    ``downsample`` (default): HU volumes of at least ``DOWNSAMPLE_FROM`` (384) pixels in-plane
+    are labelled on a 2x2 block-mean grid (512 -> 256 px, as lungmask works at 256x256), the
+    labels upsampled and their border re-decided at full resolution (within 2 pixels of it a
+    voxel is lung when darker than the threshold). Measured (``bench/results/lung_dice.md``):
+    300x512x512 phantom 3.6 s vs 9.5 s at full resolution, Dice 0.9950 vs 0.9955; 12 phantoms
+    16x512x512 Dice mean 0.9918 vs 0.9927, share of infection inside the mask 0.786 vs 0.801
+    (thin subpleural consolidation is what the coarser grid loses). ``downsample=False`` works
+    at full resolution throughout.
+
     Limits: a lung slice entirely consolidated has no dark voxels and is missed; a slice of
     upside-down 8-bit data (COVID-SemiSeg has some) keeps left/right (a vertical flip does not
     swap columns) but the posterior rule of step (5) then looks at the anterior side.
@@ -178,6 +189,8 @@ def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, floa
     if kind not in ("hu", "uint8"):
         raise ValueError(f"classical_lung_mask: kind must be 'hu' or 'uint8', got {kind!r}")
     nz, ny, nx = array.shape
+    if downsample and kind == "hu" and min(ny, nx) >= DOWNSAMPLE_FROM:
+        return _half_resolution(array, spacing)
     pixel_mm = float(spacing[2]) if spacing is not None else ASSUMED_FOV_MM / nx
 
     cand, smoothed = _candidate(array, kind)
@@ -234,6 +247,40 @@ def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, floa
         else:
             out[crop] = _label_slice(cand[crop], body[crop], smoothed[crop], kind, closing_r, mids[z] - x0,
                                      widths[z], areas[z])
+    return out
+
+
+def _half_resolution(hu: np.ndarray, spacing: tuple[float, float, float] | None) -> np.ndarray:
+    """:func:`classical_lung_mask` on a 2x2 block-mean grid, upsampled, border re-decided at full size."""
+    factor = 2
+    nz, ny, nx = hu.shape
+    py, px = (-ny) % factor, (-nx) % factor
+    padded = np.pad(hu, ((0, 0), (0, py), (0, px)), mode="edge") if (py or px) else hu
+    low = padded.reshape(nz, (ny + py) // factor, factor, (nx + px) // factor, factor).mean(axis=(2, 4),
+                                                                                          dtype=np.float32)
+    low_spacing = None if spacing is None else (spacing[0], spacing[1] * factor, spacing[2] * factor)
+    low_labels = classical_lung_mask(low, "hu", spacing=low_spacing, downsample=False)
+    del low, padded
+    out = np.zeros(hu.shape, dtype=np.uint8)
+    if not low_labels.any():
+        return out
+    labels = np.repeat(np.repeat(low_labels, factor, axis=1), factor, axis=2)[:, :ny, :nx]
+    # work on the crop around the lungs only
+    lungs = labels > 0
+    margin = 2 * factor
+    zz = np.nonzero(lungs.any(axis=(1, 2)))[0]
+    y0, y1 = _extent(lungs.any(axis=(0, 2)), margin)
+    x0, x1 = _extent(lungs.any(axis=(0, 1)), margin)
+    crop = (slice(int(zz[0]), int(zz[-1]) + 1), slice(y0, y1), slice(x0, x1))
+    lungs, labels = lungs[crop], labels[crop]
+    # the blocky border is off by at most factor - 1 pixels: there, a voxel is lung when it is dark
+    # at full resolution (a narrow band, so little subpleural consolidation is re-decided)
+    inner = ndimage.binary_erosion(lungs, IN_PLANE, iterations=factor - 1)
+    outer = ndimage.binary_dilation(lungs, IN_PLANE, iterations=factor - 1)
+    keep = inner | (outer & ~inner & (hu[crop] < HU_THRESHOLD))
+    for _ in range(factor - 1):  # border voxels outside the blocky mask take the nearest label
+        labels = np.where(labels > 0, labels, ndimage.maximum_filter(labels, footprint=IN_PLANE))
+    out[crop] = np.where(keep, labels, 0)
     return out
 
 
@@ -330,7 +377,8 @@ def _complete_lung(lung2d: np.ndarray, intensity: np.ndarray, kind: str, closing
     inner_y = slice(max(0, yy.start), min(ny, yy.stop))
     inner_x = slice(max(0, xx.start), min(nx, xx.stop))
     local = np.zeros((yy.stop - yy.start, xx.stop - xx.start), dtype=bool)
-    at = (slice(inner_y.start - yy.start, inner_y.stop - yy.start), slice(inner_x.start - xx.start, inner_x.stop - xx.start))
+    at = (slice(inner_y.start - yy.start, inner_y.stop - yy.start),
+          slice(inner_x.start - xx.start, inner_x.stop - xx.start))
     local[at] = lung2d[inner_y, inner_x]
     closed = ndimage.binary_closing(local, structure=_disk(closing_r))[at] | lung2d[inner_y, inner_x]
     done = np.zeros_like(lung2d)
