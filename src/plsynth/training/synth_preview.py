@@ -52,6 +52,7 @@ def save_grid(rows: list[list[np.ndarray]], path: Path, gap: int = 2) -> Path:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def write_training_grid(decoder, encoder, preview, cfg: Config, path: Path) -> Path | None:
     """real | map | reconstruction | synthesis with a pool style, for ``grid_samples`` slices.
 
