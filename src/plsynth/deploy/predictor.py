@@ -64,6 +64,7 @@ def resolve_lung_backend(backend: str) -> tuple[str, Callable[[Any], np.ndarray]
     are present on this machine, else the classical back-end."""
     from plsynth.data import lungs
 
+    chosen_automatically = backend == "auto"
     if backend == "auto":
         try:
             backend = lungs.default_lung_backend()
@@ -74,6 +75,9 @@ def resolve_lung_backend(backend: str) -> tuple[str, Callable[[Any], np.ndarray]
         raise ValueError(f"lung backend must be auto, lungmask or classical, got {backend!r}")
 
     def segment(image: Any) -> np.ndarray:
+        # lungmask needs HU: 8-bit slices go to the classical back-end unless lungmask was asked for
+        if chosen_automatically and image.is_slice:
+            return lungs.lung_mask(image, backend="classical")
         return lungs.lung_mask(image, backend=backend)
 
     return backend, segment
@@ -291,7 +295,7 @@ class Predictor:
         info.setdefault("review", False)
         final = self.output_path(out_dir, case, image.is_slice)
         lung_path = out_dir / LUNGS_DIR / final.name
-        write_mask(lung, image, lung_path)
+        write_mask(lung, image, lung_path, scale_binary_png=False)  # labels 0/1/2, even when one lung is found
         if overlays:
             from plsynth.data.window import to_unit
             from plsynth.deploy.overlays import draw_overlay
