@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
+    from plsynth.torch_setup import flush_denormals
+
+    flush_denormals()  # as every plsynth entry point that runs networks does
+
     from plsynth.config import load_config
     from plsynth.data.datasets import build_splits
     from plsynth.synth_service.actor import ActorSynthesisClient, kill_actor, start_synthesis_actors
