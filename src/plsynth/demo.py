@@ -51,6 +51,9 @@ def run_demo(out: Path, config: Path | None = None, sa_st: bool = True) -> dict:
     from plsynth.training.run import train
     from plsynth.training.synthesizer import train_synthesizer
 
+    from plsynth.torch_setup import flush_denormals
+
+    flush_denormals()  # before the first parallel op creates torch's thread pool (see torch_setup)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config or default_config())

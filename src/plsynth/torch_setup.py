@@ -17,6 +17,10 @@ def flush_denormals() -> None:
     instance-normalised features) turn into subnormals, on which x86 convolutions and GEMMs run
     10-50x slower: one SEAN GAN step at the demo preset took 15 s with them and 0.2 s without
     (2-core CPU). Flushing changes results by < 1e-38 per value.
+
+    The setting belongs to the calling thread, and threads inherit it when they are created:
+    call this before the first parallel torch op of the process creates its thread pool (every
+    CLI command does), or the pool's workers keep computing with subnormals.
     """
     global _flushing
     torch.set_flush_denormal(True)

@@ -65,6 +65,9 @@ def infer(
         _fail(EXIT_BUNDLE, "no model bundle: pass --model BUNDLE or set PLSYNTH_MODEL")
 
     from plsynth.data.io import find_cases
+    from plsynth.torch_setup import flush_denormals
+
+    flush_denormals()  # before the first parallel op creates torch's thread pool
     from plsynth.deploy.engines import EngineUnavailable
     from plsynth.deploy.predictor import Predictor
     from plsynth.deploy.report import write_reports

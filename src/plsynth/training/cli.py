@@ -20,7 +20,9 @@ def _load(config: Path, overrides: Optional[list[str]], method: str | None = Non
     import dataclasses
 
     from plsynth.config import load_config
+    from plsynth.torch_setup import flush_denormals
 
+    flush_denormals()  # before the first parallel op creates torch's thread pool (see torch_setup)
     cfg = load_config(config, overrides or [])
     if method is not None:
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, method=method))

@@ -190,7 +190,9 @@ def main(method: str, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from plsynth.config import ConfigError
     from plsynth.errors import BundleError
+    from plsynth.torch_setup import flush_denormals
 
+    flush_denormals()  # before the first parallel op creates torch's thread pool
     app = typer.Typer(add_completion=False)
     app.command()(_command(method))
     try:

@@ -108,6 +108,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from plsynth.torch_setup import flush_denormals
+
+    flush_denormals()  # before this worker's first parallel op creates its thread pool
     cfg = config_from_dict(config["cfg"], where=config["cfg"].get("source") or "<ray>")
     out = Path(config["out"])
     hooks = RayTrainHooks(config.get("fail_after_reports", 0), config.get("fail_marker", ""))
