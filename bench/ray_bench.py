@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plsynth.training.loop import TrainHooks
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,20 +46,13 @@ class TimedClient:
         return out
 
 
-class StepTimer:
+class StepTimer(TrainHooks):
     """TrainHooks that time each optimizer step (the interval between after_step calls)."""
 
-    device, is_main = "cpu", True
-
     def __init__(self) -> None:
+        super().__init__(device="cpu")
         self.times: list[float] = []
         self._last = time.perf_counter()
-
-    def prepare_model(self, net):
-        return net
-
-    def report(self, metrics, checkpoint):
-        pass
 
     def after_step(self, step, terms):
         now = time.perf_counter()
