@@ -32,3 +32,17 @@ def splits_root() -> Path:
 def _quiet_threads() -> None:
     # Two cores: keep torch from oversubscribing when pytest runs alongside Ray workers.
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray (2 CPUs, no dashboard) for one test module; shut down after it."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

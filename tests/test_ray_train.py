@@ -70,17 +70,6 @@ def tiny_loop(cfg, out, hooks):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def ddp_run_with_one_crash(ray_local, tmp_path_factory):
     """Two workers (0.5 CPU each); rank 0 exits hard right after its first checkpointed report."""
     out = tmp_path_factory.mktemp("ray-train")

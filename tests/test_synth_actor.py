@@ -7,7 +7,6 @@ exercised through the same factory protocol in test_ray_jobs.py.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -69,17 +68,6 @@ def make_batch(n: int, size: int = 24, seed: int = 0):
     lung[:, 4:20, 13:22] = 1
     infection = ((rng.random((n, 1, size, size)) > 0.7) & (lung[:, None] > 0)).astype(np.float32)
     return infection, lung
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_two_concurrent_callers_share_one_decode_whose_batch_is_the_sum_of_theirs(ray_local):
