@@ -57,3 +57,16 @@ def test_seg_loss_is_bce_plus_dice_and_rejects_mismatched_shapes():
     assert seg_loss(logits, target).item() == pytest.approx((bce_loss(logits, target) + dice_loss(logits, target)).item())
     with pytest.raises(ValueError, match="shape"):
         seg_loss(logits, target[:, :, :8])
+
+
+def test_dice_on_an_empty_target_leaves_the_prediction_to_bce():
+    """An empty (pseudo-)label must not drive Dice's gradient: with a large smoothing term it
+    pulled every foreground probability to zero and collapsed CPS / SA-CPS (BENCHMARKS.md)."""
+    logits = torch.zeros(2, 1, 16, 16, requires_grad=True)  # p = 0.5 everywhere
+    dice_loss(logits, torch.zeros(2, 1, 16, 16)).backward()
+    assert logits.grad.abs().max() < 1e-9
+    target = torch.zeros(2, 1, 16, 16)
+    target[:, :, 4:8, 4:8] = 1
+    logits.grad = None
+    dice_loss(logits, target).backward()
+    assert logits.grad.abs().max() > 1e-4

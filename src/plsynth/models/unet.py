@@ -1,7 +1,8 @@
 """The 2D U-Net segmenter (the paper's baseline network, Ronneberger et al. 2015).
 
-Batch norm and transposed-convolution up-sampling as in the original; `width` channels at the
-first level, doubled at each of `depth` levels. One logit channel: infection vs background.
+Transposed-convolution up-sampling as in the original; instance norm (the authors' code, nnU-Net)
+or the original's batch norm (`model.norm`); `width` channels at the first level, doubled at each
+of `depth` levels. One logit channel: infection vs background.
 """
 
 from __future__ import annotations
@@ -12,24 +13,28 @@ from torch import nn
 from plsynth.config import UNetConfig
 
 
+def _norm(kind: str, channels: int) -> nn.Module:
+    return nn.InstanceNorm2d(channels, affine=True) if kind == "instance" else nn.BatchNorm2d(channels)
+
+
 class DoubleConv(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, norm: str = "instance") -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            _norm(norm, out_channels),
             nn.ReLU(inplace=True),
             nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            _norm(norm, out_channels),
             nn.ReLU(inplace=True),
         )
 
 
 class Up(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
-        self.conv = DoubleConv(2 * out_channels, out_channels)
+        self.conv = DoubleConv(2 * out_channels, out_channels, norm=norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
@@ -45,12 +50,12 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         widths = [config.width * 2**level for level in range(config.depth + 1)]
-        self.inc = DoubleConv(in_channels, widths[0])
+        self.inc = DoubleConv(in_channels, widths[0], norm=config.norm)
         self.downs = nn.ModuleList(
-            nn.Sequential(nn.MaxPool2d(2), DoubleConv(widths[i], widths[i + 1], config.dropout))
+            nn.Sequential(nn.MaxPool2d(2), DoubleConv(widths[i], widths[i + 1], config.dropout, config.norm))
             for i in range(config.depth)
         )
-        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i]) for i in reversed(range(config.depth)))
+        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], config.norm) for i in reversed(range(config.depth)))
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

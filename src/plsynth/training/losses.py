@@ -13,7 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DICE_SMOOTH = 1.0  # eq. 8's epsilon; added to numerator and denominator, see dice_loss
+# eq. 8's epsilon, added to numerator and denominator (the authors' SSL4MIS loss, MONAI and
+# nnU-Net all use 1e-5). A large value (1.0) collapsed CPS / SA-CPS to empty masks: with an
+# empty pseudo-label, 1 - s / (sum p + s) pulls every remaining foreground probability to zero,
+# while with 1e-5 an empty target gives Dice no gradient and only BCE acts.
+DICE_SMOOTH = 1e-5
 
 
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -28,7 +32,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_S
     batch, as the official SSL4MIS-style loss does), because many CT slices carry no infection:
     a per-slice Dice would be undefined or maximal on each of them. The smoothing term ``s`` is
     added to the numerator as well as the denominator (eq. 8 has it in the denominator only), so
-    an empty target predicted empty gives a loss of 0 instead of 1.
+    an empty target predicted empty gives a loss of 0 instead of 1 (see DICE_SMOOTH).
     """
     prob = torch.sigmoid(logits)
     target = target.to(prob.dtype)

@@ -102,7 +102,7 @@ def cps_step(
 ) -> StepOutput:
     """CPS and SA-CPS: L = L_s + lambda (L_pseudo + L_synthetic) (eq. 5, 11-14).
 
-    Each network sees labeled and unlabeled slices in one forward pass (one BatchNorm batch).
+    Each network sees labeled and unlabeled slices in one forward pass (with `model.norm: batch`, one BatchNorm batch).
     The synthetic images of both networks are drawn in one request, with one reference style
     (the client's pool draw for ``seed``), then fed through the network they supervise.
     """
