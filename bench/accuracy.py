@@ -2,6 +2,11 @@
 
     python bench/accuracy.py --out runs/bench-accuracy                     # semiseg-cpu, baseline/cps/sa-cps, seeds 0 1 2
     python bench/accuracy.py --out /tmp/b --config configs/phantom-smoke.yaml --seeds 0 1
+    python bench/accuracy.py --out runs/bench-accuracy --methods st sa-st sa-st-cps --seeds 0
+
+Self-training rows take their teacher from the same seed's run in OUT: ``st`` and ``sa-st`` from
+``baseline-s<seed>``, ``sa-st-cps`` (the paper's "SA-ST (+SA-CPS)") from ``sa-cps-s<seed>``; the
+teacher run must exist (list it first, or run it in an earlier call with the same --out).
 
 Every run uses ``train.bundle_from=last`` and reports the validation Dice / NSD of its *final*
 checkpoint (the last row of val.csv, at the fixed iteration count), so no run is picked by its
@@ -44,6 +49,10 @@ def _seconds_per_iteration(run: Path) -> float:
     return statistics.median(times) if times else float("nan")
 
 
+# benchmark row -> (method trained, teacher row); the paper's Table I names
+SELF_TRAINING = {"st": ("st", "baseline"), "sa-st": ("sa-st", "baseline"), "sa-st-cps": ("sa-st", "sa-cps")}
+
+
 def _mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     overrides = [f"data.cache_dir={out / 'cache'}", "train.bundle_from=last", *args.overrides]
     base = load_config(args.config, overrides)
-    if any(m in ("sa-cps", "sa-st") for m in args.methods):
+    if any(m.startswith("sa-") for m in args.methods):
         synth_bundle = Path(base.synth.bundle) if base.synth.bundle else None
         if synth_bundle is None or not (synth_bundle / "meta.json").is_file():
             from plsynth.training.synthesizer import train_synthesizer
@@ -80,11 +89,23 @@ def main(argv: list[str] | None = None) -> int:
             synth_bundle = synth_out / "bundle"
         base = base.replace(synth=dataclasses.replace(base.synth, bundle=str(synth_bundle)))
 
-    results: dict[str, list[dict]] = {}
+    command = (f"python bench/accuracy.py --out {args.out} --config {args.config} --methods {' '.join(args.methods)} "
+               f"--seeds {' '.join(map(str, args.seeds))}" + "".join(f" --set {o}" for o in args.overrides))
+    record = out / "accuracy.json"  # earlier calls with the same --out (e.g. the teachers) stay in the table
+    saved = json.loads(record.read_text()) if record.is_file() else {"results": {}, "commands": []}
+    results: dict[str, list[dict]] = saved["results"]
+    commands = [c for c in saved["commands"] if c != command] + [command]
     for method in args.methods:
+        results[method] = []
         for seed in args.seeds:
             run = out / f"{method}-s{seed}"
-            cfg = base.replace(train=dataclasses.replace(base.train, method=method, seed=seed))
+            trained, teacher = SELF_TRAINING.get(method, (method, ""))
+            if teacher:
+                teacher_bundle = out / f"{teacher}-s{seed}" / "bundle"
+                if not (teacher_bundle / "meta.json").is_file():
+                    parser.error(f"{method} needs its teacher {teacher_bundle}: run {teacher} with seed {seed} first")
+                teacher = str(teacher_bundle)
+            cfg = base.replace(train=dataclasses.replace(base.train, method=trained, seed=seed, teacher=teacher))
             tic = time.perf_counter()
             train(cfg, run)
             row = {"seed": seed, **_final_val(run), "seconds_per_iteration": _seconds_per_iteration(run),
@@ -116,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
             f"| {method} | {len(rows)} | {_mean_sd([r['dice'] for r in rows])} | {_mean_sd([r['nsd'] for r in rows])} "
             f"| {statistics.median(r['seconds_per_iteration'] for r in rows):.3f} |"
         )
-    lines += ["", f"Command: `python bench/accuracy.py --out {args.out} --config {args.config} "
-              f"--methods {' '.join(args.methods)} --seeds {' '.join(map(str, args.seeds))}"
-              + "".join(f" --set {o}" for o in args.overrides) + "`", ""]
+    if any(m in SELF_TRAINING for m in results):
+        lines += ["", "Teachers: `st` and `sa-st` learn from the same seed's `baseline` run, `sa-st-cps` (the paper's "
+                  "SA-ST (+SA-CPS)) from its `sa-cps` run; the student has the same iteration budget."]
+    lines += ["", "Commands (in this order, one --out):", ""] + [f"    {c}" for c in commands] + [""]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text("\n".join(lines))
-    (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+    record.write_text(json.dumps({"results": results, "commands": commands}, indent=2) + "\n")
     print("\n".join(lines))
     return 0
 

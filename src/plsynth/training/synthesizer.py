@@ -184,7 +184,7 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
     d_loss.backward()
     nets.opt_d.step()
     out = {k: float(v.detach()) for k, v in losses.items()}
-    out["d_hinge"] = float(d_loss)
+    out["d_hinge"] = float(d_loss.detach())
     out["recon_l1"] = float(F.l1_loss(fake.detach(), image))
     return out
 
