@@ -36,6 +36,9 @@ def test_wrong_type_and_literal_are_rejected(tmp_path: Path) -> None:
     f.write_text("data:\n  layout: dicomdir\n")
     with pytest.raises(ConfigError, match="data.layout must be one of"):
         load_config(f)
+    f.write_text("model:\n  norm: group\n")
+    with pytest.raises(ConfigError, match="model.norm must be one of"):
+        load_config(f)
 
 
 def test_dotted_overrides_apply_and_round_trip(tmp_path: Path) -> None:

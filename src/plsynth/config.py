@@ -78,13 +78,11 @@ class UNetConfig:
     # "instance" (the authors' code and nnU-Net) normalises each slice alone, so labeled and
     # unlabeled slices in one forward pass do not share statistics and eval equals train;
     # "batch" is the original U-Net's BatchNorm.
-    norm: str = "instance"
+    norm: Literal["instance", "batch"] = "instance"
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.depth < 1:
             raise ValueError(f"model.width and model.depth must be >= 1, got {self.width}, {self.depth}")
-        if self.norm not in ("instance", "batch"):
-            raise ValueError(f"model.norm must be 'instance' or 'batch', got {self.norm!r}")
 
 
 @dataclass(frozen=True)
