@@ -105,10 +105,10 @@ def main() -> None:
         f"--threads {args.threads} --batch-size {args.batch_size} --repeats {args.repeats}`",
         f"Date: {dt.datetime.now().isoformat(timespec='minutes')}; machine: {cpu}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, torch {torch.__version__}, onnxruntime {_ort_version()}; "
-        f"{args.threads} threads. The machine was shared with other engineers' test runs, so absolute "
-        "times are noisy; torch and ORT were interleaved so load hits both alike.",
+        f"{args.threads} threads; load average at the end {os.getloadavg()[0]:.2f}. torch and ORT are "
+        "interleaved, so load hits both alike.",
         "",
-        f"Model: U-Net width 16, depth 4 (1.94 M parameters), untrained; input 512x512; bundle export + parity {export_s:.1f} s.",
+        f"Model: U-Net width 16, depth 4, {cfg.model.norm} norm (1.94 M parameters), untrained; input 512x512; bundle export + parity {export_s:.1f} s.",
         "",
         f"## 1. torch vs ONNX Runtime (CPU), {args.side_by_side} slices of 512x512, batch {args.batch_size}, median of {args.repeats}",
         "",
