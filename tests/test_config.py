@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from plsynth.config import Config, ConfigError, config_from_dict, load_config
+from plsynth.config import Config, ConfigError, config_from_dict, load_config, saved_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -57,3 +57,11 @@ def test_paper_defaults() -> None:
     assert (cfg.train.batch_labeled, cfg.train.batch_unlabeled) == (8, 8)
     assert cfg.data.window_hu == (-1250.0, 250.0) and cfg.data.image_size == 512
     assert cfg.synth.pool_k == 10 and cfg.synth.style_dim == 512
+
+
+def test_a_config_saved_before_model_norm_existed_means_batch_norm() -> None:
+    saved = Config().to_dict()
+    del saved["model"]["norm"]
+    assert saved_config(saved, where="old/meta.json").model.norm == "batch"
+    assert saved_config(Config().to_dict(), where="new/meta.json").model.norm == "instance"
+    assert config_from_dict(saved).model.norm == "instance"  # a YAML without the key gets the default

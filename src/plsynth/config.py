@@ -257,6 +257,15 @@ def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
     return _build(Config, raw, where, prefix="")
 
 
+def saved_config(raw: dict[str, Any], where: str) -> Config:
+    """The config stored in a checkpoint or bundle. Those saved before `model.norm` existed
+    (2026-11-28) hold batch-norm networks, so a missing norm means "batch" there, not the default."""
+    model = raw.get("model")
+    if isinstance(model, dict) and "norm" not in model:
+        raw = {**raw, "model": {**model, "norm": "batch"}}
+    return config_from_dict(raw, where=where)
+
+
 def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {prefix or 'top level'} must be a mapping, got {raw!r}")

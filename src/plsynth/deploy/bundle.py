@@ -234,9 +234,9 @@ class Bundle:
         return sha256_file(self.path / META)
 
     def config(self) -> Any:
-        from plsynth.config import config_from_dict
+        from plsynth.config import saved_config
 
-        return config_from_dict(self.meta["config"], where=str(self.path / META))
+        return saved_config(self.meta["config"], where=str(self.path / META))
 
     def torch_networks(self, device: str = "cpu") -> dict[str, Any]:
         """The U-Nets, rebuilt from the stored config and loaded with weights_only=True, in eval mode."""

@@ -170,7 +170,7 @@ def export_run(run_dir: Path, out: Path | None = None, trt: bool = False, fp16: 
     """
     import torch
 
-    from plsynth.config import config_from_dict
+    from plsynth.config import saved_config
     from plsynth.deploy.bundle import write_bundle
     from plsynth.errors import InputError
     from plsynth.models.unet import UNet
@@ -186,7 +186,7 @@ def export_run(run_dir: Path, out: Path | None = None, trt: bool = False, fp16: 
     weights = state.get("networks") or state.get("models")
     if not isinstance(weights, dict) or "config" not in state:
         raise InputError(source, "checkpoint lacks 'networks' (or 'models') and 'config'")
-    cfg = config_from_dict(state["config"], where=str(source))
+    cfg = saved_config(state["config"], where=str(source))
     nets = {}
     for name, sd in weights.items():
         net = UNet(cfg.model)

@@ -180,12 +180,12 @@ def load_teacher(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module
         net = bundle.torch_networks(device)["model"]
         return net, {"teacher": {"bundle": str(path), "sha256": bundle.meta_sha256(), "method": bundle.meta.get("method")}}
     if path.is_file():
-        from plsynth.config import config_from_dict
+        from plsynth.config import saved_config
         from plsynth.models.unet import UNet
         from plsynth.training.checkpoint import load_checkpoint
 
         state = load_checkpoint(path)
-        cfg = config_from_dict(state["config"], where=str(path))
+        cfg = saved_config(state["config"], where=str(path))
         net = UNet(cfg.model)
         net.load_state_dict(state["networks"]["model"])
         return net.to(device).eval(), {"teacher": {"checkpoint": str(path), "step": state["step"], "method": state["method"]}}
