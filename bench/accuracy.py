@@ -99,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         results[method] = []
         for seed in args.seeds:
             run = out / f"{method}-s{seed}"
-            trained, teacher = SELF_TRAINING.get(method, (method, ""))
-            if teacher:
-                teacher_bundle = out / f"{teacher}-s{seed}" / "bundle"
+            trained, teacher_row = SELF_TRAINING.get(method, (method, ""))
+            teacher = ""
+            if teacher_row:
+                teacher_bundle = out / f"{teacher_row}-s{seed}" / "bundle"
                 if not (teacher_bundle / "meta.json").is_file():
-                    parser.error(f"{method} needs its teacher {teacher_bundle}: run {teacher} with seed {seed} first")
+                    parser.error(f"{method} needs its teacher {teacher_bundle}: run {teacher_row} with seed {seed} first")
                 teacher = str(teacher_bundle)
             cfg = base.replace(train=dataclasses.replace(base.train, method=trained, seed=seed, teacher=teacher))
             tic = time.perf_counter()

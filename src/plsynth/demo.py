@@ -48,10 +48,9 @@ def _with_method(cfg: Config, method: str, **train: object) -> Config:
 def run_demo(out: Path, config: Path | None = None, sa_st: bool = True) -> dict:
     """Run every stage into ``out`` and return the held-out table (also printed and saved)."""
     from plsynth.data.phantom import write_phantom_dataset
+    from plsynth.torch_setup import flush_denormals
     from plsynth.training.run import train
     from plsynth.training.synthesizer import train_synthesizer
-
-    from plsynth.torch_setup import flush_denormals
 
     flush_denormals()  # before the first parallel op creates torch's thread pool (see torch_setup)
     out = Path(out)

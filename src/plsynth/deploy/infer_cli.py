@@ -65,13 +65,13 @@ def infer(
         _fail(EXIT_BUNDLE, "no model bundle: pass --model BUNDLE or set PLSYNTH_MODEL")
 
     from plsynth.data.io import find_cases
-    from plsynth.torch_setup import flush_denormals
-
-    flush_denormals()  # before the first parallel op creates torch's thread pool
     from plsynth.deploy.engines import EngineUnavailable
     from plsynth.deploy.predictor import Predictor
     from plsynth.deploy.report import write_reports
     from plsynth.errors import BundleError
+    from plsynth.torch_setup import flush_denormals
+
+    flush_denormals()  # before the first parallel op creates torch's thread pool
 
     cases = find_cases(inputs)
     if not cases:

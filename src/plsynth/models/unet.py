@@ -18,7 +18,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class DoubleConv(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, norm: str = "instance") -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str, dropout: float = 0.0) -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
             _norm(norm, out_channels),
@@ -34,7 +34,7 @@ class Up(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
-        self.conv = DoubleConv(2 * out_channels, out_channels, norm=norm)
+        self.conv = DoubleConv(2 * out_channels, out_channels, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
@@ -50,9 +50,9 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         widths = [config.width * 2**level for level in range(config.depth + 1)]
-        self.inc = DoubleConv(in_channels, widths[0], norm=config.norm)
+        self.inc = DoubleConv(in_channels, widths[0], config.norm)
         self.downs = nn.ModuleList(
-            nn.Sequential(nn.MaxPool2d(2), DoubleConv(widths[i], widths[i + 1], config.dropout, config.norm))
+            nn.Sequential(nn.MaxPool2d(2), DoubleConv(widths[i], widths[i + 1], config.norm, config.dropout))
             for i in range(config.depth)
         )
         self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], config.norm) for i in reversed(range(config.depth)))
