@@ -30,11 +30,20 @@ from plsynth.data.image import CTImage
 logger = logging.getLogger(__name__)
 
 LUNG_BACKENDS = ("classical", "lungmask")
+# How lungs are grown into the lung field that clips infection (:func:`lung_field`); recorded in
+# slice-cache keys and bundles. Bump when its masks change.
+FIELD_ALGORITHM = "field-1"
 HU_THRESHOLD = -400.0  # aerated lung (-900..-700) and GGO (-650..-350) below, soft tissue (0..+60) above
 ASSUMED_FOV_MM = 350.0  # 8-bit slices carry no spacing: assume a chest field of view over the width
 UINT8_AIR = 12.0  # 8-bit grey below this is air or export padding (black), never lung parenchyma
 DOWNSAMPLE_FROM = 384  # HU volumes this wide (in-plane, pixels) or wider are labelled at half resolution
 CLOSING_MM = 4.0  # smooths vessel notches at the pleura
+# lung field (:func:`lung_field`): the thoracic cavity's lung regions, aerated or not
+FIELD_GREY_HU = (-1250.0, 250.0)  # HU volumes are judged on the paper's lung window mapped to 0..255
+FIELD_SOLID_STD = 6.0  # grey levels: local s.d. below this (and brighter than lung) is solid organ, not lung
+FIELD_BONE = 250.0  # grey level of bone (saturated on a lung window): not tissue, not lung
+FIELD_WINDOW = 0.03  # local-statistics window, as a fraction of the slice width
+CAVITY_FRACTION = 0.8  # inner chest wall: this fraction of the outermost aerated lung's depth in the body  # inner chest wall: depth into the body of the outermost aerated lung, times this
 IN_PLANE = np.array([[[0, 0, 0], [0, 0, 0], [0, 0, 0]],
                      [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
                      [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], dtype=bool)  # 2D 4-connectivity, no z links
@@ -55,6 +64,57 @@ def lung_mask(image: CTImage, backend: str = "classical", *, lungmask_model: str
 
         return lungmask_lung_mask(image, model=lungmask_model, weights=lungmask_weights, force_cpu=force_cpu)
     raise ValueError(f"unknown lung backend {backend!r}; choose one of {', '.join(LUNG_BACKENDS)}")
+
+
+def lung_record(backend: str, lungmask_model: str = "R231") -> dict:
+    """What a bundle or a cache records about its lung masks, so inference can use the same ones."""
+    record = {"backend": backend, "field": FIELD_ALGORITHM}
+    if backend == "lungmask":
+        record["lungmask_model"] = lungmask_model
+    return record
+
+
+def lung_field(image: CTImage, lungs: np.ndarray) -> np.ndarray:
+    """The region infection may occupy: ``lungs`` (0/1/2) grown into the dense lung around them.
+
+    Any lung back-end misses lung that holds no air: the classical one thresholds air, and
+    lungmask R231 was trained mostly on healthy lungs. Dense consolidation is the most diseased
+    lung, so the infection clip (training pseudo-labels, evaluation, plsynth-infer) uses this
+    field, not the lungs; the reported lung is the lungs plus the infection found in the field.
+    HU volumes of ``DOWNSAMPLE_FROM`` pixels or more are grown on a 2x2 block-mean grid.
+    Returns uint8 (z, y, x) 0/1/2, a superset of ``lungs``.
+    """
+    lungs = np.asarray(lungs, dtype=np.uint8)
+    zs = np.nonzero(lungs.any(axis=(1, 2)))[0]
+    field = lungs.copy()
+    if zs.size == 0:
+        return field
+    array = np.asarray(image.array, dtype=np.float32)[zs]
+    labels = lungs[zs]
+    hu = image.kind == "hu"
+    factor = 2 if hu and min(array.shape[1:]) >= DOWNSAMPLE_FROM else 1
+    if factor > 1:
+        ny, nx = array.shape[1:]
+        crop = (slice(None), slice(0, ny - ny % factor), slice(0, nx - nx % factor))
+        array, labels = array[crop], labels[crop]
+        array = array.reshape(len(zs), array.shape[1] // factor, factor, -1, factor).mean(axis=(2, 4))
+        labels = labels[:, ::factor, ::factor]
+    cand, smoothed = _candidate(array, image.kind)
+    body = ~_outside_air(cand, smoothed, image.kind)
+    grey = np.clip((smoothed - FIELD_GREY_HU[0]) * (255.0 / np.ptp(FIELD_GREY_HU)), 0, 255) if hu else smoothed
+    may_rotate = not hu or image.array.shape[0] == 1
+    grown = np.stack([_slice_field(labels[i], body[i], grey[i], may_rotate, hu) for i in range(len(zs))])
+    if factor > 1:
+        grown = np.repeat(np.repeat(grown, factor, axis=1), factor, axis=2)
+        pad = ((0, 0), (0, lungs.shape[1] - grown.shape[1]), (0, lungs.shape[2] - grown.shape[2]))
+        grown = np.pad(grown, pad)
+    field[zs] = np.where(lungs[zs] > 0, lungs[zs], grown)
+    return field
+
+
+def inside_lungs(mask: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """Infection only where a lung label (1 or 2) is: the one clip of evaluation and inference."""
+    return (np.asarray(mask).astype(bool) & (np.asarray(lung) > 0)).astype(np.uint8)
 
 
 def available_lung_backends(lungmask_model: str = "R231", lungmask_weights: str | None = None) -> list[str]:
@@ -248,6 +308,67 @@ def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, floa
             out[crop] = _label_slice(cand[crop], body[crop], smoothed[crop], kind, closing_r, mids[z] - x0,
                                      widths[z], areas[z])
     return out
+
+
+def _slice_field(labels: np.ndarray, body: np.ndarray, grey: np.ndarray, may_rotate: bool, hu: bool) -> np.ndarray:
+    """:func:`lung_field` on one slice (grey: 0..255 on a lung window).
+
+    Consolidation has the density of soft tissue, so no threshold separates it from the heart or
+    the chest wall; shape and texture do. The field is the thoracic cavity (body pixels at least
+    ``CAVITY_FRACTION`` times as deep as the outermost aerated lung, i.e. inside the chest wall)
+    less the mediastinum: the solid organs (bright and homogeneous: local s.d. of the bright
+    pixels < ``FIELD_SOLID_STD`` grey levels over ``FIELD_WINDOW`` of the width, which heart,
+    liver and muscle are and diseased lung, with its vessels, air bronchograms and ground glass,
+    is not) that reach into the span between the two lungs' medial edges. HU volumes show the
+    whole body, so there every solid region and bone (and a window's rim) is left out too. Each
+    field pixel takes the label of the nearest lung pixel; only regions attached to a lung count.
+    Rotated 2D slices are turned upright first. Measured: ``bench/results/lung_field.md``.
+    """
+    aerated = labels > 0
+    if not aerated.any():
+        return labels
+    turned = may_rotate and _stacked(labels)
+    if turned:
+        labels, body, grey = (np.rot90(a, -1) for a in (labels, body, grey))
+        aerated = labels > 0
+    depth = ndimage.distance_transform_edt(np.pad(body, 1))[1:-1, 1:-1]  # the slice edge counts as body edge
+    cavity = body & (depth >= CAVITY_FRACTION * np.percentile(depth[aerated], 2))
+    # mediastinum seed: between the patient-right lung's (2, image left) and the left lung's medial edges
+    xs = np.arange(labels.shape[1])
+    right_edge = np.where(labels == 2, xs, -1).max(axis=1)
+    left_edge = np.where(labels == 1, xs, labels.shape[1]).min(axis=1)
+    between = (xs > right_edge[:, None]) & (xs < left_edge[:, None]) & (right_edge >= 0)[:, None] \
+        & (left_edge < labels.shape[1])[:, None]
+    window = max(5, int(FIELD_WINDOW * labels.shape[1])) | 1
+    tissue = grey[body & (grey > UINT8_AIR)]
+    split = _otsu(tissue) if tissue.size > 16 and np.ptp(tissue) > 0 else float(grey.max())
+    # spread of the bright pixels only, so the lung's edge does not make the tissue next to it look textured
+    bright = ((grey > split) & (grey < FIELD_BONE)).astype(np.float32)
+    share = np.maximum(ndimage.uniform_filter(bright, window), 1e-6)
+    mean = ndimage.uniform_filter(grey * bright, window) / share
+    spread = np.sqrt(np.maximum(ndimage.uniform_filter(grey * grey * bright, window) / share - mean * mean, 0.0))
+    solid = ndimage.binary_opening((bright > 0) & (spread < FIELD_SOLID_STD), iterations=1)
+    organs, _ = ndimage.label(solid)
+    touched = np.unique(organs[between & solid])
+    mediastinum = np.isin(organs, touched[touched > 0])
+    mediastinum = ndimage.binary_fill_holes(mediastinum) & ~aerated
+    if hu:  # the whole body is in view: every solid organ, bone and the window's rim around them are out
+        mediastinum |= ndimage.binary_dilation(solid | (grey >= FIELD_BONE), iterations=window) & ~aerated
+    field = (cavity & ~mediastinum) | aerated
+    pieces, _ = ndimage.label(field)
+    attached = np.unique(pieces[aerated])
+    field = np.isin(pieces, attached[attached > 0])
+    nearest = ndimage.distance_transform_edt(~aerated, return_distances=False, return_indices=True)
+    out = np.where(field, labels[nearest[0], nearest[1]], 0).astype(np.uint8)
+    return np.rot90(out, 1) if turned else out
+
+
+def _stacked(labels: np.ndarray) -> bool:
+    """True when lungs 1 and 2 lie above each other (a 2D slice rotated by 90 degrees)."""
+    if not ((labels == 1).any() and (labels == 2).any()):
+        return False
+    (ya, xa), (yb, xb) = ndimage.center_of_mass(labels > 0, labels, [1, 2])
+    return abs(ya - yb) > abs(xa - xb)
 
 
 def _half_resolution(hu: np.ndarray, spacing: tuple[float, float, float] | None) -> np.ndarray:
@@ -448,7 +569,11 @@ def _fill_concavities(lung2d: np.ndarray, intensity: np.ndarray, kind: str, body
 
 __all__ = [
     "LUNG_BACKENDS",
+    "FIELD_ALGORITHM",
     "lung_mask",
+    "lung_field",
+    "lung_record",
+    "inside_lungs",
     "classical_lung_mask",
     "available_lung_backends",
     "default_lung_backend",

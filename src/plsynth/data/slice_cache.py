@@ -9,12 +9,13 @@ Layout::
 
     <cache_root>/<config key>/<volume name>-<source key>/
         image.npy   (Z, 1, S, S) float32 in [0, 1]   to_model_input(to_unit(image), lung, S, handling)
-        lung.npy    (Z, S, S) uint8 {0, 1, 2}          resize_labels(lung_mask(image, backend), S)
+        lung.npy    (Z, S, S) uint8 {0, 1, 2}          resize_labels(lung_field(image, lung_mask(image, backend)), S)
         label.npy   (Z, S, S) uint8 {0, 1}             resize_labels(infection > 0, S) (labeled files only)
         meta.json   written last: its presence marks a complete entry
 
-The config key hashes everything that changes the arrays (image size, HU window, lung backend
-and model, lung handling, and ``PREPROCESS_VERSION``); the source key hashes the image and label
+"lung" is the lung field (lungs grown into the dense lung around them), the region that clips
+pseudo-labels and predictions everywhere. The config key hashes everything that changes the arrays
+(image size, HU window, lung backend, model and field algorithm, lung handling, and ``PREPROCESS_VERSION``); the source key hashes the image and label
 files' resolved paths, sizes and modification times, so an edited file is prepared again. Each
 file is written under a temporary name and renamed, so an interrupted run never leaves a
 half-written entry, and two processes preparing the same volume both end with the same files.
@@ -34,6 +35,7 @@ import numpy as np
 
 from plsynth.config import DataConfig
 from plsynth.data.layouts import VolumeRecord
+from plsynth.data.lungs import lung_record
 from plsynth.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,10 @@ def config_key(data: DataConfig) -> str:
         "version": PREPROCESS_VERSION,
         "image_size": data.image_size,
         "window_hu": [float(v) for v in data.window_hu],
-        "lung_backend": data.lung_backend,
         "lung_handling": data.lung_handling,
+        "lungs": lung_record(data.lung_backend, data.lungmask_model),
     }
     if data.lung_backend == "lungmask":
-        relevant["lungmask_model"] = data.lungmask_model
         relevant["lungmask_weights"] = data.lungmask_weights
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -146,13 +147,13 @@ def prepare_volume(record: VolumeRecord, data: DataConfig) -> dict:
     ``data.lung_handling``, ``resize_labels`` for the lung and infection masks.
     """
     from plsynth.data.io import read_image
-    from plsynth.data.lungs import lung_mask
+    from plsynth.data.lungs import lung_field, lung_mask
     from plsynth.data.preprocess import resize_labels, to_model_input
     from plsynth.data.window import to_unit
 
     image = read_image(record.image)
     size = data.image_size
-    lung = np.asarray(_lung_mask(lung_mask, image, data), dtype=np.uint8)
+    lung = lung_field(image, np.asarray(_lung_mask(lung_mask, image, data), dtype=np.uint8))
     if lung.shape != image.array.shape:
         raise InputError(record.image, f"lung mask shape {lung.shape} differs from the image's {image.array.shape}")
     label = read_label(record.label, image.array.shape) if record.label is not None else None

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from plsynth.data.lungs import lung_record
 from plsynth.errors import BundleError
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def write_bundle(
             "image_size": size,
             "window_hu": list(cfg.data.window_hu),
             "lung_handling": cfg.data.lung_handling,
+            "lungs": lung_record(cfg.data.lung_backend, cfg.data.lungmask_model),
             "threshold": float(cfg.train.tau),
             "classes": CLASSES,
             "method": cfg.train.method,

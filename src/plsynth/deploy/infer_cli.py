@@ -39,7 +39,7 @@ def infer(
     engine: Annotated[str, typer.Option("--engine", help="auto | trt | ort | torch.")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto | cuda | cpu.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per engine call.")] = 8,
-    lung_backend: Annotated[str, typer.Option("--lung-backend", help="auto (lungmask when its weights are present, else classical) | lungmask | classical.")] = "auto",
+    lung_backend: Annotated[str, typer.Option("--lung-backend", help="bundle (the back-end the model was trained with) | auto (lungmask when its weights are present, else classical) | lungmask | classical.")] = "bundle",
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write QA overlay PNGs to OUT/overlays.")] = False,
     resume: Annotated[bool, typer.Option("--continue", help="Skip cases a previous run into OUT finished.")] = False,
     allow_fallback: Annotated[bool, typer.Option("--allow-fallback", help="Run on the CPU when the GPU engine asked for is unavailable.")] = False,
@@ -58,7 +58,7 @@ def infer(
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name, value, allowed in (("--engine", engine, ("auto", "trt", "ort", "torch")), ("--device", device, ("auto", "cuda", "cpu")),
-                                 ("--lung-backend", lung_backend, ("auto", "lungmask", "classical"))):
+                                 ("--lung-backend", lung_backend, ("bundle", "auto", "lungmask", "classical"))):
         if value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=name)
     if model is None:

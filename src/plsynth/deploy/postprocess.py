@@ -12,17 +12,14 @@ import math
 
 import numpy as np
 
+from plsynth.data.lungs import inside_lungs as keep_inside_lungs  # noqa: F401 - the one clip, shared with evaluation
+
 LEFT, RIGHT = 1, 2  # project-wide lung labels: 1 patient-left, 2 patient-right
 
 
 def threshold(prob: np.ndarray, tau: float) -> np.ndarray:
     """uint8 0/1 mask of ``prob >= tau`` (tau from the bundle's meta.json)."""
     return (np.asarray(prob) >= tau).astype(np.uint8)
-
-
-def keep_inside_lungs(mask: np.ndarray, lung: np.ndarray) -> np.ndarray:
-    """Infection only where a lung label (1 or 2) is: the model is not trusted outside the lungs."""
-    return (np.asarray(mask).astype(bool) & (np.asarray(lung) > 0)).astype(np.uint8)
 
 
 def min_voxels(min_size_mm3: float, spacing: tuple[float, float, float] | None, min_size_px: int) -> int:
@@ -77,3 +74,35 @@ def measure(infection: np.ndarray, lung: np.ndarray, spacing: tuple[float, float
         "percent_involved": _percent(total_inf, total_lung),
         **out,
     }
+
+
+# plausible adult lungs (both together): the review flag is raised outside these bounds
+LUNG_ML_RANGE = (1000.0, 9000.0)
+LUNG_SHARE_RANGE = (0.05, 0.8)  # 2D slices (no spacing): share of the slice covered by lung
+LUNG_MIN_SIDE_RATIO = 0.25  # smaller lung / larger lung
+
+
+def lung_review_reasons(lung: np.ndarray, spacing: tuple[float, float, float] | None) -> list[str]:
+    """Why a lung mask looks implausible (empty list: plausible): size, symmetry, the image border.
+
+    A flagged case is still segmented; the flag asks a person to look, since the lung mask bounds
+    the infection, the lung volume and the % involved.
+    """
+    lung = np.asarray(lung)
+    sides = [int(np.count_nonzero(lung == label)) for label in (LEFT, RIGHT)]
+    total = sum(sides)
+    reasons = []
+    if min(sides) < LUNG_MIN_SIDE_RATIO * max(sides):
+        reasons.append(f"one lung is {min(sides) / max(max(sides), 1):.0%} of the other's size")
+    if spacing is not None:
+        ml = total * float(np.prod(spacing)) / 1000.0
+        if not LUNG_ML_RANGE[0] <= ml <= LUNG_ML_RANGE[1] and lung.shape[0] > 1:
+            reasons.append(f"lung volume {ml:.0f} ml outside {LUNG_ML_RANGE[0]:.0f}-{LUNG_ML_RANGE[1]:.0f} ml")
+        edges = np.concatenate([lung[:, 0, :].ravel(), lung[:, -1, :].ravel(), lung[:, :, 0].ravel(), lung[:, :, -1].ravel()])
+        if np.count_nonzero(edges):  # a chest CT's field of view holds the whole chest
+            reasons.append("a lung touches the image border (lung cut off, or the body is not found)")
+    else:
+        share = total / max(lung.size, 1)
+        if not LUNG_SHARE_RANGE[0] <= share <= LUNG_SHARE_RANGE[1]:
+            reasons.append(f"lung covers {share:.0%} of the slice")
+    return reasons

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from plsynth.data.lungs import lung_field
 from plsynth.deploy.bundle import Bundle, load_bundle, versions
 from plsynth.deploy.engines import Engine, available_ort_providers, open_engine, resolve_engine, wants_gpu
 from plsynth.errors import InputError
@@ -59,11 +60,25 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-np.clip(x, -60.0, 60.0)))).astype(np.float32)
 
 
-def resolve_lung_backend(backend: str) -> tuple[str, Callable[[Any], np.ndarray]]:
-    """(name, function CTImage -> (z, y, x) labels 0/1/2). ``auto``: lungmask when its weights
-    are present on this machine, else the classical back-end."""
+def resolve_lung_backend(backend: str, recorded: dict | None = None) -> tuple[str, Callable[[Any], np.ndarray]]:
+    """(name, function CTImage -> (z, y, x) labels 0/1/2).
+
+    ``bundle``: the back-end the bundle was trained with (``recorded``, meta.json's ``lungs``), so
+    the lungs that clip at inference are those that clipped the pseudo-labels and the validation
+    scores; bundles older than that record fall back to ``auto``. ``auto``: lungmask when its
+    weights are present on this machine, else the classical back-end.
+    """
     from plsynth.data import lungs
 
+    lungmask_model = "R231"
+    if backend == "bundle":
+        if recorded:
+            backend, lungmask_model = recorded["backend"], recorded.get("lungmask_model", "R231")
+            if recorded.get("field") != lungs.FIELD_ALGORITHM:
+                logger.warning("the bundle was trained with lung field %r; this version computes %r",
+                               recorded.get("field"), lungs.FIELD_ALGORITHM)
+        else:
+            backend = "auto"
     chosen_automatically = backend == "auto"
     if backend == "auto":
         try:
@@ -78,7 +93,7 @@ def resolve_lung_backend(backend: str) -> tuple[str, Callable[[Any], np.ndarray]
         # lungmask needs HU: 8-bit slices go to the classical back-end unless lungmask was asked for
         if chosen_automatically and image.is_slice:
             return lungs.lung_mask(image, backend="classical")
-        return lungs.lung_mask(image, backend=backend)
+        return lungs.lung_mask(image, backend=backend, lungmask_model=lungmask_model)
 
     return backend, segment
 
@@ -91,7 +106,7 @@ class Predictor:
         bundle: Bundle,
         engines: dict[str, Engine],
         batch_size: int = 8,
-        lung_backend: str = "auto",
+        lung_backend: str = "bundle",
         lung_fn: Callable[[Any], np.ndarray] | None = None,
         min_size_mm3: float = 10.0,
         min_size_px: int = 10,
@@ -103,7 +118,7 @@ class Predictor:
         self.engines = engines
         self.batch_size = int(batch_size)
         if lung_fn is None:
-            lung_backend, lung_fn = resolve_lung_backend(lung_backend)
+            lung_backend, lung_fn = resolve_lung_backend(lung_backend, bundle.meta.get("lungs"))
         self.lung_backend = lung_backend
         self.lung_fn = lung_fn
         self.min_size_mm3 = float(min_size_mm3)
@@ -119,7 +134,7 @@ class Predictor:
         device: str = "auto",
         batch_size: int = 8,
         allow_fallback: bool = False,
-        lung_backend: str = "auto",
+        lung_backend: str = "bundle",
         agreement: bool = True,
         threads: int | None = None,
         fp16: bool = False,
@@ -279,20 +294,25 @@ class Predictor:
             "spacing_mm": None if image.spacing is None else [round(float(s), 4) for s in image.spacing],
         }
         started = time.perf_counter()
-        lung = np.asarray(self.lung_fn(image)).astype(np.uint8)
-        info["seconds_lungs"] = round(time.perf_counter() - started, 3)
-        if not lung.any():
+        lungs = np.asarray(self.lung_fn(image)).astype(np.uint8)
+        if not lungs.any():
             raise InputError(case.path, f"no lung found by the {self.lung_backend} lung back-end; no mask written")
-        prediction = self.predict(image, lung)
+        region = lung_field(image, lungs)
+        info["seconds_lungs"] = round(time.perf_counter() - started, 3)
+        prediction = self.predict(image, region)
+        # the reported lung: the lungs and the disease found in their field (consolidation holds no air)
+        lung = np.where((lungs > 0) | (prediction.infection > 0), region, 0).astype(np.uint8)
         info["seconds_network"] = round(prediction.seconds_network, 3)
         info.update(post.measure(prediction.infection, lung, image.spacing))
+        reasons = post.lung_review_reasons(lung, image.spacing)
         if prediction.agreement is not None:
             info["agreement_dice"] = prediction.agreement
             info["seconds_agreement"] = round(prediction.seconds_agreement, 3)
             if prediction.agreement < self.review_below:
-                info["review"] = True
-                info["review_reason"] = f"the two networks agree at Dice {prediction.agreement:.3f} < {self.review_below}"
-        info.setdefault("review", False)
+                reasons.append(f"the two networks agree at Dice {prediction.agreement:.3f} < {self.review_below}")
+        info["review"] = bool(reasons)
+        if reasons:
+            info["review_reason"] = "; ".join(reasons)
         final = self.output_path(out_dir, case, image.is_slice)
         lung_path = out_dir / LUNGS_DIR / final.name
         write_mask(lung, image, lung_path, scale_binary_png=False)  # labels 0/1/2, even when one lung is found

@@ -7,7 +7,8 @@ Empty-mask conventions are those of `plsynth.metrics` (both empty: 1.0, one empt
 
 Inputs are the prepared slices of `plsynth.data.datasets` (resized, windowed to [0, 1], and
 lung-handled by the data layer exactly as the training slices), so scores are at the training
-resolution ``data.image_size``.
+resolution ``data.image_size``; predictions are kept inside the cached lung masks, as plsynth-infer
+keeps them inside the same back-end's lungs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from plsynth.config import Config
+from plsynth.data.lungs import inside_lungs
 from plsynth.metrics import score_case, score_slices
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,9 @@ def score_cases(
     """
     rows: list[dict[str, Any]] = []
     for case in cases:
-        pred = predict_slices(net, case.image, threshold, batch_size)
+        # clipped to the lungs as plsynth-infer clips (same lung function, cached at training size),
+        # so the score is what a hospital gets
+        pred = inside_lungs(predict_slices(net, case.image, threshold, batch_size), case.lung)
         ref = (np.asarray(case.label) > 0).astype(np.uint8)
         if case.spacing is not None:
             scores = score_case(pred, ref, tuple(case.spacing), tolerance_mm)
