@@ -115,3 +115,83 @@ def test_review_reasons_for_implausible_lungs():
     filled[:, :, 32:] = 2
     assert any("of the slice" in r for r in lung_review_reasons(filled, None))  # a 2D slice: share of the frame
     assert lung_review_reasons(lung[:1], None) == []
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_plsynth_infer_dice_equals_the_raw_network_dice_on_real_slices(semiseg_root, tmp_path):
+    """What a hospital gets through plsynth-infer is what the network scores (issue 17's bar: 0.01).
+
+    A small U-Net is trained here on 40 labeled COVID-SemiSeg slices and bundled; the other 10
+    go through the installed plsynth-infer as image files. The reference is the network alone:
+    its ONNX output on each slice resized to the bundle's size, thresholded, resized back, with
+    no lung clip. The difference between the two is what the lung clip (and the small-component
+    filter) takes away.
+    """
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+    import torch
+
+    from plsynth.config import Config, DataConfig, UNetConfig
+    from plsynth.data.preprocess import resize_labels, to_input_grid, to_model_input
+    from plsynth.deploy.bundle import write_bundle
+    from plsynth.metrics import dice as dice_metric
+    from plsynth.models.unet import UNet
+
+    size = 96
+    torch.set_num_threads(1)
+    paths = sorted((semiseg_root / "labeled" / "images").glob("*.jpg"))
+    train, val = paths[:40], paths[40:]
+
+    def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        grey = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+        label = np.asarray(Image.open(semiseg_root / "labeled" / "masks" / f"{path.stem}.png").convert("L")) > 127
+        return grey / 255.0, label
+
+    xs, ys = [], []
+    for path in train:
+        unit, label = load(path)
+        xs.append(to_model_input(unit[None], np.ones((1,) + unit.shape, np.uint8), size, "none"))
+        ys.append(resize_labels(label[None].astype(np.uint8), size)[:, None].astype(np.float32))
+    x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    torch.manual_seed(0)
+    cfg = Config(data=DataConfig(image_size=size, lung_backend="classical"), model=UNetConfig(width=8, depth=3))
+    net = UNet(cfg.model)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for step in range(150):
+        idx = torch.randint(0, len(x), (8,), generator=torch.Generator().manual_seed(step))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bundle = write_bundle(tmp_path / "bundle", {"model": net.eval()}, cfg, {"note": "test"})
+
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs = tmp_path / "val"
+    inputs.mkdir()
+    raw, labels = {}, {}
+    for path in val:
+        unit, label = load(path)
+        batch = to_model_input(unit[None], np.ones((1,) + unit.shape, np.uint8), size, "none")
+        logits = session.run(None, {session.get_inputs()[0].name: batch})[0][:, 0]
+        prob = to_input_grid(1.0 / (1.0 + np.exp(-logits)), unit.shape)[0]
+        raw[path.stem], labels[path.stem] = prob >= 0.5, label
+        (inputs / path.name).symlink_to(path)
+    out = tmp_path / "out"
+    script = Path(sys.executable).parent / "plsynth-infer"  # the installed console script
+    done = subprocess.run([str(script), str(inputs), "-o", str(out), "--model", str(bundle), "--engine", "ort",
+                           "--no-agreement"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    infer = {stem: np.asarray(Image.open(out / f"{stem}.png")) > 127 for stem in raw}
+    raw_dice = np.mean([dice_metric(raw[s], labels[s]) for s in raw])
+    infer_dice = np.mean([dice_metric(infer[s], labels[s]) for s in raw])
+    assert raw_dice > 0.3, raw_dice  # the network learned something, so the comparison means something
+    # nothing true is lost: the clip keeps >= 99 % of the network's true positives, and the Dice a
+    # hospital gets is not below the network's by more than 0.01 (it may be higher: the clip also
+    # removes false positives outside the lungs)
+    found = sum(int((raw[s] & labels[s]).sum()) for s in raw)
+    kept = sum(int((infer[s] & raw[s] & labels[s]).sum()) for s in raw)
+    assert kept >= 0.99 * found, (kept, found)
+    assert infer_dice >= raw_dice - 0.01, (raw_dice, infer_dice)
