@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -23,14 +24,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from plsynth.config import Config, DataConfig, UNetConfig
 from plsynth.data.phantom import _nifti, make_phantom
 from plsynth.data.preprocess import resize_labels, to_model_input
 from plsynth.data.window import window_array
 from plsynth.deploy.bundle import write_bundle
-from plsynth.deploy.infer_cli import EXIT_BUNDLE, EXIT_CASES_FAILED, EXIT_ENGINE, app
+from plsynth.errors import ExitCode
+
+EXIT_BUNDLE, EXIT_CASES_FAILED, EXIT_ENGINE = ExitCode.BUNDLE, ExitCode.FAILED, ExitCode.ENGINE
 from plsynth.models.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,8 +111,21 @@ def dicom_series(folder: Path, seed: int) -> Path:
     return folder
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
+BIN = Path(sys.executable).parent  # the installed console scripts of this environment
+
+
+@dataclass
+class Run:
+    exit_code: int
+    output: str  # stdout and stderr together
+
+
+def invoke(*args: str, script: str = "plsynth-infer", timeout: float = 300) -> Run:
+    """Run an installed console script as a user would (a subprocess), with OMP_NUM_THREADS=1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(BIN / script), *[str(a) for a in args]], capture_output=True, text=True, env=env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return Run(done.returncode, done.stdout + done.stderr)
 
 
 def rows(out: Path) -> dict[str, dict]:
