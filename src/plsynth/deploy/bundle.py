@@ -100,6 +100,9 @@ def write_bundle(
     size = int(cfg.data.image_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a bundle is read by the service user too
     try:
         slices = _parity_inputs(size, cfg, phantom_slices)
         parity: dict[str, dict] = {}
