@@ -163,8 +163,9 @@ def test_every_input_kind_end_to_end(bundle: Path, tmp_path: Path):
     assert png.shape == (64, 64) and set(np.unique(png)) <= {0, 255}
     assert report["slice"]["infection_ml"] == "" and report["slice"]["lung_px"] != ""
     assert (out / "photo.png").is_file()
-    # DICOM: a NIfTI mask; no patient tag anywhere in the outputs
+    # DICOM: a NIfTI mask, the series segmented named by its UID; no patient tag anywhere in the outputs
     assert nib.load(out / "series-a.nii.gz").shape[:3] == (64, 64, 8)
+    assert report["series-a"]["series_uid"] == "1.2.826.0.1.3680043.2.1125.777" and report["vol"]["series_uid"] == ""
     for name in ("report.csv", "report.json"):
         text = (out / name).read_text()
         assert "Secret" not in text and "SECRET" not in text
@@ -333,3 +334,105 @@ def test_help_is_instant_and_names_the_defaults():
                             capture_output=True, text=True, encoding="utf-8", timeout=60)
     assert result.returncode == 0 and "PLSYNTH_MODEL" in result.stdout and "--continue" in result.stdout
     assert time.perf_counter() - started < 10
+
+
+def test_continue_redoes_a_case_whose_input_or_bundle_changed(bundle: Path, tmp_path: Path):
+    import shutil
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    phantom_nifti(inputs / "a.nii.gz", 40)
+    args = ["-o", out, "--lung-backend", "classical", "--no-agreement", "--continue"]
+    assert invoke(inputs, "--model", bundle, *args).exit_code == 0
+    first = rows(out)["a"]
+    phantom_nifti(inputs / "a.nii.gz", 41)  # another patient under the same name
+    second = invoke(inputs, "--model", bundle, *args)
+    assert second.exit_code == 0 and "a: ok" in second.output and "a: skipped" not in second.output
+    assert rows(out)["a"]["input_sha256"] != first["input_sha256"]
+    assert invoke(inputs, "--model", bundle, *args).output.count("a: skipped") == 1  # same input, same bundle
+    other = shutil.copytree(bundle, tmp_path / "other-bundle")
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "threshold": 0.4}))  # another model: another sha256
+    third = invoke(inputs, "--model", other, *args)
+    assert third.exit_code == 0 and "a: ok" in third.output
+    assert rows(out)["a"]["bundle_sha256"] != first["bundle_sha256"]
+
+
+def test_a_second_run_into_a_locked_out_gets_a_clear_error_naming_the_holder(bundle: Path, tmp_path: Path):
+    import socket
+
+    from plsynth.atomic import folder_lock
+
+    vol = phantom_nifti(tmp_path / "v.nii.gz", 42)
+    out = tmp_path / "out"
+    with folder_lock(out, "test holder"):
+        result = invoke(vol, "-o", out, "--model", bundle, "--lung-backend", "classical")
+        assert result.exit_code == ExitCode.LOCKED, result.output
+        assert f"pid {os.getpid()}" in result.output and socket.gethostname() in result.output
+        assert "Traceback" not in result.output and not (out / "v.nii.gz").exists()
+        run = tmp_path / "run"
+        with folder_lock(run, "test holder"):
+            trained = invoke("train", "baseline", "--config", REPO / "configs" / "phantom-smoke.yaml", "--out", run,
+                             script="plsynth")
+            assert trained.exit_code == ExitCode.LOCKED and f"pid {os.getpid()}" in trained.output, trained.output
+    assert invoke(vol, "-o", out, "--model", bundle, "--lung-backend", "classical").exit_code == 0  # released
+
+
+def _broken_bundles(bundle: Path, root: Path) -> dict[str, Path]:
+    """Bundles whose sha256s all match meta.json, broken in ways the hash check cannot see."""
+    import hashlib
+    import shutil
+
+    def variant(name: str, change) -> Path:
+        copy = shutil.copytree(bundle, root / name)
+        meta = json.loads((copy / "meta.json").read_text())
+        change(copy, meta)
+        (copy / "meta.json").write_text(json.dumps(meta))
+        return copy
+
+    def bad_onnx(folder: Path, meta: dict) -> None:
+        (folder / "model.onnx").write_bytes(b"not an onnx model" * 10)
+        meta["files"]["model.onnx"] = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+
+    def symlink(folder: Path, meta: dict) -> None:
+        target = root / "outside.onnx"
+        shutil.copy(folder / "model.onnx", target)
+        (folder / "model.onnx").unlink()
+        (folder / "model.onnx").symlink_to(target)
+
+    return {
+        "onnx that does not load": variant("bad-onnx", bad_onnx),
+        "networks must be": variant("no-model", lambda f, m: m["networks"].pop("model")),
+        "stored config": variant("bad-config", lambda f, m: m["config"]["model"].update(width="wide")),
+        "symbolic link": variant("symlink", symlink),
+        "malformed field": variant("bad-size", lambda f, m: m.update(image_size="large")),
+    }
+
+
+def test_bundle_faults_outside_the_hash_check_exit_4_with_a_message(bundle: Path, tmp_path: Path):
+    vol = phantom_nifti(tmp_path / "v.nii.gz", 43)
+    for expected, broken in _broken_bundles(bundle, tmp_path).items():
+        result = invoke(vol, "-o", tmp_path / "out", "--model", broken, "--lung-backend", "classical")
+        assert result.exit_code == ExitCode.BUNDLE, (expected, result.output)
+        assert "bundle error" in result.output and "Traceback" not in result.output, result.output
+        if expected != "onnx that does not load":
+            assert expected in result.output, result.output
+        else:
+            assert "ONNX Runtime cannot load" in result.output
+
+
+def test_an_output_that_cannot_be_written_fails_that_case_only(bundle: Path, tmp_path: Path):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    for name, seed in (("a", 44), ("b", 45), ("c", 46)):
+        phantom_nifti(inputs / f"{name}.nii.gz", seed)
+    (out / "b.nii.gz").mkdir(parents=True)  # a folder where b's mask goes: its write fails
+    result = invoke(inputs, "-o", out, "--model", bundle, "--lung-backend", "classical", "--no-agreement")
+    assert result.exit_code == ExitCode.FAILED, result.output
+    report = rows(out)
+    assert report["a"]["status"] == "ok" and report["c"]["status"] == "ok"
+    assert report["b"]["status"] == "failed" and "cannot write output" in report["b"]["error"]
+    assert not (out / "lungs" / "b.nii.gz").exists(), "the failed case's lung mask is removed, not left behind"
+    assert "Traceback" not in result.output
+    (tmp_path / "file").write_text("OUT is a file")
+    result = invoke(inputs, "-o", tmp_path / "file", "--model", bundle)
+    assert result.exit_code == ExitCode.USAGE and "cannot use output folder" in result.output
+    assert "Traceback" not in result.output
