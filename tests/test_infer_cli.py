@@ -103,6 +103,7 @@ def dicom_series(folder: Path, seed: int) -> Path:
         pos = volume.TransformIndexToPhysicalPoint((0, 0, k))
         for key, value in {"0010|0010": SECRET, "0010|0020": "ID-SECRET-42", "0008|0060": "CT", "0020|000e": uid,
                            "0008|0018": f"{uid}.{k + 1}", "0020|0013": str(k + 1),
+                           "0020|000d": f"{uid}.0", "0020|0052": f"{uid}.9",
                            "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": "\\".join(f"{v:.4f}" for v in pos),
                            "0028|1052": "-1024", "0028|1053": "1", "0018|0050": str(p.spacing[0])}.items():
             s.SetMetaData(key, value)
@@ -436,3 +437,22 @@ def test_an_output_that_cannot_be_written_fails_that_case_only(bundle: Path, tmp
     result = invoke(inputs, "-o", tmp_path / "file", "--model", bundle)
     assert result.exit_code == ExitCode.USAGE and "cannot use output folder" in result.output
     assert "Traceback" not in result.output
+
+
+def test_dicom_inputs_get_a_dicom_seg_alone_or_beside_the_nifti(bundle: Path, tmp_path: Path):
+    import pydicom
+
+    series = dicom_series(tmp_path / "in" / "series-b", 47)
+    out = tmp_path / "out"
+    args = ["-o", out, "--model", bundle, "--lung-backend", "classical", "--no-agreement"]
+    result = invoke(series, *args, "--format", "dicom-seg")
+    assert result.exit_code == 0, result.output
+    row = rows(out)["series-b"]
+    assert row["dicom_seg"] == "series-b.seg.dcm" and row["mask"] == ""
+    assert not (out / "series-b.nii.gz").exists() and not (out / "lungs" / "series-b.nii.gz").exists()
+    seg = pydicom.dcmread(out / "series-b.seg.dcm")
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == row["series_uid"]
+    assert "series-b: skipped" in invoke(series, *args, "--format", "dicom-seg", "--continue").output
+    both = invoke(series, *args, "--format", "both")
+    assert both.exit_code == 0 and (out / "series-b.nii.gz").is_file() and (out / "series-b.seg.dcm").is_file()
+    assert SECRET not in (out / "report.csv").read_text()
