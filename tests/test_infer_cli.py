@@ -88,7 +88,7 @@ def phantom_slice(path: Path, seed: int) -> Path:
     return path
 
 
-def dicom_series(folder: Path, seed: int) -> Path:
+def dicom_series(folder: Path, seed: int, modality: str = "CT", drop: int | None = None) -> Path:
     import SimpleITK as sitk
 
     p = make_phantom(seed, (8, 64, 64), lesions=True)
@@ -101,14 +101,15 @@ def dicom_series(folder: Path, seed: int) -> Path:
     for k in range(p.hu.shape[0]):
         s = volume[:, :, k]
         pos = volume.TransformIndexToPhysicalPoint((0, 0, k))
-        for key, value in {"0010|0010": SECRET, "0010|0020": "ID-SECRET-42", "0008|0060": "CT", "0020|000e": uid,
+        for key, value in {"0010|0010": SECRET, "0010|0020": "ID-SECRET-42", "0008|0060": modality, "0020|000e": uid,
                            "0008|0018": f"{uid}.{k + 1}", "0020|0013": str(k + 1),
                            "0020|000d": f"{uid}.0", "0020|0052": f"{uid}.9",
                            "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": "\\".join(f"{v:.4f}" for v in pos),
                            "0028|1052": "-1024", "0028|1053": "1", "0018|0050": str(p.spacing[0])}.items():
             s.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"im{k:03d}.dcm"))
-        writer.Execute(s)
+        if k != drop:
+            writer.SetFileName(str(folder / f"im{k:03d}.dcm"))
+            writer.Execute(s)
     return folder
 
 
@@ -456,3 +457,54 @@ def test_dicom_inputs_get_a_dicom_seg_alone_or_beside_the_nifti(bundle: Path, tm
     both = invoke(series, *args, "--format", "both")
     assert both.exit_code == 0 and (out / "series-b.nii.gz").is_file() and (out / "series-b.seg.dcm").is_file()
     assert SECRET not in (out / "report.csv").read_text()
+
+
+def test_a_batch_mixing_good_and_every_bad_kind_finishes_every_good_case(bundle: Path, tmp_path: Path):
+    """Good volumes of every readable kind beside every fault of issue 14: exit 1, each bad case named with its reason."""
+    import bz2
+    import gzip
+
+    import SimpleITK as sitk
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    good = {"vol": phantom_nifti(inputs / "vol.nii.gz", 50), "series": dicom_series(inputs / "series", 51)}
+    plain = phantom_nifti(tmp_path / "plain.nii", 52)
+    (inputs / "packed.nii.bz2").write_bytes(bz2.compress(plain.read_bytes()))
+    sitk.WriteImage(sitk.ReadImage(str(plain)), str(inputs / "meta.mha"))
+    os.symlink(dicom_series(tmp_path / "elsewhere" / "linked", 53), inputs / "linked")
+    good.update(packed=inputs / "packed.nii.bz2", meta=inputs / "meta.mha", linked=inputs / "linked")
+    crc = bytearray(phantom_nifti(inputs / "crc.nii.gz", 54).read_bytes())
+    crc[-8] ^= 0xFF
+    (inputs / "crc.nii.gz").write_bytes(bytes(crc))
+    header = nib.Nifti1Header()
+    header.set_data_shape((1024, 1024, 1000))
+    header.set_data_dtype(np.int16)
+    (inputs / "huge.nii.gz").write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    dicom_series(inputs / "gap", 55, drop=4)
+    dicom_series(inputs / "mr", 56, modality="MR")
+    (inputs / "folder.nii.gz").mkdir()
+    (inputs / "folder.nii.gz" / "readme.txt").write_text("not a volume")
+    (inputs / "empty.nii.gz").write_bytes(b"")
+    phantom_nifti(inputs / "blocked.nii.gz", 57)
+    (out / "blocked.nii.gz").mkdir(parents=True)  # its mask cannot be written
+    reasons = {"crc": "CRC", "huge": "--max-voxels", "gap": "not uniform", "mr": "Modality MR",
+               "folder": "is a folder", "empty": "empty file", "blocked": "cannot write output"}
+    result = invoke(inputs, "-o", out, "--model", bundle, "--lung-backend", "classical", "--no-agreement",
+                    "--format", "both")
+    assert result.exit_code == ExitCode.FAILED, result.output
+    assert "Traceback" not in result.output
+    report = rows(out)
+    assert set(report) == set(good) | set(reasons)
+    for case in good:
+        assert report[case]["status"] == "ok", (case, report[case]["error"])
+        assert (out / f"{case}.nii.gz").is_file()
+    assert (out / "series.seg.dcm").is_file() and (out / "linked.seg.dcm").is_file()
+    for case, reason in reasons.items():
+        assert report[case]["status"] == "failed" and reason in report[case]["error"], (case, report[case]["error"])
+        assert report[case]["input"] in report[case]["error"] or case == "blocked"
+        assert f"{case}: failed" in result.output and reason in result.output
+        if case != "blocked":
+            assert not (out / f"{case}.nii.gz").exists()
+        assert not (out / "lungs" / f"{case}.nii.gz").exists() and not (out / f"{case}.seg.dcm").exists()
+    assert not list(out.rglob(".tmp-*"))
+    assert _all_final_outputs_load(out) > 0

@@ -294,7 +294,8 @@ class Predictor:
             except InputError as exc:
                 row.update(status="failed", error=_message(exc))
             except OSError as exc:  # an output that cannot be written (full disk, permissions, a folder in the way)
-                row.update(status="failed", error=f"cannot write output: {exc.strerror or exc} ({exc.filename or out_dir})")
+                target = exc.filename2 or exc.filename or out_dir  # os.replace: (temporary, final)
+                row.update(status="failed", error=f"cannot write output {target}: {exc.strerror or exc}")
             except Exception as exc:  # noqa: BLE001 - one case never stops the batch; traceback with --verbose
                 logger.info("case %s failed unexpectedly", case.name, exc_info=True)
                 row.update(status="failed", error=_message(exc))
