@@ -110,7 +110,7 @@ def run_app(app: Any, prog_name: str, argv: Sequence[str] | None = None) -> int:
             code, message = known
             sys.stderr.write(f"{prog_name}: {message}\n")
             return code
-        hint = "" if verbose else " (run again with --verbose for the traceback)"
+        hint = "" if verbose else " (run again with --verbose, or PLSYNTH_VERBOSE=1, for the traceback)"
         sys.stderr.write(f"{prog_name}: internal error: {type(exc).__name__}: {exc}{hint}\n")
         return int(ExitCode.INTERNAL)
     return code if isinstance(code, int) else int(ExitCode.OK)

@@ -222,7 +222,8 @@ class Predictor:
     def output_path(self, out_dir: Path, case: Any, is_slice: bool) -> Path:
         return Path(out_dir) / f"{case.name}{'.png' if is_slice else '.nii.gz'}"
 
-    def is_finished(self, out_dir: Path, case: Any, input_sha256: str | None) -> dict | None:
+    def is_finished(self, out_dir: Path, case: Any, input_sha256: str | None,
+                    formats: tuple[str, ...] = ("nifti",)) -> dict | None:
         """The case's record when a previous run finished this very input with this very bundle.
 
         The record must be ok, name the same input content (sha256 of the file, or of a DICOM
@@ -236,10 +237,10 @@ class Predictor:
             return None
         if record.get("input_sha256") != input_sha256 or record.get("bundle_sha256") != self.bundle_sha256:
             return None
-        outputs = [record.get("mask"), record.get("dicom_seg")]
-        if not record.get("mask") and not record.get("dicom_seg"):
-            return None
-        if not all((Path(out_dir) / name).is_file() for name in outputs if name):
+        wanted = ["mask"]  # the outputs this run asks for must all be there
+        if record.get("series_uid"):  # a DICOM series: its outputs follow --format
+            wanted = [key for key, fmt in (("mask", "nifti"), ("dicom_seg", "dicom-seg")) if fmt in formats]
+        if not all(record.get(key) and (Path(out_dir) / record[key]).is_file() for key in wanted):
             return None
         return record
 
@@ -280,7 +281,7 @@ class Predictor:
                 digest = content_sha256(Path(case.path))
             except OSError:
                 digest = None  # reading the case reports the problem
-            if resume and (record := self.is_finished(out_dir, case, digest)) is not None:
+            if resume and (record := self.is_finished(out_dir, case, digest, formats)) is not None:
                 yield CaseResult(case.name, Path(case.path), "skipped", None, record)
                 continue
             started = time.perf_counter()
