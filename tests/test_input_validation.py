@@ -11,7 +11,6 @@ from __future__ import annotations
 import bz2
 import gzip
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +137,12 @@ def test_find_cases_reports_what_it_once_skipped(tmp_path: Path, caplog: pytest.
     with pytest.raises(InputError, match="is a folder"):
         read_image(cases["fake"])
     assert read_image(cases["linked"]).array.shape == (3, 4, 4)
+
+
+def test_a_slice_larger_than_the_cap_is_refused_from_its_header(tmp_path: Path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "s.png")
+    assert read_image(tmp_path / "s.png").array.shape == (1, 20, 30)
+    with pytest.raises(InputError, match="30x20 = 600 voxels, more than the limit 100"):
+        read_image(tmp_path / "s.png", max_voxels=100)

@@ -155,7 +155,7 @@ def read_image(path: Path, series_uid: str | None = None, max_voxels: int = DEFA
     if lower.endswith(ITK_SUFFIXES):
         return _read_itk(path, max_voxels)
     if lower.endswith(SLICE_SUFFIXES):
-        return _read_slice(path)
+        return _read_slice(path, max_voxels)
     if is_dicom_file(path):
         raise InputError(path, "a single DICOM file; pass the folder that holds the whole series")
     raise InputError(
@@ -301,11 +301,12 @@ def _read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> CTImage:
     return _volume(path, xyz.transpose(2, 1, 0), spacing, geometry)
 
 
-def _read_slice(path: Path) -> CTImage:
+def _read_slice(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> CTImage:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as handle:
+        with Image.open(path) as handle:  # reads the header only
+            _check_voxels(path, handle.size, max_voxels)
             handle.load()
             mode = handle.mode
             frames = getattr(handle, "n_frames", 1)
@@ -320,7 +321,7 @@ def _read_slice(path: Path) -> CTImage:
             grey = handle.convert("L")
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         reason = str(error).replace(str(path), "the file").strip() or type(error).__name__
         raise InputError(path, f"unreadable or truncated image ({reason})") from None
     array = np.asarray(grey, dtype=np.float32)
