@@ -19,7 +19,10 @@ RUN if command -v apt-get >/dev/null; then \
     && python3 -m venv /opt/venv \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp plsynth
 
-COPY . /src
+# Only what the install needs (the .dockerignore keeps .git, .venv and runs/ out of the context too).
+COPY pyproject.toml README.md /src/
+COPY src /src/src
+COPY docker/install.sh /src/docker/install.sh
 RUN PYTHON=/opt/venv/bin/python /src/docker/install.sh /src --variant ${VARIANT} && rm -rf /src
 
 COPY ${BUNDLE} /opt/plsynth/bundle

@@ -198,3 +198,18 @@ def test_trt_engine_request_without_tensorrt_fails_with_a_clear_message(onnx_une
     path, _ = onnx_unet
     with pytest.raises(EngineUnavailable, match="TensorRT is not installed"):
         open_engine(path, "trt", "cuda")
+
+
+def test_ort_engine_disables_telemetry_and_an_unloadable_model_is_a_bundle_error(onnx_unet, monkeypatch, tmp_path: Path):
+    import onnxruntime
+
+    from plsynth.errors import BundleError
+
+    calls = []
+    monkeypatch.setattr(onnxruntime, "disable_telemetry_events", lambda: calls.append(True))
+    open_engine(onnx_unet[0], "ort", "cpu")
+    assert calls, "onnxruntime telemetry events are disabled before a session is created"
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(BundleError, match="ONNX Runtime cannot load"):
+        open_engine(broken, "ort", "cpu")

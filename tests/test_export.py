@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ from plsynth.cli import app
 from plsynth.config import Config, DataConfig, UNetConfig
 from plsynth.deploy.bundle import load_bundle
 from plsynth.deploy.export import check_parity, export_onnx, mask_dice, phantom_slices
-from plsynth.errors import BundleError
+from plsynth.errors import BundleError, ExitCode
 from plsynth.models.unet import UNet
 
 CFG = Config(data=DataConfig(image_size=32), model=UNetConfig(width=4, depth=2))
@@ -83,15 +86,22 @@ def test_mask_dice_conventions():
     assert mask_dice(empty, empty) == 1.0 and mask_dice(empty, full) == 0.0 and mask_dice(full, full) == 1.0
 
 
+def _plsynth(*args: str) -> subprocess.CompletedProcess:
+    """The installed `plsynth` console script, as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(Path(sys.executable).parent / "plsynth"), *args], capture_output=True, text=True,
+                          env=env, timeout=300, stdin=subprocess.DEVNULL)
+
+
 def test_export_without_checkpoint_or_with_trt_on_cpu_fails_clearly(tmp_path: Path):
     (tmp_path / "empty").mkdir()
-    result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "empty")])
-    assert result.exit_code != 0 and "best.pt" in str(result.exception or result.output)
+    result = _plsynth("export", "--run", str(tmp_path / "empty"))
+    assert result.returncode == ExitCode.NO_INPUT and "best.pt" in result.stderr and "Traceback" not in result.stderr
     from plsynth.deploy.tensorrt_engine import tensorrt_status
 
     if tensorrt_status()[0] and torch.cuda.is_available():
         pytest.skip("TensorRT and a GPU are here: --trt would succeed")
     run = write_run(tmp_path / "run", names=("model",))
-    result = CliRunner().invoke(app, ["export", "--run", str(run), "--trt", "--fp16"])
-    assert result.exit_code == 5 and "TensorRT" in result.output
+    result = _plsynth("export", "--run", str(run), "--trt", "--fp16")
+    assert result.returncode == ExitCode.ENGINE and "TensorRT" in result.stderr and "Traceback" not in result.stderr
     assert json.loads((run / "bundle" / "meta.json").read_text())["networks"].keys() == {"model"}

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -23,14 +24,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from plsynth.config import Config, DataConfig, UNetConfig
 from plsynth.data.phantom import _nifti, make_phantom
 from plsynth.data.preprocess import resize_labels, to_model_input
 from plsynth.data.window import window_array
 from plsynth.deploy.bundle import write_bundle
-from plsynth.deploy.infer_cli import EXIT_BUNDLE, EXIT_CASES_FAILED, EXIT_ENGINE, app
+from plsynth.errors import ExitCode
+
+EXIT_BUNDLE, EXIT_CASES_FAILED, EXIT_ENGINE = ExitCode.BUNDLE, ExitCode.FAILED, ExitCode.ENGINE
 from plsynth.models.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +88,7 @@ def phantom_slice(path: Path, seed: int) -> Path:
     return path
 
 
-def dicom_series(folder: Path, seed: int) -> Path:
+def dicom_series(folder: Path, seed: int, modality: str = "CT", drop: int | None = None) -> Path:
     import SimpleITK as sitk
 
     p = make_phantom(seed, (8, 64, 64), lesions=True)
@@ -99,18 +101,33 @@ def dicom_series(folder: Path, seed: int) -> Path:
     for k in range(p.hu.shape[0]):
         s = volume[:, :, k]
         pos = volume.TransformIndexToPhysicalPoint((0, 0, k))
-        for key, value in {"0010|0010": SECRET, "0010|0020": "ID-SECRET-42", "0008|0060": "CT", "0020|000e": uid,
+        for key, value in {"0010|0010": SECRET, "0010|0020": "ID-SECRET-42", "0008|0060": modality, "0020|000e": uid,
                            "0008|0018": f"{uid}.{k + 1}", "0020|0013": str(k + 1),
+                           "0020|000d": f"{uid}.0", "0020|0052": f"{uid}.9",
                            "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": "\\".join(f"{v:.4f}" for v in pos),
                            "0028|1052": "-1024", "0028|1053": "1", "0018|0050": str(p.spacing[0])}.items():
             s.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"im{k:03d}.dcm"))
-        writer.Execute(s)
+        if k != drop:
+            writer.SetFileName(str(folder / f"im{k:03d}.dcm"))
+            writer.Execute(s)
     return folder
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
+BIN = Path(sys.executable).parent  # the installed console scripts of this environment
+
+
+@dataclass
+class Run:
+    exit_code: int
+    output: str  # stdout and stderr together
+
+
+def invoke(*args: str, script: str = "plsynth-infer", timeout: float = 300) -> Run:
+    """Run an installed console script as a user would (a subprocess), with OMP_NUM_THREADS=1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(BIN / script), *[str(a) for a in args]], capture_output=True, text=True, env=env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return Run(done.returncode, done.stdout + done.stderr)
 
 
 def rows(out: Path) -> dict[str, dict]:
@@ -148,8 +165,9 @@ def test_every_input_kind_end_to_end(bundle: Path, tmp_path: Path):
     assert png.shape == (64, 64) and set(np.unique(png)) <= {0, 255}
     assert report["slice"]["infection_ml"] == "" and report["slice"]["lung_px"] != ""
     assert (out / "photo.png").is_file()
-    # DICOM: a NIfTI mask; no patient tag anywhere in the outputs
+    # DICOM: a NIfTI mask, the series segmented named by its UID; no patient tag anywhere in the outputs
     assert nib.load(out / "series-a.nii.gz").shape[:3] == (64, 64, 8)
+    assert report["series-a"]["series_uid"] == "1.2.826.0.1.3680043.2.1125.777" and report["vol"]["series_uid"] == ""
     for name in ("report.csv", "report.json"):
         text = (out / name).read_text()
         assert "Secret" not in text and "SECRET" not in text
@@ -318,3 +336,176 @@ def test_help_is_instant_and_names_the_defaults():
                             capture_output=True, text=True, encoding="utf-8", timeout=60)
     assert result.returncode == 0 and "PLSYNTH_MODEL" in result.stdout and "--continue" in result.stdout
     assert time.perf_counter() - started < 10
+
+
+def test_continue_redoes_a_case_whose_input_or_bundle_changed(bundle: Path, tmp_path: Path):
+    import shutil
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    phantom_nifti(inputs / "a.nii.gz", 40)
+    args = ["-o", out, "--lung-backend", "classical", "--no-agreement", "--continue"]
+    assert invoke(inputs, "--model", bundle, *args).exit_code == 0
+    first = rows(out)["a"]
+    phantom_nifti(inputs / "a.nii.gz", 41)  # another patient under the same name
+    second = invoke(inputs, "--model", bundle, *args)
+    assert second.exit_code == 0 and "a: ok" in second.output and "a: skipped" not in second.output
+    assert rows(out)["a"]["input_sha256"] != first["input_sha256"]
+    assert invoke(inputs, "--model", bundle, *args).output.count("a: skipped") == 1  # same input, same bundle
+    other = shutil.copytree(bundle, tmp_path / "other-bundle")
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "threshold": 0.4}))  # another model: another sha256
+    third = invoke(inputs, "--model", other, *args)
+    assert third.exit_code == 0 and "a: ok" in third.output
+    assert rows(out)["a"]["bundle_sha256"] != first["bundle_sha256"]
+
+
+def test_a_second_run_into_a_locked_out_gets_a_clear_error_naming_the_holder(bundle: Path, tmp_path: Path):
+    import socket
+
+    from plsynth.atomic import folder_lock
+
+    vol = phantom_nifti(tmp_path / "v.nii.gz", 42)
+    out = tmp_path / "out"
+    with folder_lock(out, "test holder"):
+        result = invoke(vol, "-o", out, "--model", bundle, "--lung-backend", "classical")
+        assert result.exit_code == ExitCode.LOCKED, result.output
+        assert f"pid {os.getpid()}" in result.output and socket.gethostname() in result.output
+        assert "Traceback" not in result.output and not (out / "v.nii.gz").exists()
+        run = tmp_path / "run"
+        with folder_lock(run, "test holder"):
+            trained = invoke("train", "baseline", "--config", REPO / "configs" / "phantom-smoke.yaml", "--out", run,
+                             script="plsynth")
+            assert trained.exit_code == ExitCode.LOCKED and f"pid {os.getpid()}" in trained.output, trained.output
+    assert invoke(vol, "-o", out, "--model", bundle, "--lung-backend", "classical").exit_code == 0  # released
+
+
+def _broken_bundles(bundle: Path, root: Path) -> dict[str, Path]:
+    """Bundles whose sha256s all match meta.json, broken in ways the hash check cannot see."""
+    import hashlib
+    import shutil
+
+    def variant(name: str, change) -> Path:
+        copy = shutil.copytree(bundle, root / name)
+        meta = json.loads((copy / "meta.json").read_text())
+        change(copy, meta)
+        (copy / "meta.json").write_text(json.dumps(meta))
+        return copy
+
+    def bad_onnx(folder: Path, meta: dict) -> None:
+        (folder / "model.onnx").write_bytes(b"not an onnx model" * 10)
+        meta["files"]["model.onnx"] = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+
+    def symlink(folder: Path, meta: dict) -> None:
+        target = root / "outside.onnx"
+        shutil.copy(folder / "model.onnx", target)
+        (folder / "model.onnx").unlink()
+        (folder / "model.onnx").symlink_to(target)
+
+    return {
+        "onnx that does not load": variant("bad-onnx", bad_onnx),
+        "networks must be": variant("no-model", lambda f, m: m["networks"].pop("model")),
+        "stored config": variant("bad-config", lambda f, m: m["config"]["model"].update(width="wide")),
+        "symbolic link": variant("symlink", symlink),
+        "malformed field": variant("bad-size", lambda f, m: m.update(image_size="large")),
+    }
+
+
+def test_bundle_faults_outside_the_hash_check_exit_4_with_a_message(bundle: Path, tmp_path: Path):
+    vol = phantom_nifti(tmp_path / "v.nii.gz", 43)
+    for expected, broken in _broken_bundles(bundle, tmp_path).items():
+        result = invoke(vol, "-o", tmp_path / "out", "--model", broken, "--lung-backend", "classical")
+        assert result.exit_code == ExitCode.BUNDLE, (expected, result.output)
+        assert "bundle error" in result.output and "Traceback" not in result.output, result.output
+        if expected != "onnx that does not load":
+            assert expected in result.output, result.output
+        else:
+            assert "ONNX Runtime cannot load" in result.output
+
+
+def test_an_output_that_cannot_be_written_fails_that_case_only(bundle: Path, tmp_path: Path):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    for name, seed in (("a", 44), ("b", 45), ("c", 46)):
+        phantom_nifti(inputs / f"{name}.nii.gz", seed)
+    (out / "b.nii.gz").mkdir(parents=True)  # a folder where b's mask goes: its write fails
+    result = invoke(inputs, "-o", out, "--model", bundle, "--lung-backend", "classical", "--no-agreement")
+    assert result.exit_code == ExitCode.FAILED, result.output
+    report = rows(out)
+    assert report["a"]["status"] == "ok" and report["c"]["status"] == "ok"
+    assert report["b"]["status"] == "failed" and "cannot write output" in report["b"]["error"]
+    assert not (out / "lungs" / "b.nii.gz").exists(), "the failed case's lung mask is removed, not left behind"
+    assert "Traceback" not in result.output
+    (tmp_path / "file").write_text("OUT is a file")
+    result = invoke(inputs, "-o", tmp_path / "file", "--model", bundle)
+    assert result.exit_code == ExitCode.USAGE and "cannot use output folder" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_dicom_inputs_get_a_dicom_seg_alone_or_beside_the_nifti(bundle: Path, tmp_path: Path):
+    import pydicom
+
+    series = dicom_series(tmp_path / "in" / "series-b", 47)
+    out = tmp_path / "out"
+    args = ["-o", out, "--model", bundle, "--lung-backend", "classical", "--no-agreement"]
+    result = invoke(series, *args, "--format", "dicom-seg")
+    assert result.exit_code == 0, result.output
+    row = rows(out)["series-b"]
+    assert row["dicom_seg"] == "series-b.seg.dcm" and row["mask"] == ""
+    assert not (out / "series-b.nii.gz").exists() and not (out / "lungs" / "series-b.nii.gz").exists()
+    seg = pydicom.dcmread(out / "series-b.seg.dcm")
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == row["series_uid"]
+    assert "series-b: skipped" in invoke(series, *args, "--format", "dicom-seg", "--continue").output
+    both = invoke(series, *args, "--format", "both", "--continue")  # the NIfTI is missing: the case is redone
+    assert both.exit_code == 0 and "series-b: ok" in both.output
+    assert (out / "series-b.nii.gz").is_file() and (out / "series-b.seg.dcm").is_file()
+    assert SECRET not in (out / "report.csv").read_text()
+
+
+def test_a_batch_mixing_good_and_every_bad_kind_finishes_every_good_case(bundle: Path, tmp_path: Path):
+    """Good volumes of every readable kind beside every fault of issue 14: exit 1, each bad case named with its reason."""
+    import bz2
+    import gzip
+
+    import SimpleITK as sitk
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    good = {"vol": phantom_nifti(inputs / "vol.nii.gz", 50), "series": dicom_series(inputs / "series", 51)}
+    plain = phantom_nifti(tmp_path / "plain.nii", 52)
+    (inputs / "packed.nii.bz2").write_bytes(bz2.compress(plain.read_bytes()))
+    sitk.WriteImage(sitk.ReadImage(str(plain)), str(inputs / "meta.mha"))
+    os.symlink(dicom_series(tmp_path / "elsewhere" / "linked", 53), inputs / "linked")
+    good.update(packed=inputs / "packed.nii.bz2", meta=inputs / "meta.mha", linked=inputs / "linked")
+    crc = bytearray(phantom_nifti(inputs / "crc.nii.gz", 54).read_bytes())
+    crc[-8] ^= 0xFF
+    (inputs / "crc.nii.gz").write_bytes(bytes(crc))
+    header = nib.Nifti1Header()
+    header.set_data_shape((1024, 1024, 1000))
+    header.set_data_dtype(np.int16)
+    (inputs / "huge.nii.gz").write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    dicom_series(inputs / "gap", 55, drop=4)
+    dicom_series(inputs / "mr", 56, modality="MR")
+    (inputs / "folder.nii.gz").mkdir()
+    (inputs / "folder.nii.gz" / "readme.txt").write_text("not a volume")
+    (inputs / "empty.nii.gz").write_bytes(b"")
+    phantom_nifti(inputs / "blocked.nii.gz", 57)
+    (out / "blocked.nii.gz").mkdir(parents=True)  # its mask cannot be written
+    reasons = {"crc": "CRC", "huge": "--max-voxels", "gap": "not uniform", "mr": "Modality MR",
+               "folder": "is a folder", "empty": "empty file", "blocked": "cannot write output"}
+    result = invoke(inputs, "-o", out, "--model", bundle, "--lung-backend", "classical", "--no-agreement",
+                    "--format", "both")
+    assert result.exit_code == ExitCode.FAILED, result.output
+    assert "Traceback" not in result.output
+    report = rows(out)
+    assert set(report) == set(good) | set(reasons)
+    for case in good:
+        assert report[case]["status"] == "ok", (case, report[case]["error"])
+        assert (out / f"{case}.nii.gz").is_file()
+    assert (out / "series.seg.dcm").is_file() and (out / "linked.seg.dcm").is_file()
+    for case, reason in reasons.items():
+        assert report[case]["status"] == "failed" and reason in report[case]["error"], (case, report[case]["error"])
+        assert report[case]["input"] in report[case]["error"] or case == "blocked"
+        assert f"{case}: failed" in result.output and reason in result.output
+        if case != "blocked":
+            assert not (out / f"{case}.nii.gz").exists()
+        assert not (out / "lungs" / f"{case}.nii.gz").exists() and not (out / f"{case}.seg.dcm").exists()
+    assert not list(out.rglob(".tmp-*"))
+    assert _all_final_outputs_load(out) > 0

@@ -150,7 +150,8 @@ def test_write_mask_rejects_wrong_shape_values_and_suffix(tmp_path: Path) -> Non
 PATIENT = "Recognizable^Patientname"
 
 
-def _write_series(folder: Path, hu: np.ndarray, uid: str, spacing=(0.7, 0.8, 2.5), flip_x: bool = False) -> None:
+def _write_series(folder: Path, hu: np.ndarray, uid: str, spacing=(0.7, 0.8, 2.5), flip_x: bool = False,
+                  modality: str = "CT") -> None:
     """A CT series written with SimpleITK, RescaleIntercept -1024 (GDCM stores HU + 1024), a patient name set."""
     folder.mkdir(parents=True, exist_ok=True)
     volume = sitk.GetImageFromArray(hu.astype(np.int16))
@@ -164,8 +165,9 @@ def _write_series(folder: Path, hu: np.ndarray, uid: str, spacing=(0.7, 0.8, 2.5
         slice_ = volume[:, :, k]
         position = volume.TransformIndexToPhysicalPoint((0, 0, k))
         tags = {
-            "0010|0010": PATIENT, "0010|0020": "ID-Recognizable", "0008|0060": "CT",
+            "0010|0010": PATIENT, "0010|0020": "ID-Recognizable", "0008|0060": modality,
             "0020|000e": uid, "0008|0018": f"{uid}.{k + 1}", "0020|0013": str(k + 1),
+            "0020|000d": f"{uid}.0", "0020|0052": f"{uid}.9",  # one study, one frame of reference
             "0020|0037": "\\".join(str(v) for v in (*row, 0.0, 1.0, 0.0)),
             "0020|0032": "\\".join(f"{v:.4f}" for v in position),
             "0028|1052": "-1024", "0028|1053": "1", "0018|0050": str(spacing[2]),

@@ -111,4 +111,49 @@ def atomic_write_text(path: Path, text: str, encoding: str = "utf-8") -> Path:
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "temp_path_for", "TEMP_PREFIX"]
+LOCK_NAME = ".plsynth.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, command: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if needed) for the duration of the block.
+
+    Two runs writing into one output folder would lose or duplicate records, so the second one
+    gets ``LockedError`` naming the holder (pid, host, command, start time). The lock is
+    ``flock`` on ``folder/.plsynth.lock``: the kernel releases it when the holder exits, even on
+    kill -9, so a dead run never leaves a stale lock (on NFS, flock may not be shared between hosts).
+    """
+    import datetime as _dt
+    import fcntl
+    import json
+    import socket
+
+    from plsynth.errors import LockedError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except ValueError:
+            holder = {}
+        os.close(fd)
+        who = ", ".join(f"{k} {holder[k]}" for k in ("pid", "host", "command", "started") if k in holder) or "unknown"
+        raise LockedError(f"{folder} is in use by another run ({who}); wait for it to end or choose another folder") from None
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield path
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+__all__ = ["atomic_write", "folder_lock", "atomic_write_bytes", "atomic_write_text", "temp_path_for", "TEMP_PREFIX"]

@@ -21,6 +21,7 @@ app = typer.Typer(
     help="Train and compare semi-supervised COVID-19 infection segmenters with pseudo-label guided image synthesis.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
 app.add_typer(data_app, name="data", help="Make and inspect data (phantoms).")
 app.add_typer(train_app, name="train", help="Train the synthesizer or a segmentation method.")
@@ -46,36 +47,17 @@ def demo_command(
     run_demo(Path(out), Path(config) if config else None, sa_st=sa_st)
 
 
-EXIT_CONFIG, EXIT_INPUT, EXIT_BUNDLE = 2, 3, 4
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", help="Print the traceback of an unexpected error.")) -> None:
+    """Train and compare semi-supervised COVID-19 infection segmenters with pseudo-label guided image synthesis."""
 
 
 def main() -> None:
+    """Console entry point: the documented exit codes (``plsynth.errors.ExitCode``), no traceback unless --verbose."""
+    from plsynth.errors import run_app
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from plsynth.config import ConfigError
-    from plsynth.errors import BundleError, InputError
-
-    try:
-        app(standalone_mode=False)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    except ConfigError as exc:
-        typer.echo(f"config error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    except InputError as exc:
-        typer.echo(f"input error: {exc}", err=True)
-        sys.exit(EXIT_INPUT)
-    except BundleError as exc:
-        typer.echo(f"bundle error: {exc}", err=True)
-        sys.exit(EXIT_BUNDLE)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    sys.exit(run_app(app, "plsynth"))
 
 
 if __name__ == "__main__":

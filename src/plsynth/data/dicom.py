@@ -43,16 +43,14 @@ def is_dicom_file(path: Path) -> bool:
 
 
 @dataclass(frozen=True)
-class DicomGeometry:
-    """How to write a mask back over a DICOM series.
+class ItkGeometry:
+    """How to write a mask back over an image read by SimpleITK (a DICOM series, .mha, .nrrd).
 
     ``origin``/``spacing``/``direction`` (ITK order, LPS world) describe the CTImage's grid, which
-    is the series reoriented to LPS; ``original_orientation`` is the series' own orientation code
-    (e.g. ``"LPS"``, ``"RAI"``) so a mask can be put back into the series' own voxel order.
+    is the image reoriented to LPS; ``original_orientation`` is the image's own orientation code
+    (e.g. ``"LPS"``, ``"RAI"``) so a mask can be put back into its own voxel order.
     """
 
-    series_uid: str
-    n_files: int
     origin: tuple[float, float, float]
     spacing: tuple[float, float, float]  # ITK order (x, y, z)
     direction: tuple[float, ...]  # 9 numbers, row-major, ITK order
@@ -67,6 +65,18 @@ class DicomGeometry:
         lps[:3, 3] = self.origin
         ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS world -> RAS world
         return ras[:, [2, 1, 0, 3]]  # ITK index (x, y, z) -> array index (z, y, x)
+
+
+@dataclass(frozen=True)
+class DicomGeometry(ItkGeometry):
+    """An ItkGeometry read from a DICOM series: its UID and files (a DICOM SEG references them)."""
+
+    series_uid: str = ""
+    files: tuple[str, ...] = ()
+
+    @property
+    def n_files(self) -> int:
+        return len(self.files)
 
 
 def list_series(folder: Path) -> dict[str, list[str]]:
@@ -100,11 +110,61 @@ def choose_series(folder: Path, series: dict[str, list[str]], series_uid: str | 
     return chosen
 
 
-def read_dicom_series(folder: Path, series_uid: str | None = None) -> tuple[np.ndarray, DicomGeometry]:
+SPACING_TOLERANCE = 0.01  # relative spread of slice gaps accepted as "uniform" (1 %, and at least 0.01 mm)
+
+
+def check_series_headers(folder: Path, uid: str, files: list[str], max_voxels: int | None = None) -> None:
+    """Refuse a series before its pixels are read: not CT, too many voxels, or slices not evenly spaced.
+
+    Reads only the header tags needed (pydicom, no pixel data). Missing slices show as a gap
+    larger than the others; ITK would silently average the spacing and every volume would be wrong.
+    """
+    import pydicom
+
+    tags = ["Modality", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "NumberOfFrames"]
+    headers = []
+    for name in files:
+        try:
+            headers.append(pydicom.dcmread(name, stop_before_pixels=True, specific_tags=tags))
+        except Exception as error:  # noqa: BLE001 - pydicom raises InvalidDicomError, OSError, ...
+            raise InputError(folder, f"DICOM series {uid}: cannot read the header of {Path(name).name} ({type(error).__name__})") from None
+    modalities = sorted({str(getattr(h, "Modality", "") or "missing") for h in headers})
+    if modalities != ["CT"]:
+        raise InputError(folder, f"DICOM series {uid} has Modality {', '.join(modalities)}, not CT; "
+                                 "this model reads CT numbers (HU) only")
+    rows, columns = int(getattr(headers[0], "Rows", 0) or 0), int(getattr(headers[0], "Columns", 0) or 0)
+    frames = sum(int(getattr(h, "NumberOfFrames", 1) or 1) for h in headers)
+    if max_voxels is not None and rows * columns * frames > max_voxels:
+        raise InputError(folder, f"DICOM series {uid} declares {columns}x{rows}x{frames} = {rows * columns * frames} "
+                                 f"voxels, more than the limit {max_voxels} (--max-voxels)")
+    if len(headers) < 3 or frames != len(headers):
+        return
+    try:
+        orientation = np.array([float(v) for v in headers[0].ImageOrientationPatient], dtype=float).reshape(2, 3)
+        positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers], dtype=float)
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(folder, f"DICOM series {uid}: ImagePositionPatient/ImageOrientationPatient missing or "
+                                 "malformed; cannot tell the slice spacing") from None
+    normal = np.cross(orientation[0], orientation[1])
+    heights = np.sort(positions @ normal)
+    gaps = np.diff(heights)
+    if np.any(gaps < 1e-3):
+        raise InputError(folder, f"DICOM series {uid}: two or more slices share one position (duplicates, or "
+                                 "several volumes in one series); pass a folder with one volume")
+    median = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - median)))
+    if abs(gaps[worst] - median) > max(SPACING_TOLERANCE * median, 0.01):
+        raise InputError(folder, f"DICOM series {uid}: slice spacing is not uniform ({gaps[worst]:.3g} mm between "
+                                 f"slices {worst + 1} and {worst + 2}, {median:.3g} mm elsewhere): slices are missing "
+                                 "or the series mixes acquisitions; refusing to guess the geometry")
+
+
+def read_dicom_series(folder: Path, series_uid: str | None = None, max_voxels: int | None = None) -> tuple[np.ndarray, DicomGeometry]:
     """Read one series of ``folder`` as a float32 HU array ``(z, y, x)`` in LPS order, and its geometry.
 
     Oblique series are reoriented to the closest axis-aligned LPS order (``sitk.DICOMOrient``),
-    never resampled. Raises InputError for a folder without a readable series or an unknown uid.
+    never resampled. Raises InputError for a folder without a readable series, an unknown uid,
+    a series that is not CT, larger than ``max_voxels`` or with unevenly spaced (missing) slices.
     """
     import SimpleITK as sitk
 
@@ -121,6 +181,7 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> tuple[np.n
     if not series:
         raise InputError(folder, f"{n_dicom} DICOM file(s) found but none is part of a readable image series")
     uid = choose_series(folder, series, series_uid)
+    check_series_headers(folder, uid, series[uid], max_voxels)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(series[uid])
     reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -131,14 +192,22 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> tuple[np.n
         lines = str(error).strip().splitlines()
         reason = lines[-1].strip() if lines else type(error).__name__
         raise InputError(folder, f"cannot read DICOM series {uid}: {reason}") from None
+    array, itk = oriented_lps(folder, image)
+    geometry = DicomGeometry(**vars(itk), series_uid=uid, files=tuple(series[uid]))
+    return array, geometry
+
+
+def oriented_lps(path: Path, image) -> tuple[np.ndarray, ItkGeometry]:
+    """A SimpleITK image as a float32 ``(z, y, x)`` array in LPS order and the geometry to undo that."""
+    import SimpleITK as sitk
+
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(folder, f"DICOM series {uid} is not a greyscale 3D image")
+        raise InputError(path, f"not a greyscale 3D image ({image.GetDimension()}D, "
+                               f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel)")
     original = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
     oriented = sitk.DICOMOrient(image, "LPS")
     array = sitk.GetArrayFromImage(oriented).astype(np.float32, copy=False)
-    geometry = DicomGeometry(
-        series_uid=uid,
-        n_files=len(series[uid]),
+    geometry = ItkGeometry(
         origin=tuple(float(v) for v in oriented.GetOrigin()),
         spacing=tuple(float(v) for v in oriented.GetSpacing()),
         direction=tuple(float(v) for v in oriented.GetDirection()),
@@ -147,15 +216,15 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> tuple[np.n
     return array, geometry
 
 
-def write_dicom_mask(mask: np.ndarray, like: CTImage, path: Path) -> Path:
-    """Write ``mask`` (uint8, CTImage grid) as NIfTI in the series' own voxel order and world geometry.
+def write_itk_mask(mask: np.ndarray, like: CTImage, path: Path) -> Path:
+    """Write ``mask`` (uint8, CTImage grid) as NIfTI in the image's own voxel order and world geometry.
 
-    The NIfTI affine reproduces the series geometry (ITK's LPS -> NIfTI RAS conversion), so the
-    mask overlays the series in 3D Slicer or ITK-SNAP.
+    For DICOM series, .mha and .nrrd inputs. The NIfTI affine reproduces the input's geometry
+    (ITK's LPS -> NIfTI RAS conversion), so the mask overlays it in 3D Slicer or ITK-SNAP.
     """
     import SimpleITK as sitk
 
-    geometry: DicomGeometry = like.geometry
+    geometry: ItkGeometry = like.geometry
     image = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
     image.SetOrigin(geometry.origin)
     image.SetSpacing(geometry.spacing)
@@ -166,4 +235,5 @@ def write_dicom_mask(mask: np.ndarray, like: CTImage, path: Path) -> Path:
     return Path(path)
 
 
-__all__ = ["DicomGeometry", "choose_series", "is_dicom_file", "list_series", "read_dicom_series", "write_dicom_mask"]
+__all__ = ["DicomGeometry", "ItkGeometry", "check_series_headers", "choose_series", "is_dicom_file", "list_series",
+           "oriented_lps", "read_dicom_series", "write_itk_mask"]

@@ -1,8 +1,13 @@
 """Reading CT inputs into a CTImage, writing masks back in the input's exact geometry, finding cases.
 
-Inputs: NIfTI volumes (``.nii``, ``.nii.gz``; any orientation, oblique included; int16, uint16,
-float; scl_slope/scl_inter honoured), DICOM series folders (see ``plsynth.data.dicom``), and 2D
-8-bit PNG/JPG slices that were windowed before we got them.
+Inputs: NIfTI volumes (``.nii``, ``.nii.gz``, ``.nii.bz2``; any orientation, oblique included;
+int16, uint16, float; scl_slope/scl_inter honoured), MetaImage and NRRD volumes (``.mha``,
+``.mhd``, ``.nrrd``, ``.nhdr``, through SimpleITK), DICOM series folders (see
+``plsynth.data.dicom``), and 2D 8-bit PNG/JPG slices that were windowed before we got them.
+
+Every volume is checked before its voxels are read: the header's voxel count against a cap
+(``max_voxels``), and a compressed NIfTI's whole stream (CRC and length) against what the
+header declares, so a 90-byte file claiming a billion voxels costs nothing.
 
 Every volume becomes a float32 ``(z, y, x)`` array in LPS order (see ``CTImage``): the array is
 only permuted and flipped, never resampled; an oblique affine is reoriented to the closest
@@ -29,15 +34,18 @@ from typing import Any
 import numpy as np
 
 from plsynth.atomic import atomic_write
-from plsynth.data.dicom import DicomGeometry, is_dicom_file, read_dicom_series, write_dicom_mask
+from plsynth.data.dicom import ItkGeometry, is_dicom_file, oriented_lps, read_dicom_series, write_itk_mask
 from plsynth.data.image import CTImage
 from plsynth.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # what masks are written as
+NIFTI_READ_SUFFIXES = NIFTI_SUFFIXES + (".nii.bz2",)
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
-CASE_SUFFIXES = NIFTI_SUFFIXES + SLICE_SUFFIXES
+CASE_SUFFIXES = NIFTI_READ_SUFFIXES + ITK_SUFFIXES + SLICE_SUFFIXES
+DEFAULT_MAX_VOXELS = 512 * 512 * 2000  # 2 GB as float32: the largest chest CT we accept (--max-voxels)
 LPS = ("L", "P", "S")  # nibabel axis codes of the CTImage array's (x, y, z) axes
 
 
@@ -88,19 +96,44 @@ def case_name(path: Path) -> str:
 def world_affine(image: CTImage) -> np.ndarray | None:
     """4x4 from ``image.array`` index ``(z, y, x, 1)`` to world RAS+ mm; None for 2D slices."""
     geometry = image.geometry
-    if isinstance(geometry, (NiftiGeometry, DicomGeometry)):
+    if isinstance(geometry, (NiftiGeometry, ItkGeometry)):
         return np.array(geometry.affine_ras, dtype=float)
     return None
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of an input's content: a file's bytes, or a folder's (name, sha256) list of its visible files.
+
+    ``--continue`` keys finished cases by it, so another volume under the same name is redone.
+    """
+    import hashlib
+
+    def file_digest(file: Path) -> str:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest()
+
+    path = Path(path)
+    if not path.is_dir():
+        return file_digest(path)
+    listing = hashlib.sha256()
+    for child in sorted(path.iterdir()):
+        if child.is_file() and not child.name.startswith("."):
+            listing.update(f"{child.name}\0{file_digest(child)}\n".encode())
+    return listing.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- reading
 
 
-def read_image(path: Path, series_uid: str | None = None) -> CTImage:
-    """Read a NIfTI file, a DICOM series folder or an 8-bit PNG/JPG slice into a CTImage.
+def read_image(path: Path, series_uid: str | None = None, max_voxels: int = DEFAULT_MAX_VOXELS) -> CTImage:
+    """Read a NIfTI, MetaImage or NRRD file, a DICOM series folder or an 8-bit PNG/JPG slice into a CTImage.
 
     ``series_uid`` chooses the DICOM series when a folder holds several (see
-    ``plsynth.data.dicom``). Raises InputError naming the file and the problem.
+    ``plsynth.data.dicom``); volumes whose header declares more than ``max_voxels`` voxels are
+    refused before reading. Raises InputError naming the file and the problem.
     """
     path = Path(path)
     if not os.path.lexists(path):
@@ -111,20 +144,22 @@ def read_image(path: Path, series_uid: str | None = None) -> CTImage:
     if path.is_dir():
         if lower.endswith(CASE_SUFFIXES) and not any(is_dicom_file(p) for p in path.iterdir() if p.is_file()):
             raise InputError(path, "is a folder, not a file (named like a NIfTI/PNG file, holds no DICOM)")
-        array, geometry = read_dicom_series(path, series_uid)
+        array, geometry = read_dicom_series(path, series_uid, max_voxels)
         return _volume(path, array, tuple(float(v) for v in geometry.spacing[::-1]), geometry)
     if path.stat().st_size == 0:
         raise InputError(path, "empty file (0 bytes)")
     if not os.access(path, os.R_OK):
         raise InputError(path, "not readable (permission denied)")
-    if lower.endswith(NIFTI_SUFFIXES):
-        return _read_nifti(path)
+    if lower.endswith(NIFTI_READ_SUFFIXES):
+        return _read_nifti(path, max_voxels)
+    if lower.endswith(ITK_SUFFIXES):
+        return _read_itk(path, max_voxels)
     if lower.endswith(SLICE_SUFFIXES):
-        return _read_slice(path)
+        return _read_slice(path, max_voxels)
     if is_dicom_file(path):
         raise InputError(path, "a single DICOM file; pass the folder that holds the whole series")
     raise InputError(
-        path, f"unknown file type {path.suffix!r}; expected .nii, .nii.gz, .png, .jpg or a DICOM series folder"
+        path, f"unknown file type {path.suffix!r}; expected .nii(.gz/.bz2), .mha, .nrrd, .png, .jpg or a DICOM series folder"
     )
 
 
@@ -146,24 +181,76 @@ def _volume(path: Path, array: np.ndarray, spacing: tuple[float, float, float], 
     return CTImage(np.ascontiguousarray(array, dtype=np.float32), "hu", spacing, path, geometry)
 
 
+def _open_compressed(path: Path):
+    import bz2
+
+    return bz2.open(path, "rb") if path.name.lower().endswith(".bz2") else gzip.open(path, "rb")
+
+
+def _compressed_problem(path: Path, expected: int | None = None) -> str | None:
+    """Read a compressed file's whole stream (which checks its CRC) without keeping it; a reason or None.
+
+    ``expected``: bytes the header says the stream holds at least (voxel offset + voxel data).
+    """
+    import bz2  # noqa: F401 - its OSError subclasses come through _open_compressed
+
+    kind = "bzip2" if path.name.lower().endswith(".bz2") else "gzip"
+    total = 0
+    try:
+        with _open_compressed(path) as handle:
+            while block := handle.read(1 << 24):
+                total += len(block)
+    except EOFError:
+        return f"truncated {kind} data (the file ends early; was the copy interrupted?)"
+    except (gzip.BadGzipFile, zlib.error, OSError, ValueError) as error:
+        return f"corrupt or not {kind} data ({error})"
+    if expected is not None and total < expected:
+        return f"truncated NIfTI: the header declares {expected} bytes, the file holds {total}"
+    return None
+
+
 def _nifti_read_problem(path: Path, error: BaseException) -> str:
-    """A human reason for a NIfTI that nibabel could not read; diagnoses gzip damage first."""
-    if path.name.lower().endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as handle:
-                while handle.read(1 << 24):
-                    pass
-        except EOFError:
-            return "truncated gzip data (the file ends early; was the copy interrupted?)"
-        except (gzip.BadGzipFile, zlib.error, OSError) as gz_error:
-            return f"corrupt or not gzip data ({gz_error})"
+    """A human reason for a NIfTI that nibabel could not read; diagnoses compression damage first."""
+    if path.name.lower().endswith((".gz", ".bz2")):
+        problem = _compressed_problem(path)
+        if problem is not None:
+            return problem
     elif isinstance(error, OSError) and "Expected" in str(error):
         return "truncated NIfTI (the file ends before its voxel data does)"
     reason = str(error).replace(str(path), "the file").strip() or type(error).__name__
     return f"unreadable, not a NIfTI file ({reason})"
 
 
-def _read_nifti(path: Path) -> CTImage:
+def _check_voxels(path: Path, shape: Sequence[int], max_voxels: int) -> int:
+    count = int(np.prod([int(n) for n in shape], dtype=np.int64))
+    if count > max_voxels:
+        raise InputError(path, f"the header declares {'x'.join(str(int(n)) for n in shape)} = {count} voxels, more than "
+                               f"the limit {max_voxels} (--max-voxels); not read")
+    return count
+
+
+def _read_itk(path: Path, max_voxels: int) -> CTImage:
+    """A MetaImage or NRRD volume through SimpleITK: header first (size cap), then the voxels."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        lines = str(error).strip().splitlines()
+        raise InputError(path, f"unreadable image header ({lines[-1].strip() if lines else 'SimpleITK error'})") from None
+    _check_voxels(path, reader.GetSize(), max_voxels)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        lines = str(error).strip().splitlines()
+        raise InputError(path, f"unreadable or truncated image ({lines[-1].strip() if lines else 'SimpleITK error'})") from None
+    array, geometry = oriented_lps(path, image)
+    return _volume(path, array, tuple(float(v) for v in geometry.spacing[::-1]), geometry)
+
+
+def _read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> CTImage:
     import nibabel as nib
     from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
@@ -181,6 +268,11 @@ def _read_nifti(path: Path) -> CTImage:
     dtype = image.header.get_data_dtype()
     if dtype.fields is not None or dtype.kind not in "uif":
         raise InputError(path, f"unsupported voxel type {dtype}; expected integer or float greyscale")
+    count = _check_voxels(path, shape, max_voxels)
+    if path.name.lower().endswith((".gz", ".bz2")):  # nibabel never reads to the end, so never checks the CRC
+        problem = _compressed_problem(path, int(image.header.get_data_offset()) + count * dtype.itemsize)
+        if problem is not None:
+            raise InputError(path, problem)
     try:
         data = image.get_fdata(dtype=np.float32)  # applies scl_slope / scl_inter
     except Exception as error:
@@ -209,11 +301,12 @@ def _read_nifti(path: Path) -> CTImage:
     return _volume(path, xyz.transpose(2, 1, 0), spacing, geometry)
 
 
-def _read_slice(path: Path) -> CTImage:
+def _read_slice(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> CTImage:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as handle:
+        with Image.open(path) as handle:  # reads the header only
+            _check_voxels(path, handle.size, max_voxels)
             handle.load()
             mode = handle.mode
             frames = getattr(handle, "n_frames", 1)
@@ -228,7 +321,7 @@ def _read_slice(path: Path) -> CTImage:
             grey = handle.convert("L")
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         reason = str(error).replace(str(path), "the file").strip() or type(error).__name__
         raise InputError(path, f"unreadable or truncated image ({reason})") from None
     array = np.asarray(grey, dtype=np.float32)
@@ -268,8 +361,8 @@ def write_mask(mask: np.ndarray, like: CTImage, path: Path, *, scale_binary_png:
       kept), affine, qform/sform and codes, pixdim, units and the rest of the header; only the
       data type (uint8), scl_slope/scl_inter (unset, so values are exact) and cal_min/cal_max
       (reset to 0, the CT's display range makes no sense for labels) change.
-    - DICOM input -> NIfTI in the series' own voxel order whose affine reproduces the series
-      geometry (it overlays the series in 3D Slicer).
+    - DICOM, .mha or .nrrd input -> NIfTI in the input's own voxel order whose affine reproduces
+      its geometry (it overlays the series in 3D Slicer).
     - 2D slice -> ``.png`` of the input's size. ``scale_binary_png``: True writes ``mask * 255``
       (0/255, the infection output; labels above 1 are then a ValueError), False the raw label
       values (use it for lung masks 0..2, whose content may happen to hold only label 1), None
@@ -284,9 +377,9 @@ def write_mask(mask: np.ndarray, like: CTImage, path: Path, *, scale_binary_png:
     if isinstance(geometry, NiftiGeometry):
         _require_suffix(path, NIFTI_SUFFIXES, like)
         return _write_nifti_mask(labels, geometry, path)
-    if isinstance(geometry, DicomGeometry):
+    if isinstance(geometry, ItkGeometry):  # DICOM series, .mha, .nrrd
         _require_suffix(path, NIFTI_SUFFIXES, like)
-        return write_dicom_mask(labels, like, path)
+        return write_itk_mask(labels, like, path)
     if isinstance(geometry, SliceGeometry) or like.is_slice:
         _require_suffix(path, (".png",), like)
         binary = labels.max(initial=0) <= 1
@@ -340,30 +433,51 @@ def _is_case_file(path: Path) -> bool:
 
 
 def _expand_folder(folder: Path) -> list[Path]:
-    """NIfTI/PNG/JPG files and DICOM series folders under ``folder`` (recursive, hidden entries skipped)."""
+    """Cases under ``folder``, recursively (symbolic links followed once; hidden entries skipped).
+
+    A folder holding DICOM files is one case; a sub-folder named like a file is a case of its
+    own (it fails with the reason). Files of other types (notes, sidecars) are skipped with a
+    warning that names them: nothing is skipped without a word.
+    """
     found: list[Path] = []
-    ignored = 0
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    skipped: list[Path] = []
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symbolic link loop, or the same folder reached twice
+            dirs[:] = []
+            continue
+        seen.add(real)
         root_path = Path(root)
         visible = sorted(f for f in files if not f.startswith("."))
-        case_files = [root_path / f for f in visible if _is_case_file(root_path / f)]
-        others = [root_path / f for f in visible if not _is_case_file(root_path / f)]
-        if any(is_dicom_file(p) for p in others):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in list(dirs):  # a folder named like a file: one case of its own (read_image says why it fails)
+            if d.lower().endswith(CASE_SUFFIXES) and not any(is_dicom_file(p) for p in (root_path / d).iterdir()
+                                                             if p.is_file()):
+                found.append(root_path / d)
+                dirs.remove(d)
+        paths = [root_path / f for f in visible]
+        others = [p for p in paths if not _is_case_file(p)]
+        dicom = [p for p in others if is_dicom_file(p)]
+        if dicom:
             found.append(root_path)
-        else:
-            ignored += len(others)
-        found.extend(case_files)
-    if ignored:
-        logger.info("%s: ignored %d files that are neither NIfTI, PNG/JPG nor DICOM", folder, ignored)
+            if len(dicom) < len(others):
+                logger.info("%s: %d non-DICOM file(s) beside the DICOM series ignored", root_path, len(others) - len(dicom))
+            others = []
+        found.extend(p for p in paths if _is_case_file(p))
+        skipped.extend(others)
+    if skipped:
+        names = ", ".join(str(p.relative_to(folder)) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        logger.warning("%s: skipped %d file(s) that are neither a volume, a slice nor DICOM: %s", folder, len(skipped), names)
     return sorted(found)
 
 
 def find_cases(inputs: Sequence[Path]) -> list[Case]:
     """Expand files and folders into cases, in the order given, folders sorted.
 
-    A folder becomes its NIfTI, PNG/JPG files and DICOM series folders (a folder holding DICOM
-    files is one case), recursively; hidden files and other files inside folders are skipped.
+    A folder becomes its volume and slice files and DICOM series folders (a folder holding DICOM
+    files is one case), recursively; hidden entries are skipped, every other file is a case
+    (an unknown type fails with its reason).
     Anything given explicitly that is not usable (missing path, unknown type, a folder with
     nothing usable) still becomes a case, so that reading it gives its own error and a batch
     reports it and goes on. The same path is listed once. Names that collide get ``-2``,

@@ -101,6 +101,9 @@ def write_bundle(
     size = int(cfg.data.image_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a bundle is read by the service user too
     try:
         slices = _parity_inputs(size, cfg, phantom_slices)
         parity: dict[str, dict] = {}
@@ -227,7 +230,10 @@ class Bundle:
         return str(self.meta["input"]["name"])
 
     def onnx_path(self, name: str = "model") -> Path:
-        return self.path / self.meta["networks"][name]["onnx"]
+        entry = self.meta["networks"].get(name, {})
+        if "onnx" not in entry:
+            raise BundleError(f"{self.path / META}: network {name!r} has no ONNX file; use --engine torch")
+        return self.path / entry["onnx"]
 
     def onnx_sha256(self, name: str = "model") -> str:
         return self.meta["files"][self.meta["networks"][name]["onnx"]]
@@ -265,6 +271,26 @@ class Bundle:
 REQUIRED_META = ("format", "networks", "image_size", "window_hu", "lung_handling", "threshold", "input", "files")
 
 
+def _check_fields(meta: dict, meta_path: Path) -> None:
+    """The fields inference reads, with their types, and the stored config: a BundleError now, not a crash later."""
+    from plsynth.config import ConfigError, saved_config
+
+    try:
+        size = int(meta["image_size"])
+        low, high = (float(v) for v in meta["window_hu"])
+        float(meta["threshold"])
+        str(meta["input"]["name"])
+        if size < 8 or not low < high or not isinstance(meta["lung_handling"], str):
+            raise ValueError("image_size, window_hu or lung_handling out of range")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{meta_path}: malformed field ({type(exc).__name__}: {exc})") from None
+    if "config" in meta:
+        try:
+            saved_config(meta["config"], where=str(meta_path))
+        except (ConfigError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"{meta_path}: the stored config is not usable ({exc})") from None
+
+
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Open a bundle folder, check meta.json and (``verify``) the sha256 of every listed file.
 
@@ -288,19 +314,32 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{meta_path}: missing key(s) {', '.join(missing)}")
     if meta["format"] != FORMAT:
         raise BundleError(f"{meta_path}: format {meta['format']!r} is not {FORMAT!r}")
-    files = meta["files"]
-    for name, entry in meta["networks"].items():
+    files, networks = meta["files"], meta["networks"]
+    if not isinstance(files, dict) or not isinstance(networks, dict) or not all(isinstance(e, dict) for e in networks.values()):
+        raise BundleError(f"{meta_path}: 'files' and 'networks' must be JSON objects")
+    if "model" not in networks or set(networks) - set(NETWORK_NAMES):
+        raise BundleError(f"{meta_path}: networks must be 'model' (and optionally 'peer'), found {sorted(networks) or 'none'}")
+    for name, entry in networks.items():
+        if "onnx" not in entry and "weights" not in entry:
+            raise BundleError(f"{meta_path}: network {name!r} names neither an ONNX file nor weights")
         for role in ("onnx", "weights"):
             if role in entry and entry[role] not in files:
                 raise BundleError(f"{meta_path}: {name}.{role} file {entry[role]!r} has no sha256 listed")
+    _check_fields(meta, meta_path)
     if verify:
+        for entry in [path, meta_path, *(path / name for name in files)]:
+            if entry.is_symlink():
+                raise BundleError(f"{entry}: a symbolic link inside the bundle; a bundle holds plain files only")
         for name, expected in files.items():
             file = path / name
-            if Path(name).name != name:
+            if Path(name).name != name or name in ("", ".", ".."):
                 raise BundleError(f"{meta_path}: file name {name!r} points outside the bundle")
             if not file.is_file():
                 raise BundleError(f"{file}: listed in meta.json but missing; the bundle is incomplete")
-            actual = sha256_file(file)
+            try:
+                actual = sha256_file(file)
+            except OSError as exc:
+                raise BundleError(f"{file}: unreadable ({exc.strerror or exc})") from None
             if actual != expected:
                 raise BundleError(
                     f"{file}: sha256 {actual[:12]}... does not match meta.json ({expected[:12]}...); "

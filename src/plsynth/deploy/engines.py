@@ -21,16 +21,14 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from plsynth.errors import BundleError, EngineUnavailable  # EngineUnavailable: re-exported (exit code 5)
+
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "trt", "ort", "torch")
 DEVICES = ("auto", "cuda", "cpu")
 ORT_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 ORT_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine or device the user asked for cannot be had here (and no fallback was allowed)."""
 
 
 @runtime_checkable
@@ -179,6 +177,7 @@ class OrtEngine:
     ) -> None:
         import onnxruntime as ort
 
+        ort.disable_telemetry_events()  # a no-op off Windows; the guide promises no telemetry
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
@@ -186,7 +185,11 @@ class OrtEngine:
         provider_list = [(p, (provider_options or {}).get(p, {})) for p in providers]
         self.onnx_path = Path(onnx_path)
         self.requested = list(providers)
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=provider_list)
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=provider_list)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{onnx_path}: ONNX Runtime cannot load this model ({reason})") from None
         self.providers = list(self.session.get_providers())
         self.provider = check_providers(self.providers, gpu_required, allow_fallback, str(onnx_path))
         self.input_names = [i.name for i in self.session.get_inputs()]

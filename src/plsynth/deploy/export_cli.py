@@ -7,8 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-EXIT_ENGINE = 5  # TensorRT or a GPU asked for with --trt and not available (as plsynth-infer)
-
 
 def export_command(
     run: Annotated[Path, typer.Option("--run", exists=True, file_okay=False, help="Training run folder (best.pt or last.pt).")],
@@ -21,12 +19,8 @@ def export_command(
 
     Example: plsynth export --run runs/sa-cps --trt --fp16
     """
-    from plsynth.deploy.engines import EngineUnavailable
     from plsynth.deploy.export import export_run
 
-    try:
-        bundle = export_run(run, out, trt=trt, fp16=fp16, batch_size=batch_size)
-    except EngineUnavailable as exc:
-        typer.echo(f"engine unavailable: {exc}", err=True)
-        raise typer.Exit(EXIT_ENGINE) from exc
+    # BundleError -> 4, EngineUnavailable (--trt without TensorRT or a GPU) -> 5: plsynth.errors.run_app
+    bundle = export_run(run, out, trt=trt, fp16=fp16, batch_size=batch_size)
     typer.echo(f"bundle: {bundle}")

@@ -1,14 +1,15 @@
 """`plsynth-infer`: batch-segment CT volumes and slices with a model bundle (the hospital CLI).
 
-A thin shell over `plsynth.deploy.predictor.Predictor`; exit codes are mapped here, in one place.
+A thin shell over `plsynth.deploy.predictor.Predictor`; exit codes come from the one table,
+``plsynth.errors.ExitCode``, through ``plsynth.errors.run_app``.
 Heavy imports (torch, onnxruntime) happen inside the command so that ``--help`` is instant.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,15 +17,8 @@ from typing import Annotated, Optional
 
 import typer
 
-EXIT_OK = 0
-EXIT_CASES_FAILED = 1  # some cases failed; the others were written
-EXIT_USAGE = 2  # bad arguments (Typer/Click's own code)
-EXIT_NO_INPUT = 3  # no case found in the inputs
-EXIT_BUNDLE = 4  # model bundle missing, damaged or tampered with
-EXIT_ENGINE = 5  # a GPU engine (trt, or --device cuda) was asked for and not obtained
-EXIT_INTERRUPTED = 130
-
-EXIT_INTERNAL = 70  # a bug: the traceback is printed (EX_SOFTWARE)
+from plsynth.data.io import DEFAULT_MAX_VOXELS
+from plsynth.errors import ExitCode
 
 app = typer.Typer(name="plsynth-infer", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -50,6 +44,8 @@ def infer(
     fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT: build/use an FP16 engine.")] = False,
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads for the engine (0: library default).")] = 0,
     series_uid: Annotated[Optional[str], typer.Option("--series-uid", help="DICOM series to use when a folder holds several.")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="DICOM inputs: nifti | dicom-seg | both (SEG: infection and lungs, referencing the series).")] = "nifti",
+    max_voxels: Annotated[int, typer.Option("--max-voxels", min=1, envvar="PLSYNTH_MAX_VOXELS", help="Refuse volumes with more voxels than this, from the header, before reading [env: PLSYNTH_MAX_VOXELS].")] = DEFAULT_MAX_VOXELS,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log engine and case details.")] = False,
 ) -> None:
     """Segment COVID-19 pneumonia infection in chest CT; masks, report.csv and report.json go to OUT.
@@ -58,42 +54,51 @@ def infer(
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name, value, allowed in (("--engine", engine, ("auto", "trt", "ort", "torch")), ("--device", device, ("auto", "cuda", "cpu")),
-                                 ("--lung-backend", lung_backend, ("bundle", "auto", "lungmask", "classical"))):
+                                 ("--lung-backend", lung_backend, ("bundle", "auto", "lungmask", "classical")),
+                                 ("--format", output_format, ("nifti", "dicom-seg", "both"))):
         if value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=name)
     if model is None:
-        _fail(EXIT_BUNDLE, "no model bundle: pass --model BUNDLE or set PLSYNTH_MODEL")
+        _fail(ExitCode.BUNDLE, "no model bundle: pass --model BUNDLE or set PLSYNTH_MODEL")
 
+    from plsynth.atomic import folder_lock
     from plsynth.data.io import find_cases
-    from plsynth.deploy.engines import EngineUnavailable
     from plsynth.deploy.predictor import Predictor
-    from plsynth.deploy.report import write_reports
-    from plsynth.errors import BundleError
     from plsynth.torch_setup import flush_denormals
 
     flush_denormals()  # before the first parallel op creates torch's thread pool
-
     cases = find_cases(inputs)
     if not cases:
-        _fail(EXIT_NO_INPUT, f"no cases found in {', '.join(str(p) for p in inputs)}")
-    try:
-        predictor = Predictor.from_bundle(
-            model, engine=engine, device=device, batch_size=batch_size, allow_fallback=allow_fallback,
-            lung_backend=lung_backend, agreement=agreement, threads=threads or None, fp16=fp16,
-            min_size_mm3=min_size_mm3, min_size_px=min_size_px, review_below=review_below,
-        )
-    except BundleError as exc:
-        _fail(EXIT_BUNDLE, f"bundle error: {exc}")
-    except EngineUnavailable as exc:
-        _fail(EXIT_ENGINE, f"engine unavailable: {exc}")
+        _fail(ExitCode.NO_INPUT, f"no cases found in {', '.join(str(p) for p in inputs)}")
+    predictor = Predictor.from_bundle(  # BundleError -> 4, EngineUnavailable -> 5 (run_app)
+        model, engine=engine, device=device, batch_size=batch_size, allow_fallback=allow_fallback,
+        lung_backend=lung_backend, agreement=agreement, threads=threads or None, fp16=fp16,
+        min_size_mm3=min_size_mm3, min_size_px=min_size_px, review_below=review_below,
+    )
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock(out, "plsynth-infer"))  # another run holding OUT -> LockedError, exit 6
+        except OSError as exc:  # OUT is a file, not writable, on a read-only file system ...
+            _fail(ExitCode.USAGE, f"cannot use output folder {out}: {exc.strerror or exc}")
+        failed = _segment(predictor, cases, inputs, out, model, overlays=overlays, series_uid=series_uid, arguments=dict(
+            engine=engine, device=device, batch_size=batch_size, lung_backend=lung_backend, resume=resume, fp16=fp16,
+            min_size_mm3=min_size_mm3, min_size_px=min_size_px, review_below=review_below, format=output_format,
+            max_voxels=max_voxels))
+    raise typer.Exit(ExitCode.FAILED if failed else ExitCode.OK)
 
-    out.mkdir(parents=True, exist_ok=True)
+
+def _segment(predictor, cases, inputs, out: Path, model: Path, overlays: bool, series_uid: Optional[str],
+             arguments: dict) -> int:
+    """Run every case, rewriting the reports after each; returns how many failed (or were not reported)."""
+    from plsynth.deploy.report import write_reports
+
+    resume = arguments["resume"]
+    formats = {"nifti": ("nifti",), "dicom-seg": ("dicom-seg",), "both": ("nifti", "dicom-seg")}[arguments["format"]]
     run_info = {
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "arguments": {"inputs": [p.name or str(p) for p in inputs], "engine": engine, "device": device,
-                      "batch_size": batch_size, "lung_backend": lung_backend, "continue": resume, "fp16": fp16,
-                      "min_size_mm3": min_size_mm3, "min_size_px": min_size_px, "review_below": review_below},
-        "bundle": str(model), "bundle_meta_sha256": predictor.bundle.meta_sha256(),
+        "arguments": {"inputs": [p.name or str(p) for p in inputs], **{k.replace("resume", "continue"): v
+                                                                        for k, v in arguments.items()}},
+        "bundle": str(model), "bundle_meta_sha256": predictor.bundle_sha256,
         "engine": predictor.engine_name, "provider": predictor.provider, "lung_backend": predictor.lung_backend,
         "networks": list(predictor.engines), "versions": predictor.versions,
     }
@@ -101,19 +106,28 @@ def infer(
                f"lungs {predictor.lung_backend}, out {out}", err=True)
     rows: list[dict] = []
     failed = 0
+    report_error = None
     progress = _Progress(len(cases))
     started = time.perf_counter()
     try:
-        for result in predictor.run(cases, out, overlays=overlays, resume=resume, series_uid=series_uid):
+        for result in predictor.run(cases, out, overlays=overlays, resume=resume, series_uid=series_uid, formats=formats,
+                                     max_voxels=arguments["max_voxels"]):
             rows.append(result.row)
             failed += result.status == "failed"
             progress.step(result)
             run_info["seconds"] = round(time.perf_counter() - started, 3)
-            write_reports(out, rows, run_info)
+            try:
+                write_reports(out, rows, run_info)
+                report_error = None
+            except OSError as exc:  # full disk, permissions: the next case may still fit; say so at the end
+                report_error = f"{exc.strerror or exc} ({exc.filename or out})"
     finally:
         progress.close()
     typer.echo(f"plsynth-infer: {len(rows) - failed} ok, {failed} failed; report: {out / 'report.csv'}", err=True)
-    raise typer.Exit(EXIT_CASES_FAILED if failed else EXIT_OK)
+    if report_error is not None:
+        typer.echo(f"plsynth-infer: the report could not be written: {report_error}", err=True)
+        return failed + 1
+    return failed
 
 
 class _Progress:
@@ -149,28 +163,14 @@ class _Progress:
 
 def _fail(code: int, message: str) -> None:
     typer.echo(f"plsynth-infer: {message}", err=True)
-    raise typer.Exit(code)
+    raise typer.Exit(int(code))
 
 
 def main() -> None:
-    """Console entry point: runs the app and turns exceptions into the documented exit codes."""
-    import click
+    """Console entry point: the documented exit codes (``plsynth.errors.ExitCode``), no traceback unless --verbose."""
+    from plsynth.errors import run_app
 
-    try:
-        code = app(standalone_mode=False, prog_name="plsynth-infer")  # click returns Exit's code instead of raising it here
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(EXIT_USAGE)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception:  # noqa: BLE001 - a bug, not a bad input: show it, with its own exit code
-        import traceback
-
-        traceback.print_exc()
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
+    sys.exit(run_app(app, "plsynth-infer"))
 
 
 if __name__ == "__main__":

@@ -237,14 +237,33 @@ class Predictor:
     def output_path(self, out_dir: Path, case: Any, is_slice: bool) -> Path:
         return Path(out_dir) / f"{case.name}{'.png' if is_slice else '.nii.gz'}"
 
-    def is_finished(self, out_dir: Path, case: Any) -> dict | None:
-        """The case's record when a previous run finished it (record ok and its mask present)."""
+    def is_finished(self, out_dir: Path, case: Any, input_sha256: str | None,
+                    formats: tuple[str, ...] = ("nifti",)) -> dict | None:
+        """The case's record when a previous run finished this very input with this very bundle.
+
+        The record must be ok, name the same input content (sha256 of the file, or of a DICOM
+        folder's files) and the same bundle (sha256 of its meta.json, which lists every file's
+        sha256), and its outputs must still be there; otherwise the case is done again.
+        """
         from plsynth.deploy.report import read_case_record
 
         record = read_case_record(out_dir, case.name)
-        if record and record.get("status") == "ok" and record.get("mask") and (Path(out_dir) / record["mask"]).is_file():
-            return record
-        return None
+        if not record or record.get("status") != "ok" or input_sha256 is None:
+            return None
+        if record.get("input_sha256") != input_sha256 or record.get("bundle_sha256") != self.bundle_sha256:
+            return None
+        wanted = ["mask"]  # the outputs this run asks for must all be there
+        if record.get("series_uid"):  # a DICOM series: its outputs follow --format
+            wanted = [key for key, fmt in (("mask", "nifti"), ("dicom_seg", "dicom-seg")) if fmt in formats]
+        if not all(record.get(key) and (Path(out_dir) / record[key]).is_file() for key in wanted):
+            return None
+        return record
+
+    @property
+    def bundle_sha256(self) -> str:
+        if not hasattr(self, "_bundle_sha256"):
+            self._bundle_sha256 = self.bundle.meta_sha256()
+        return self._bundle_sha256
 
     def run(
         self,
@@ -253,43 +272,77 @@ class Predictor:
         overlays: bool = False,
         resume: bool = False,
         series_uid: str | None = None,
+        formats: tuple[str, ...] = ("nifti",),
+        max_voxels: int | None = None,
     ) -> Iterator[CaseResult]:
         """Segment ``cases`` (``plsynth.data.io.Case``) one by one, writing outputs under ``out_dir``.
 
         Per case, in this order, each written atomically: ``lungs/<name>.*`` (lung labels),
         ``overlays/<name>.png`` (with ``overlays``), ``<name>.nii.gz``/``<name>.png`` (infection),
-        ``cases/<name>.json`` (its report row). A failing case yields status "failed" with its
-        error and the batch goes on. With ``resume``, finished cases are yielded as "skipped".
+        ``<name>.seg.dcm`` (DICOM inputs, with "dicom-seg" in ``formats``), ``cases/<name>.json``
+        (its report row). A failing case (bad input, or an output that cannot be written) yields
+        status "failed" with its error, the files this attempt wrote for it are removed, and the
+        batch goes on. With ``resume``, cases finished from the same input and bundle are
+        yielded as "skipped".
         """
+        from plsynth.data.io import DEFAULT_MAX_VOXELS, content_sha256
         from plsynth.deploy.report import write_case_record
+
+        max_voxels = DEFAULT_MAX_VOXELS if max_voxels is None else max_voxels
 
         out_dir = Path(out_dir)
         for case in cases:
-            if resume and (record := self.is_finished(out_dir, case)) is not None:
+            try:
+                digest = content_sha256(Path(case.path))
+            except OSError:
+                digest = None  # reading the case reports the problem
+            if resume and (record := self.is_finished(out_dir, case, digest, formats)) is not None:
                 yield CaseResult(case.name, Path(case.path), "skipped", None, record)
                 continue
             started = time.perf_counter()
-            row: dict[str, Any] = {"case": case.name, "input": Path(case.path).name, "lung_backend": self.lung_backend,
+            row: dict[str, Any] = {"case": case.name, "input": Path(case.path).name, "input_sha256": digest,
+                                   "bundle_sha256": self.bundle_sha256, "lung_backend": self.lung_backend,
                                    "engine": self.engine_name, "provider": self.provider, "versions": self.versions}
+            written: list[Path] = []
             try:
-                row.update(self._run_case(case, out_dir, overlays, series_uid))
+                row.update(self._run_case(case, out_dir, overlays, series_uid, formats, written, max_voxels))
                 row.update(status="ok", error=None)
             except InputError as exc:
                 row.update(status="failed", error=_message(exc))
-            except Exception as exc:  # noqa: BLE001 - one case never stops the batch; the traceback is logged
-                logger.warning("case %s failed unexpectedly", case.name, exc_info=True)
+            except OSError as exc:  # an output that cannot be written (full disk, permissions, a folder in the way)
+                target = exc.filename2 or exc.filename or out_dir  # os.replace: (temporary, final)
+                row.update(status="failed", error=f"cannot write output {target}: {exc.strerror or exc}")
+            except Exception as exc:  # noqa: BLE001 - one case never stops the batch; traceback with --verbose
+                logger.info("case %s failed unexpectedly", case.name, exc_info=True)
                 row.update(status="failed", error=_message(exc))
             row["seconds"] = round(time.perf_counter() - started, 3)
-            write_case_record(out_dir, row)
+            if row["status"] == "ok":
+                try:
+                    write_case_record(out_dir, row)
+                except OSError as exc:
+                    row.update(status="failed", error=f"cannot write the case record: {exc.strerror or exc}")
+            if row["status"] != "ok":
+                for path in written:  # no output of a failed case stays behind under a final name
+                    path.unlink(missing_ok=True)
+                try:
+                    write_case_record(out_dir, row)
+                except OSError:
+                    pass  # the report (or stderr) still carries the failure
             yield CaseResult(case.name, Path(case.path), row["status"], row.get("error"), row)
 
-    def _run_case(self, case: Any, out_dir: Path, overlays: bool, series_uid: str | None) -> dict:
+    def _run_case(self, case: Any, out_dir: Path, overlays: bool, series_uid: str | None,
+                  formats: tuple[str, ...] = ("nifti",), written: list[Path] | None = None,
+                  max_voxels: int | None = None) -> dict:
+        from plsynth.data.dicom import DicomGeometry
         from plsynth.data.io import read_image, write_mask
         from plsynth.deploy import postprocess as post
 
-        image = read_image(Path(case.path), series_uid)
+        written = [] if written is None else written
+        image = read_image(Path(case.path), series_uid, **({} if max_voxels is None else {"max_voxels": max_voxels}))
+        is_dicom = isinstance(image.geometry, DicomGeometry)
         info: dict[str, Any] = {
             "kind": "slice" if image.is_slice else "volume",
+            "series_uid": image.geometry.series_uid if is_dicom else None,
             "shape": list(image.array.shape),
             "spacing_mm": None if image.spacing is None else [round(float(s), 4) for s in image.spacing],
         }
@@ -313,17 +366,28 @@ class Predictor:
         info["review"] = bool(reasons)
         if reasons:
             info["review_reason"] = "; ".join(reasons)
+        nifti = "nifti" in formats or not is_dicom
         final = self.output_path(out_dir, case, image.is_slice)
-        lung_path = out_dir / LUNGS_DIR / final.name
-        write_mask(lung, image, lung_path, scale_binary_png=False)  # labels 0/1/2, even when one lung is found
+        if nifti:
+            lung_path = out_dir / LUNGS_DIR / final.name
+            written.append(write_mask(lung, image, lung_path, scale_binary_png=False))  # labels 0/1/2
         if overlays:
             from plsynth.data.window import to_unit
             from plsynth.deploy.overlays import draw_overlay
 
-            draw_overlay(out_dir / OVERLAYS_DIR / f"{case.name}.png", to_unit(image, self.bundle.window_hu),
+            written.append(out_dir / OVERLAYS_DIR / f"{case.name}.png")
+            draw_overlay(written[-1], to_unit(image, self.bundle.window_hu),
                          lung, prediction.infection, f"{case.name}: {info.get('percent_involved')} % of lung")
-        write_mask(prediction.infection, image, final)
-        info["mask"] = final.name
+        if is_dicom and "dicom-seg" in formats:
+            from plsynth.deploy.dicom_seg import write_dicom_seg
+
+            seg_path = out_dir / f"{case.name}.seg.dcm"
+            written.append(write_dicom_seg(prediction.infection, lung, image, seg_path,
+                                           algorithm_version=self.versions.get("plsynth", "unknown")))
+            info["dicom_seg"] = seg_path.name
+        if nifti:
+            written.append(write_mask(prediction.infection, image, final))
+            info["mask"] = final.name
         return info
 
 

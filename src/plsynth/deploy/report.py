@@ -2,7 +2,10 @@
 
 Each finished case also leaves ``OUT/cases/<name>.json`` (its row, written after its mask), so
 ``--continue`` can tell finished cases from unfinished ones and a killed run loses no rows.
-Rows carry only the case name as given (the input's file or folder name), never a DICOM tag.
+Rows carry only the case name as given (the input's file or folder name) and, for DICOM, the
+SeriesInstanceUID that was segmented; never a patient, study or institution tag. CSV cells that a
+spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, tab or CR) get a
+leading ``'`` (OWASP's CSV-injection rule); numbers are written as they are.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ CASES_DIR = "cases"
 COLUMNS = [
     "case",
     "input",
+    "series_uid",
     "status",
     "error",
     "kind",
@@ -50,6 +54,9 @@ COLUMNS = [
     "seconds_network",
     "seconds_agreement",
     "mask",
+    "dicom_seg",
+    "input_sha256",
+    "bundle_sha256",
     "versions",
 ]
 
@@ -70,12 +77,16 @@ def read_case_record(out_dir: Path, case: str) -> dict | None:
         return None
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
+    if isinstance(value, (bool, int, float)):
+        return str(value)
+    text = json.dumps(value, separators=(",", ":")) if isinstance(value, (list, tuple, dict)) else str(value)
+    return "'" + text if text.startswith(FORMULA_START) else text
 
 
 def write_reports(out_dir: Path, rows: list[dict], run: dict) -> tuple[Path, Path]:

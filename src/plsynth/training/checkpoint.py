@@ -7,13 +7,14 @@ A checkpoint is one ``torch.save`` of plain data, networks saved unwrapped (no D
     step        iterations done (the next step to run)
     epoch       epochs done
     best        {"dice": float, "step": int} of the best validation so far
-    rng         torch / numpy / python generator states
+    rng         torch / numpy / python generator states, as tensors and plain data (see `rng_state`)
     plan        the data-order parameters (seed, set sizes, batch sizes); order is a pure function of them
     config      the resolved config (Config.to_dict())
     method      train.method
 
 Written to a temporary file in the same folder and renamed, so a run killed while saving leaves
-the previous checkpoint intact.
+the previous checkpoint intact. Read with ``torch.load(weights_only=True)`` only: a run folder is
+user-writable, and a pickle placed there must not run (this is also what ``plsynth export`` reads).
 """
 
 from __future__ import annotations
@@ -27,19 +28,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from plsynth.errors import InputError
+
 # Keys whose change does not alter the optimisation of a resumed run.
 RESUME_IGNORED = {"source", "name", "train.val_every", "train.threads", "train.num_workers", "train.bundle_from",
                   "train.checkpoint_every", "ray"}
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Generator states as tensors and plain data, so that ``weights_only=True`` can read them back."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def unwrap(net: torch.nn.Module) -> torch.nn.Module:
@@ -53,6 +66,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the usual file mode
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -62,12 +76,24 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by this module (our own files: full unpickling is allowed)."""
+    """Read a checkpoint with ``weights_only=True`` (tensors and plain data only: no code runs).
+
+    A file that needs more (a pickle, or a checkpoint from before the RNG state was stored as
+    tensors) is refused with the reason; delete it or train into a new ``--out``.
+    """
     try:
-        return torch.load(Path(path), map_location="cpu", weights_only=False)
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{path}: cannot read checkpoint: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, f"cannot read the checkpoint with weights_only=True (only tensors and plain data are "
+                               f"loaded; a pickle or an older checkpoint format is refused): {reason}") from None
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

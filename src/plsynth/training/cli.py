@@ -35,17 +35,23 @@ def train_synthesizer_command(config: ConfigOpt, out: OutOpt, set_: SetOpt = Non
 
     Example: plsynth train synthesizer --config configs/phantom-smoke.yaml --out runs/synth
     """
+    from plsynth.atomic import folder_lock
     from plsynth.training.synthesizer import train_synthesizer
 
-    bundle = train_synthesizer(_load(config, set_), out)
+    cfg = _load(config, set_)
+    with folder_lock(out, "plsynth train synthesizer"):  # a second run into OUT: exit 6
+        bundle = train_synthesizer(cfg, out)
     typer.echo(f"synthesizer bundle: {bundle}")
 
 
 def _method_command(method: str):
     def command(config: ConfigOpt, out: OutOpt, set_: SetOpt = None) -> None:
+        from plsynth.atomic import folder_lock
         from plsynth.training.run import train
 
-        bundle = train(_load(config, set_, method), out)
+        cfg = _load(config, set_, method)
+        with folder_lock(out, f"plsynth train {method}"):  # a second run into OUT: exit 6
+            bundle = train(cfg, out)
         typer.echo(f"{method} bundle: {bundle}")
 
     command.__doc__ = f"""Train `{method}` and leave its bundle in OUT/bundle (resumes from OUT/last.pt).

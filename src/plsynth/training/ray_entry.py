@@ -18,8 +18,9 @@ What a run does (see docs/ray-guide.md):
 6. ``OUT/bundle`` is written by rank 0; ``OUT/ray_summary.json`` records the Ray mode, the
    actor's back-end and counters, and timings.
 
-Every failure exits non-zero (config 2, bundle 4, anything else 1), so ``ray job submit``
-reports the job FAILED. Relative ``--out`` paths are resolved against the current folder,
+Every failure exits non-zero with the codes of ``plsynth.errors.ExitCode`` (usage or config 2,
+bundle 4, OUT locked by another run 6, anything else 70), so ``ray job submit`` reports the job
+FAILED. Relative ``--out`` paths are resolved against the current folder,
 which under ``ray job submit --working-dir`` is a temporary copy: give jobs an absolute --out.
 """
 
@@ -37,8 +38,6 @@ from typing import Annotated, Optional
 import typer
 
 log = logging.getLogger("plsynth.training.ray_entry")
-
-EXIT_FAILED, EXIT_CONFIG, EXIT_BUNDLE = 1, 2, 4
 
 
 def connect_ray(address: str = "", namespace: str = "plsynth") -> str:
@@ -168,14 +167,19 @@ def _command(method: str):
                                                           "--set ray.num_workers=2 (repeatable).")] = None,
         address: Annotated[str, typer.Option("--address", help="Ray address; default ray.address, RAY_ADDRESS, "
                                              "a local `ray start`, else an embedded Ray.")] = "",
+        verbose: Annotated[bool, typer.Option("--verbose", help="Print the traceback of an unexpected error.")] = False,
     ) -> None:
+        from plsynth.atomic import folder_lock
         from plsynth.config import load_config
+        from plsynth.torch_setup import flush_denormals
 
+        flush_denormals()  # before the first parallel op creates torch's thread pool
         cfg = load_config(config, set_ or [])
         if address:
             cfg = cfg.replace(ray=dataclasses.replace(cfg.ray, address=address))
         folder = out or Path("runs") / f"{cfg.name}-{method}"
-        summary = (run_sa_cps if method == "sa-cps" else run_sa_st)(cfg, folder)
+        with folder_lock(folder, f"train_{method.replace('-', '_')}"):  # a second run into OUT: exit 6
+            summary = (run_sa_cps if method == "sa-cps" else run_sa_st)(cfg, folder)
         typer.echo(f"{method} bundle: {summary['bundle']}")
 
     command.__doc__ = f"""Train {method} with Ray Train and the synthesis actor; leaves OUT/bundle.
@@ -186,37 +190,13 @@ def _command(method: str):
 
 
 def main(method: str, argv: list[str] | None = None) -> int:
-    """Run one entry point; returns the exit code (0 ok, 2 config, 4 bundle, 1 anything else)."""
+    """Run one entry point; returns the exit code of ``plsynth.errors.ExitCode`` (0 when it worked)."""
+    from plsynth.errors import run_app
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from plsynth.config import ConfigError
-    from plsynth.errors import BundleError
-    from plsynth.torch_setup import flush_denormals
-
-    flush_denormals()  # before the first parallel op creates torch's thread pool
-    app = typer.Typer(add_completion=False)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(_command(method))
-    try:
-        app(args=argv, prog_name=f"train_{method.replace('-', '_')}", standalone_mode=False)
-    except typer.Exit as exc:
-        return exc.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        return 130
-    except ConfigError as exc:
-        typer.echo(f"config error: {exc}", err=True)
-        return EXIT_CONFIG
-    except BundleError as exc:
-        typer.echo(f"bundle error: {exc}", err=True)
-        return EXIT_BUNDLE
-    except Exception as exc:  # noqa: BLE001 - every failure must become a non-zero exit for `ray job submit`
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        log.exception("%s failed", method)
-        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-        return EXIT_FAILED
-    return 0
+    return run_app(app, f"train_{method.replace('-', '_')}", argv)
 
 
 def train_sa_cps() -> None:

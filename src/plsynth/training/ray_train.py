@@ -83,7 +83,8 @@ class RayTrainHooks:
 def restore_from_ray_checkpoint(out: Path) -> int:
     """Copy ``last.pt`` from Ray Train's latest checkpoint into ``out`` when it is newer; return its step (0: none)."""
     import ray.train
-    import torch
+
+    from plsynth.training.checkpoint import load_checkpoint
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -92,10 +93,9 @@ def restore_from_ray_checkpoint(out: Path) -> int:
         source = Path(folder) / CHECKPOINT_FILE
         if not source.is_file():
             return 0
-        step = int(torch.load(source, map_location="cpu", weights_only=False).get("step", 0))
+        step = int(load_checkpoint(source).get("step", 0))  # weights_only=True: no code runs from a file
         target = Path(out) / CHECKPOINT_FILE
-        current = int(torch.load(target, map_location="cpu", weights_only=False).get("step", -1)) \
-            if target.is_file() else -1
+        current = int(load_checkpoint(target).get("step", -1)) if target.is_file() else -1
         if step > current:
             tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
             shutil.copy2(source, tmp)
