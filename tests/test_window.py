@@ -50,3 +50,31 @@ def test_uint8_slices_are_divided_by_255_whatever_the_window() -> None:
 def test_bad_window_is_a_value_error(window: tuple[float, float]) -> None:
     with pytest.raises(ValueError, match="window_hu"):
         window_array(np.zeros(3), window)
+
+
+def test_calibrate_puts_slices_exported_with_different_windows_on_one_scale():
+    # one phantom slice exported twice, with the paper's lung window and with a darker, wider one
+    # (COVID-SemiSeg's two parts differ like this); calibrated, both land on the same scale
+    from plsynth.data.lungs import lung_field, lung_mask
+    from plsynth.data.phantom import make_phantom
+    from plsynth.data.window import calibrate_slices
+
+    p = make_phantom(3, (12, 160, 160), lesions=True)
+    z = int(np.argmax((p.lung > 0).sum(axis=(1, 2))))
+    units = []
+    for low, high in ((-1250.0, 250.0), (-1100.0, 900.0)):
+        grey = np.rint(window_array(p.hu[z], (low, high)) * 255.0).astype(np.float32)
+        image = CTImage(array=grey[None], kind="uint8", spacing=None, source=Path("s.png"))
+        lung = lung_field(image, lung_mask(image))
+        units.append((to_unit(image), to_unit(image, intensity="calibrate", lung=lung)))
+    (raw_a, cal_a), (raw_b, cal_b) = units
+    body = window_array(p.hu[z]) > 0.05
+    assert np.abs(raw_a - raw_b)[0][body].mean() > 0.1  # the exports really differ
+    assert np.abs(cal_a - cal_b)[0][body].mean() < 0.1 * np.abs(raw_a - raw_b)[0][body].mean()
+    # the paper's window is already right: calibration moves it little
+    assert np.abs(cal_a - raw_a)[0][body].mean() < 0.05
+    # HU volumes are calibrated already; a slice without tissue is left alone
+    flat = np.full((1, 32, 32), 0.5, np.float32)
+    assert np.array_equal(calibrate_slices(flat, np.ones((1, 32, 32), np.uint8)), flat)
+    with pytest.raises(ValueError, match="lung"):
+        to_unit(CTImage(array=grey[None], kind="uint8", spacing=None, source=Path("s.png")), intensity="calibrate")

@@ -51,6 +51,9 @@ class DataConfig:
     lungmask_model: Literal["R231", "R231CovidWeb"] = "R231"
     lungmask_weights: str = ""  # local .pth; "" looks in the torch hub cache
     lung_handling: Literal["none", "mask"] = "none"  # "mask": zero the input outside the lung
+    # 8-bit slices: "window" divides by 255; "calibrate" re-windows each slice from its aerated lung and
+    # soft tissue (data/window.calibrate_slices), for slices exported with different windows. HU: no effect.
+    intensity: Literal["window", "calibrate"] = "window"
     skip_slices_without_lung: bool = True  # as the paper's split files do
     cache_dir: str = ""  # preprocessed slice cache; "" means <out>/cache
     phantom_n: int = 8  # phantom layout: number of volumes

@@ -51,6 +51,7 @@ def config_key(data: DataConfig) -> str:
         "image_size": data.image_size,
         "window_hu": [float(v) for v in data.window_hu],
         "lung_handling": data.lung_handling,
+        "intensity": data.intensity,
         "lungs": lung_record(data.lung_backend, data.lungmask_model),
     }
     if data.lung_backend == "lungmask":
@@ -157,7 +158,7 @@ def prepare_volume(record: VolumeRecord, data: DataConfig) -> dict:
     if lung.shape != image.array.shape:
         raise InputError(record.image, f"lung mask shape {lung.shape} differs from the image's {image.array.shape}")
     label = read_label(record.label, image.array.shape) if record.label is not None else None
-    unit = to_unit(image, data.window_hu)
+    unit = to_unit(image, data.window_hu, data.intensity, lung)
     prepared = to_model_input(unit, lung, size, data.lung_handling)
     del unit
     z, y, x = image.array.shape

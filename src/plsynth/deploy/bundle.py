@@ -128,6 +128,7 @@ def write_bundle(
             "image_size": size,
             "window_hu": list(cfg.data.window_hu),
             "lung_handling": cfg.data.lung_handling,
+            "intensity": cfg.data.intensity,
             "lungs": lung_record(cfg.data.lung_backend, cfg.data.lungmask_model),
             "threshold": float(cfg.train.tau),
             "classes": CLASSES,
@@ -220,6 +221,10 @@ class Bundle:
     @property
     def lung_handling(self) -> str:
         return str(self.meta["lung_handling"])
+
+    @property
+    def intensity(self) -> str:
+        return str(self.meta.get("intensity", "window"))  # bundles older than data.intensity: plain window
 
     @property
     def network_names(self) -> list[str]:

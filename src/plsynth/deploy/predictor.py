@@ -219,7 +219,7 @@ class Predictor:
         lung = np.asarray(lung)
         if lung.shape != image.array.shape:
             raise ValueError(f"{image.source}: lung labels {lung.shape} differ from image {image.array.shape}")
-        unit = to_unit(image, self.bundle.window_hu)
+        unit = to_unit(image, self.bundle.window_hu, self.bundle.intensity, lung)
         started = time.perf_counter()
         infection = self._mask(self.probabilities(unit, lung, "model"), lung, image.spacing)
         result = Prediction(infection=infection, seconds_network=time.perf_counter() - started)
@@ -376,7 +376,7 @@ class Predictor:
             from plsynth.deploy.overlays import draw_overlay
 
             written.append(out_dir / OVERLAYS_DIR / f"{case.name}.png")
-            draw_overlay(written[-1], to_unit(image, self.bundle.window_hu),
+            draw_overlay(written[-1], to_unit(image, self.bundle.window_hu, self.bundle.intensity, region),
                          lung, prediction.infection, f"{case.name}: {info.get('percent_involved')} % of lung")
         if is_dicom and "dicom-seg" in formats:
             from plsynth.deploy.dicom_seg import write_dicom_seg
