@@ -38,9 +38,10 @@ def _header_only_gz(path: Path, shape=(1024, 1024, 1000)) -> Path:
 def test_a_header_claiming_a_billion_voxels_is_refused_before_reading(tmp_path: Path):
     path = _header_only_gz(tmp_path / "huge.nii.gz")
     assert path.stat().st_size < 200
-    code = ("import resource, sys; from plsynth.data.io import read_image; from plsynth.errors import InputError\n"
+    # peak RSS from VmHWM: ru_maxrss survives execve on Linux, so it would report the forking pytest's size
+    code = ("import re, sys; from pathlib import Path; from plsynth.data.io import read_image; from plsynth.errors import InputError\n"
             "try:\n    read_image(sys.argv[1])\nexcept InputError as e:\n    print(e)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1))")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     message, peak_kb = done.stdout.strip().splitlines()
     assert "1024x1024x1000" in message and "--max-voxels" in message
