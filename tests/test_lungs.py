@@ -171,6 +171,14 @@ def test_lungmask_back_end_runs_with_a_local_random_state_dict(tmp_path: Path, m
     cached.parent.mkdir(parents=True)
     cached.write_bytes(weights.read_bytes())
     assert default_lung_backend() == "lungmask" and "lungmask" in available_lung_backends()
+    # R231CovidWeb (trained with COVID-19 lesions inside the lungs) is preferred once its weights are there
+    from plsynth.data.lungs import default_lungmask_model
+    from plsynth.deploy.predictor import resolve_lung_backend
+
+    assert default_lungmask_model() == "R231"
+    (cached.parent / "unet_r231covid-0de78a7e.pth").write_bytes(weights.read_bytes())
+    assert default_lungmask_model() == "R231CovidWeb"
+    assert resolve_lung_backend("auto")[0] == "lungmask"
 
 
 def test_lungmask_labels_are_remapped_when_the_network_answers(tmp_path: Path, monkeypatch):

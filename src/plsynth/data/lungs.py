@@ -132,6 +132,14 @@ def default_lung_backend(lungmask_model: str = "R231", lungmask_weights: str | N
     return "lungmask" if "lungmask" in available_lung_backends(lungmask_model, lungmask_weights) else "classical"
 
 
+def default_lungmask_model() -> str:
+    """R231CovidWeb when its weights are in the torch hub cache (it was trained with COVID-19
+    lesions inside the lungs), else R231."""
+    from plsynth.data.lungmask_backend import lungmask_weights_present
+
+    return "R231CovidWeb" if lungmask_weights_present("R231CovidWeb") else "R231"
+
+
 # ---------------------------------------------------------------------------------------------
 # classical back-end
 
@@ -577,4 +585,5 @@ __all__ = [
     "classical_lung_mask",
     "available_lung_backends",
     "default_lung_backend",
+    "default_lungmask_model",
 ]

@@ -82,7 +82,8 @@ def resolve_lung_backend(backend: str, recorded: dict | None = None) -> tuple[st
     chosen_automatically = backend == "auto"
     if backend == "auto":
         try:
-            backend = lungs.default_lung_backend()
+            lungmask_model = lungs.default_lungmask_model()
+            backend = lungs.default_lung_backend(lungmask_model)
         except ImportError as exc:  # the lungmask adapter is optional
             logger.info("lungmask back-end unavailable (%s); using the classical back-end", exc)
             backend = "classical"
