@@ -167,6 +167,8 @@ def _command(method: str):
                                                           "--set ray.num_workers=2 (repeatable).")] = None,
         address: Annotated[str, typer.Option("--address", help="Ray address; default ray.address, RAY_ADDRESS, "
                                              "a local `ray start`, else an embedded Ray.")] = "",
+        device: Annotated[Optional[str], typer.Option("--device", help="auto, cuda or cpu (default train.device); "
+                                                      "cuda gives every Ray Train worker a GPU.")] = None,
         verbose: Annotated[bool, typer.Option("--verbose", help="Print the traceback of an unexpected error.")] = False,
     ) -> None:
         from plsynth.atomic import folder_lock
@@ -174,7 +176,7 @@ def _command(method: str):
         from plsynth.torch_setup import flush_denormals
 
         flush_denormals()  # before the first parallel op creates torch's thread pool
-        cfg = load_config(config, set_ or [])
+        cfg = load_config(config, [*(set_ or []), *([f"train.device={device}"] if device else [])])
         if address:
             cfg = cfg.replace(ray=dataclasses.replace(cfg.ray, address=address))
         folder = out or Path("runs") / f"{cfg.name}-{method}"
