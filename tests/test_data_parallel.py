@@ -113,3 +113,16 @@ def test_a_two_worker_run_resumes_with_one_worker(runs, tmp_path):
     a, c = _params(one / "last.pt"), _params(out / "last.pt")
     for key in a:
         torch.testing.assert_close(c[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_the_synthesizer_trains_as_a_one_worker_ray_train_run(ray_local, tmp_path):
+    import os
+
+    from plsynth.training.ray_entry import ensure_synth_bundle
+
+    cfg = load_config(REPO / "configs" / "phantom-smoke.yaml", ["synth.epochs=1", "train.threads=1"])
+    done = ensure_synth_bundle(cfg, tmp_path)
+    assert Path(done.synth.bundle) == (tmp_path / "synth" / "bundle").resolve()
+    assert (Path(done.synth.bundle) / "meta.json").is_file()
+    attempts = [json.loads(line) for line in (tmp_path / "synth" / "ray_attempts.jsonl").read_text().splitlines()]
+    assert [(a["rank"], a["world_size"]) for a in attempts] == [(0, 1)] and attempts[0]["pid"] != os.getpid()

@@ -130,13 +130,21 @@ SMALL = ["--set", "train.epochs=1", "--set", "train.max_iters=2", "--set", "trai
 @pytest.mark.slow
 def test_ray_job_submit_runs_train_sa_cps_then_train_sa_st_on_the_cluster(ray_head, synth_bundle, tmp_path):
     cps_out = tmp_path / "sa-cps"
+    # Two data-parallel workers: each sends its half of the batch, the actor decodes both in one call.
     proc = _submit(ray_head, "train_sa_cps", "--config", "configs/phantom-smoke.yaml", "--out", str(cps_out),
-                   "--set", f"synth.bundle={synth_bundle}", *SMALL)
+                   "--set", f"synth.bundle={synth_bundle}", *SMALL, "--set", "ray.num_workers=2",
+                   "--set", "ray.synth_gather_ms=200")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in (proc.stdout + proc.stderr).lower()
     summary = json.loads((cps_out / "ray_summary.json").read_text())
     assert summary["ray_mode"] == "cluster"  # joined `ray start`, did not start its own Ray
-    assert summary["synth"]["stats"]["requests"] >= 2  # the actor was called every iteration
+    assert Path(summary["code"]) == REPO / "src" / "plsynth" or "PYTHONPATH" not in os.environ  # this checkout ran
+    stats = summary["synth"]["stats"]
+    assert stats["requests"] == 2 * 2  # 2 iterations x 2 workers
+    # each request: 2 of the 4 unlabeled slices, twice (one synthetic image per network)
+    assert stats["decode_calls"] < stats["requests"] and max(stats["batch_sizes"]) == 2 * 4
+    work = [json.loads(line) for line in (cps_out / "ray_work.jsonl").read_text().splitlines()]
+    assert sorted(w["rank"] for w in work) == [0, 1] and all(w["samples"]["labeled"] == 2 * 2 for w in work)
     meta = json.loads((cps_out / "bundle" / "meta.json").read_text())
     assert meta  # a real segmenter bundle
 

@@ -151,6 +151,15 @@ def _worker_loop(config: dict[str, Any]) -> None:
     del ray  # (imported for its side effect: the worker's train context)
 
 
+def synthesizer_worker(cfg: Config, out: Path, hooks: RayTrainHooks) -> None:
+    """``loop_fn`` that trains the synthesizer (one worker, on the device Ray gave it) into ``out``."""
+    from plsynth.training.synthesizer import train_synthesizer
+
+    if hooks.world_size != 1:
+        raise ValueError("the synthesizer trains on one Ray Train worker (ray.num_workers=1)")
+    train_synthesizer(cfg, out, device=hooks.device)
+
+
 def use_gpus(cfg: Config) -> bool:
     """Whether Ray Train workers get a GPU each: ``train.device`` cuda, or auto with ``ray.use_gpu``
     or a cluster that has GPUs; never for ``train.device: cpu``."""
