@@ -89,6 +89,7 @@ class TrainResult:
     start: int = 0  # the step this call resumed at (0: from scratch)
     samples: dict[str, int] = field(default_factory=dict)  # slices this worker trained on in this call
     train_s: float = 0.0  # seconds this worker spent in optimizer steps (without validation)
+    train_cpu_s: float = 0.0  # CPU seconds of this process in those steps (the work it did, whatever the contention)
 
 
 def select_device(requested: str = "auto") -> str:
@@ -379,10 +380,10 @@ def run_training(
         t.batch_labeled, t.batch_unlabeled, device, f", AMP {amp}" if amp else "",
         f", worker {hooks.rank} of {hooks.world_size} (1/{hooks.world_size} of each batch)" if hooks.world_size > 1 else "",
     )
-    train_s = 0.0
+    train_s = train_cpu_s = 0.0
     try:
         for step in range(start, total):
-            tic = time.perf_counter()
+            tic, cpu_tic = time.perf_counter(), time.process_time()
             lr = poly_lr(step, total, cfg.optim.lr, cfg.optim.poly_power)
             for opt in optimizers.values():
                 for group in opt.param_groups:
@@ -405,6 +406,7 @@ def run_training(
                     scaler.step(opt)
                 scaler.update()
             train_s += time.perf_counter() - tic
+            train_cpu_s += time.process_time() - cpu_tic
             done, epoch = step + 1, plan.epoch_of(step)
             loss = float(result.loss.detach())
             if not math.isfinite(loss):
@@ -448,7 +450,7 @@ def run_training(
     if write_bundle and hooks.is_main:
         bundle = _write_run_bundle(cfg, out, synth, teacher_info, total)
     return TrainResult(bundle=bundle, steps=total, best=best, last_val=last_val, start=first, samples=dict(make_batch.seen),
-                       train_s=train_s)
+                       train_s=train_s, train_cpu_s=train_cpu_s)
 
 
 def _write_run_bundle(cfg: Config, out: Path, synth: Any, teacher_info: dict, total: int) -> Path:

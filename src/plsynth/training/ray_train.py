@@ -144,7 +144,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     if getattr(result, "samples", None) is not None:
         with open(out / "ray_work.jsonl", "a") as fh:
             fh.write(json.dumps({"rank": hooks.rank, "world_size": hooks.world_size, "start_step": result.start,
-                                 "samples": result.samples, "train_s": result.train_s, "steps": result.steps,
+                                 "samples": result.samples, "train_s": result.train_s, "train_cpu_s": result.train_cpu_s,
+                                 "steps": result.steps,
                                  "time": time.time()}) + "\n")
     if hooks.is_main and getattr(result, "bundle", None) is not None:
         log.info("rank 0 wrote %s", result.bundle)
