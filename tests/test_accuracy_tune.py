@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("ray.tune")
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _accuracy(out: Path, *args: str) -> dict:

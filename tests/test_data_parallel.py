@@ -25,7 +25,7 @@ from plsynth.training.checkpoint import load_checkpoint  # noqa: E402
 from plsynth.training.ray_train import fit  # noqa: E402
 from plsynth.training.schedule import BatchPlan  # noqa: E402
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 
 

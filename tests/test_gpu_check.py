@@ -33,6 +33,7 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_every_section_runs_on_the_cpu_smoke_path(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = _run("--cpu-smoke", "--out", str(out), "--work", str(tmp_path / "work"))
