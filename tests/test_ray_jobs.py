@@ -151,7 +151,7 @@ def test_ray_job_submit_runs_train_sa_cps_then_train_sa_st_on_the_cluster(ray_he
     st_out = tmp_path / "sa-st"
     proc = _submit(ray_head, "train_sa_st", "--config", "configs/phantom-smoke.yaml", "--out", str(st_out),
                    "--set", f"synth.bundle={synth_bundle}", "--set", f"train.teacher={cps_out / 'bundle'}",
-                   "--set", "ray.synth_actors=2", *SMALL)
+                   "--set", "ray.synth_actors=2", *SMALL, "--set", "ray.num_workers=2")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((st_out / "ray_summary.json").read_text())
     assert summary["synth"]["actors"] == 2 and summary["offline"]["shards"] >= 1
@@ -162,6 +162,10 @@ def test_ray_job_submit_runs_train_sa_cps_then_train_sa_st_on_the_cluster(ray_he
     assert (st_out / "bundle" / "meta.json").is_file()
     # the training loop reused the actors' shards instead of labeling again
     assert summary["metrics"]["step"] == 2
+    # two student workers, each on half of every batch of the offline set (real, pseudo, synthetic)
+    work = [json.loads(line) for line in (st_out / "ray_work.jsonl").read_text().splitlines()]
+    assert sorted(w["rank"] for w in work) == [0, 1]
+    assert all(w["samples"] == {"labeled": 2 * 2, "unlabeled": 2 * 2} for w in work)
 
 
 @pytest.mark.slow
