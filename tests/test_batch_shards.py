@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _training_data import tiny_splits
-from plsynth.config import Config, DataConfig, TrainConfig, UNetConfig
+from plsynth.config import Config, ConfigError, DataConfig, TrainConfig, UNetConfig
 from plsynth.training.loop import BatchMaker
 from plsynth.training.schedule import BatchPlan
 
@@ -40,5 +40,5 @@ def test_the_shards_of_n_workers_make_up_the_single_process_batch(world):
 
 def test_a_batch_smaller_than_the_number_of_workers_is_refused():
     data = tiny_splits(n_labeled=6, n_unlabeled=11)  # the last unlabeled batch of an epoch holds 1 slice
-    with pytest.raises(ValueError, match="ray.num_workers"):
+    with pytest.raises(ConfigError, match="ray.num_workers"):  # a config error: exit 2
         _maker(data, 0, 2)

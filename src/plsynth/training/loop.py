@@ -41,9 +41,9 @@ from plsynth.config import Config, ConfigError
 from plsynth.torch_setup import flush_denormals
 from plsynth.training import checkpoint as ckpt
 from plsynth.training.augment import apply_transforms, random_transforms
+from plsynth.training.losses import global_batch
 from plsynth.training.methods import method_switches, network_names, step_function
 from plsynth.training.run_log import RunLog, plot_curves
-from plsynth.training.losses import global_batch
 from plsynth.training.schedule import BatchPlan, poly_lr, step_seed, total_iterations
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class BatchMaker:
         self.seen = {"labeled": 0, "unlabeled": 0}
         smallest = min(plan.batch_labeled, plan.smallest_unlabeled_batch if unlabeled is not None else plan.batch_labeled)
         if smallest < world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{world_size} data-parallel workers need at least {world_size} slices in every batch, but a batch "
                 f"of this run holds {smallest} (train.batch_labeled {plan.batch_labeled}, train.batch_unlabeled "
                 f"{plan.batch_unlabeled}, {plan.n_unlabeled} unlabeled slices); use fewer ray.num_workers or "
@@ -268,21 +268,23 @@ def _unlabeled_source(cfg: Config, data: Any, out: Path, synth: Any, teacher: An
         teacher, fingerprint = load_teacher(cfg.train.teacher, device)
     else:
         fingerprint = {"teacher": {"module": type(teacher).__name__}}
-    for turn in (True, False):
-        if hooks.is_main == turn:
-            offline = make_offline_set(
-                teacher,
-                data.unlabeled,
-                synth,
-                out / "offline",
-                tau=cfg.train.tau,
-                pseudo_in_lung=cfg.train.pseudo_in_lung,
-                batch_size=cfg.train.offline_batch,
-                seed=cfg.train.seed,
-                fingerprint=fingerprint,
-            )
-        if turn:
-            hooks.broadcast(None)  # a barrier: rank 0 has written the set
+    def offline_set():
+        return make_offline_set(
+            teacher,
+            data.unlabeled,
+            synth,
+            out / "offline",
+            tau=cfg.train.tau,
+            pseudo_in_lung=cfg.train.pseudo_in_lung,
+            batch_size=cfg.train.offline_batch,
+            seed=cfg.train.seed,
+            fingerprint=fingerprint,
+        )
+
+    offline = offline_set() if hooks.is_main else None
+    hooks.broadcast(None)  # a barrier: rank 0 has written the set
+    if offline is None:
+        offline = offline_set()  # the other workers reuse its shards
     info = dict(fingerprint)
     info["offline"] = {"folder": str(out / "offline"),
                        "pseudo_positive_fraction": offline.manifest.get("pseudo_positive_fraction")}
