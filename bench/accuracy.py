@@ -17,6 +17,17 @@ on the same split's labeled slices. All runs share one preprocessed slice cache
 (``OUT/cache``). A finished run is not retrained (its last.pt is at the final step), so a
 killed benchmark picks up where it stopped. The table (mean +- sd over seeds) goes to
 ``--results`` (default bench/results/accuracy.md) and ``OUT/accuracy.json``.
+
+    python bench/accuracy.py --out runs/bench-accuracy --tune [--address ray://...] [--trial-cpus 2]
+
+``--tune`` runs the same runs as Ray Tune trials, each declaring its resources (``--trial-cpus``,
+default ``train.threads`` or 1; a GPU each when the runs train on CUDA, see
+``ray_train.use_gpus``), side by side where the cluster has room and one after another where
+it has not. Rows without a teacher form the first Tuner, the self-training rows (whose teachers
+those are) the second. Trials train into the same ``OUT/<method>-s<seed>`` folders, so a killed
+sweep resumes: finished runs are not retrained, a half-done one continues from its last.pt,
+and the Tune experiment (``OUT/tune``) is restored. Same table at the end. Ray is joined as
+by the entry points (``--address``, RAY_ADDRESS, a local ``ray start``, else an embedded Ray).
 """
 
 from __future__ import annotations
@@ -59,6 +70,52 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
 
 
+def train_row(base: dict, row: dict) -> dict:
+    """Train one table row (``row``: method, seed, trained, teacher, run) and return its final scores."""
+    from plsynth.config import config_from_dict
+    from plsynth.training.run import train
+
+    cfg = config_from_dict(base, where=base.get("source") or "<accuracy>")
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, method=row["trained"], seed=row["seed"],
+                                                teacher=row["teacher"]))
+    run = Path(row["run"])
+    tic = time.perf_counter()
+    train(cfg, run)
+    return {"seed": row["seed"], **_final_val(run), "seconds_per_iteration": _seconds_per_iteration(run),
+            "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run)}
+
+
+def _trial(config: dict, base: dict) -> None:
+    """One Ray Tune trial: a table row, reported as the trial's metrics."""
+    from ray import tune
+
+    tune.report(train_row(base, config["row"]))
+
+
+def tune_rows(base, rows: list[dict], out: Path, name: str, cpus: float) -> list[dict]:
+    """Run ``rows`` as Ray Tune trials (grid over the rows), restoring ``OUT/tune/<name>`` if it exists."""
+    from ray import tune
+
+    from plsynth.training.ray_train import use_gpus
+
+    resources = {"cpu": cpus, "gpu": 1 if use_gpus(base) else 0}
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base.to_dict()), resources)
+    path = out / "tune" / name
+    if tune.Tuner.can_restore(path):
+        logging.info("restoring the Tune experiment %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space={"row": tune.grid_search(rows)},
+                           run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=1))
+    grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(f"{len(grid.errors)} Tune trial(s) of {name} failed; first: {grid.errors[0]}")
+    by_run = {r.metrics["run"]: {k: r.metrics[k] for k in ("seed", "step", "dice", "nsd", "cases",
+                                                            "seconds_per_iteration", "wall_seconds", "run")}
+              for r in grid}
+    return [by_run[row["run"]] for row in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -67,11 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override, repeatable")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "accuracy.md")
+    parser.add_argument("--tune", action="store_true", help="run the runs as Ray Tune trials (see the docstring)")
+    parser.add_argument("--address", default="", help="with --tune: the Ray cluster to join")
+    parser.add_argument("--trial-cpus", type=float, default=0.0, help="with --tune: CPUs per trial "
+                        "(default train.threads or 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from plsynth.config import load_config
-    from plsynth.training.run import train
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -90,29 +150,42 @@ def main(argv: list[str] | None = None) -> int:
         base = base.replace(synth=dataclasses.replace(base.synth, bundle=str(synth_bundle)))
 
     command = (f"python bench/accuracy.py --out {args.out} --config {args.config} --methods {' '.join(args.methods)} "
-               f"--seeds {' '.join(map(str, args.seeds))}" + "".join(f" --set {o}" for o in args.overrides))
+               f"--seeds {' '.join(map(str, args.seeds))}" + "".join(f" --set {o}" for o in args.overrides)
+               + (" --tune" if args.tune else ""))
     record = out / "accuracy.json"  # earlier calls with the same --out (e.g. the teachers) stay in the table
     saved = json.loads(record.read_text()) if record.is_file() else {"results": {}, "commands": []}
     results: dict[str, list[dict]] = saved["results"]
     commands = [c for c in saved["commands"] if c != command] + [command]
+    rows = []
+    for method in args.methods:
+        for seed in args.seeds:
+            trained, teacher_row = SELF_TRAINING.get(method, (method, ""))
+            teacher = str(out / f"{teacher_row}-s{seed}" / "bundle") if teacher_row else ""
+            rows.append({"method": method, "seed": seed, "trained": trained, "teacher": teacher,
+                         "teacher_row": teacher_row, "run": str(out / f"{method}-s{seed}")})
+    listed = {(r["method"], r["seed"]) for r in rows}
+    for row in rows:  # a teacher must exist already or be trained by this call
+        if row["teacher_row"] and (row["teacher_row"], row["seed"]) not in listed \
+                and not (Path(row["teacher"]) / "meta.json").is_file():
+            parser.error(f"{row['method']} needs its teacher {row['teacher']}: run {row['teacher_row']} with seed "
+                         f"{row['seed']} first")
+    if args.tune:
+        from plsynth.training.ray_entry import connect_ray
+
+        connect_ray(args.address)
+        cpus = args.trial_cpus or float(base.train.threads or 1)
+        done: list[dict] = []
+        for stage, name in (([r for r in rows if not r["teacher_row"]], "rows"),
+                            ([r for r in rows if r["teacher_row"]], "self-training-rows")):
+            if stage:
+                done += [dict(row, result=res) for row, res in zip(stage, tune_rows(base, stage, out, name, cpus))]
+        finished = {(r["method"], r["seed"]): r["result"] for r in done}
     for method in args.methods:
         results[method] = []
-        for seed in args.seeds:
-            run = out / f"{method}-s{seed}"
-            trained, teacher_row = SELF_TRAINING.get(method, (method, ""))
-            teacher = ""
-            if teacher_row:
-                teacher_bundle = out / f"{teacher_row}-s{seed}" / "bundle"
-                if not (teacher_bundle / "meta.json").is_file():
-                    parser.error(f"{method} needs its teacher {teacher_bundle}: run {teacher_row} with seed {seed} first")
-                teacher = str(teacher_bundle)
-            cfg = base.replace(train=dataclasses.replace(base.train, method=trained, seed=seed, teacher=teacher))
-            tic = time.perf_counter()
-            train(cfg, run)
-            row = {"seed": seed, **_final_val(run), "seconds_per_iteration": _seconds_per_iteration(run),
-                   "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run)}
-            results.setdefault(method, []).append(row)
-            logging.info("%s seed %d: final val dice %.4f nsd %.4f", method, seed, row["dice"], row["nsd"])
+        for row in (r for r in rows if r["method"] == method):
+            result = finished[(method, row["seed"])] if args.tune else train_row(base.to_dict(), row)
+            results[method].append(result)
+            logging.info("%s seed %d: final val dice %.4f nsd %.4f", method, row["seed"], result["dice"], result["nsd"])
         link = out / method / "bundle"
         link.parent.mkdir(exist_ok=True)
         if link.is_symlink() or link.exists():

@@ -7,7 +7,14 @@ One run, side by side, at the CPU preset's sizes (network, synthesizer, batch 8 
   sa-cps in-process: SA-CPS with LocalSynthesizer (ONNX Runtime) in the trainer process
   sa-cps actor     : SA-CPS with the named Ray synthesis actor (ONNX Runtime) via ActorSynthesisClient
 plus the actor's round-trip overhead on one request of the SA-CPS batch, and the share of an
-SA-CPS iteration spent in synthesis. The data are phantoms at the preset's image size (timing
+SA-CPS iteration spent in synthesis.
+
+    .venv/bin/python bench/ray_bench.py --workers 1 2 [--method cps] [--iters 10]
+
+Data-parallel scaling instead: the same run (global batch 8 + 8) under Ray Train with 1, then 2
+workers of 1 thread and 1 CPU each; per worker the slices it trained on and its seconds in
+optimizer steps (``ray_work.jsonl``), so samples/s per worker and in total. Writes
+bench/results/ray_scaling.md and .json. The data are phantoms at the preset's image size (timing
 does not depend on image content; the preset's real slices need a 1600-slice cache build), and
 the synthesizer bundle is untrained (same architecture and cost as a trained one).
 Writes bench/results/ray_bench.md and .json.
@@ -118,12 +125,76 @@ def round_trip(client, local, batch: int, size: int, repeats: int = 7) -> dict:
             "actor_throughput_vs_local": local_s / actor_s}
 
 
+def scaling(cfg, out: Path, workers: list[int], method: str, iters: int) -> dict:
+    """One Ray Train run per worker count; samples/s per worker and in total from ``ray_work.jsonl``."""
+    import ray
+
+    from plsynth.data.datasets import build_splits
+    from plsynth.training.ray_train import fit
+
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, method=method, max_iters=iters, epochs=1, threads=1,
+                                                checkpoint_every=0, device="cpu"))
+    ray.init(num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
+    rows = []
+    try:
+        for n in workers:
+            run_out = out / f"scaling-{method}-{n}w-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_cfg = cfg.replace(ray=dataclasses.replace(cfg.ray, num_workers=n, cpus_per_worker=1.0))
+            build_splits(run_cfg, run_out)  # in the driver, as the entry points do
+            t0 = time.perf_counter()
+            fit(run_cfg, run_out, name=run_out.name)
+            wall = time.perf_counter() - t0
+            work = [json.loads(line) for line in (run_out / "ray_work.jsonl").read_text().splitlines()]
+            per_worker = []
+            for w in sorted(work, key=lambda w: w["rank"]):
+                seen = w["samples"]["labeled"] + w["samples"]["unlabeled"]
+                per_worker.append({"rank": w["rank"], "samples": seen, "train_s": w["train_s"],
+                                   "cpu_s_per_step": w["train_cpu_s"] / iters,
+                                   "samples_per_s": seen / w["train_s"], "samples_per_step": seen / iters})
+            total = sum(w["samples"] for w in per_worker)
+            rows.append({"workers": n, "steps": iters, "samples": total, "run_wall_s": wall,
+                         "train_s": max(w["train_s"] for w in per_worker),
+                         "samples_per_s_total": total / max(w["train_s"] for w in per_worker),
+                         "per_worker": per_worker, "out": str(run_out)})
+    finally:
+        ray.shutdown()
+    return {"method": method, "iters": iters, "rows": rows}
+
+
+def write_scaling(result: dict, cfg, argv_line: str) -> list[str]:
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else ["?"] * 3
+    lines = [
+        "# Data-parallel scaling under Ray Train (bench/ray_bench.py --workers)",
+        "",
+        f"Command: `{argv_line}` ({time.strftime('%Y-%m-%d %H:%M')} UTC, {__import__('os').cpu_count()} CPUs, "
+        f"load average at the end {' '.join(load)}).",
+        f"`{result['method']}`, {result['iters']} steps, global batch {cfg.train.batch_labeled} labeled + "
+        f"{cfg.train.batch_unlabeled} unlabeled, {cfg.data.image_size} px phantoms, U-Net width {cfg.model.width}; "
+        "each worker 1 torch thread, 1 Ray CPU. Seconds are each worker's time in optimizer steps (no validation); "
+        "CPU seconds are its process's CPU time in them (the work it did, whatever else runs on the machine).",
+        "",
+        "| workers | slices per step per worker | CPU s per step per worker | samples/s per worker | "
+        "samples/s total | train s | run wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        per_step = " / ".join(f"{w['samples_per_step']:.0f}" for w in r["per_worker"])
+        per_s = " / ".join(f"{w['samples_per_s']:.2f}" for w in r["per_worker"])
+        cpu = " / ".join(f"{w['cpu_s_per_step']:.2f}" for w in r["per_worker"])
+        lines.append(f"| {r['workers']} | {per_step} | {cpu} | {per_s} | {r['samples_per_s_total']:.2f} | "
+                     f"{r['train_s']:.1f} | {r['run_wall_s']:.1f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "semiseg-cpu.yaml"))
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--out", default=str(REPO / "runs" / "ray_bench"))
     parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--workers", type=int, nargs="+", help="data-parallel scaling: Ray Train runs with these "
+                        "worker counts (instead of the synthesis comparison)")
+    parser.add_argument("--method", default="cps", help="with --workers: the method to train")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import ray
@@ -142,6 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     threads = cfg.train.threads or 2
     torch.set_num_threads(threads)
     out = Path(args.out).resolve()
+    if args.workers:
+        result = scaling(cfg, out, args.workers, args.method, args.iters)
+        lines = write_scaling(result, cfg, "python bench/ray_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        target = REPO / "bench" / "results"
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "ray_scaling.md").write_text("\n".join(lines) + "\n")
+        (target / "ray_scaling.json").write_text(json.dumps(result, indent=2, default=str))
+        print("\n".join(lines))
+        return 0
     bundle = untrained_bundle(cfg, out / "synth")
     cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, bundle=str(bundle)))
     data = build_splits(cfg, out / "data-run")

@@ -130,20 +130,28 @@ SMALL = ["--set", "train.epochs=1", "--set", "train.max_iters=2", "--set", "trai
 @pytest.mark.slow
 def test_ray_job_submit_runs_train_sa_cps_then_train_sa_st_on_the_cluster(ray_head, synth_bundle, tmp_path):
     cps_out = tmp_path / "sa-cps"
+    # Two data-parallel workers: each sends its half of the batch, the actor decodes both in one call.
     proc = _submit(ray_head, "train_sa_cps", "--config", "configs/phantom-smoke.yaml", "--out", str(cps_out),
-                   "--set", f"synth.bundle={synth_bundle}", *SMALL)
+                   "--set", f"synth.bundle={synth_bundle}", *SMALL, "--set", "ray.num_workers=2",
+                   "--set", "ray.synth_gather_ms=200")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in (proc.stdout + proc.stderr).lower()
     summary = json.loads((cps_out / "ray_summary.json").read_text())
     assert summary["ray_mode"] == "cluster"  # joined `ray start`, did not start its own Ray
-    assert summary["synth"]["stats"]["requests"] >= 2  # the actor was called every iteration
+    assert Path(summary["code"]) == REPO / "src" / "plsynth" or "PYTHONPATH" not in os.environ  # this checkout ran
+    stats = summary["synth"]["stats"]
+    assert stats["requests"] == 2 * 2  # 2 iterations x 2 workers
+    # each request: 2 of the 4 unlabeled slices, twice (one synthetic image per network)
+    assert stats["decode_calls"] < stats["requests"] and max(stats["batch_sizes"]) == 2 * 4
+    work = [json.loads(line) for line in (cps_out / "ray_work.jsonl").read_text().splitlines()]
+    assert sorted(w["rank"] for w in work) == [0, 1] and all(w["samples"]["labeled"] == 2 * 2 for w in work)
     meta = json.loads((cps_out / "bundle" / "meta.json").read_text())
     assert meta  # a real segmenter bundle
 
     st_out = tmp_path / "sa-st"
     proc = _submit(ray_head, "train_sa_st", "--config", "configs/phantom-smoke.yaml", "--out", str(st_out),
                    "--set", f"synth.bundle={synth_bundle}", "--set", f"train.teacher={cps_out / 'bundle'}",
-                   "--set", "ray.synth_actors=2", *SMALL)
+                   "--set", "ray.synth_actors=2", *SMALL, "--set", "ray.num_workers=2")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((st_out / "ray_summary.json").read_text())
     assert summary["synth"]["actors"] == 2 and summary["offline"]["shards"] >= 1
@@ -154,6 +162,10 @@ def test_ray_job_submit_runs_train_sa_cps_then_train_sa_st_on_the_cluster(ray_he
     assert (st_out / "bundle" / "meta.json").is_file()
     # the training loop reused the actors' shards instead of labeling again
     assert summary["metrics"]["step"] == 2
+    # two student workers, each on half of every batch of the offline set (real, pseudo, synthetic)
+    work = [json.loads(line) for line in (st_out / "ray_work.jsonl").read_text().splitlines()]
+    assert sorted(w["rank"] for w in work) == [0, 1]
+    assert all(w["samples"] == {"labeled": 2 * 2, "unlabeled": 2 * 2} for w in work)
 
 
 @pytest.mark.slow

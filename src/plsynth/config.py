@@ -172,6 +172,12 @@ class TrainConfig:
     checkpoint_every: int = 0  # iterations between last.pt saves; 0 saves at the end of each epoch only
     bundle_from: Literal["best", "last"] = "best"  # which checkpoint becomes DIR/bundle ("last": benchmarks)
     offline_batch: int = 16  # st / sa-st: slices per teacher / synthesizer call when making the offline set
+    # Where the segmenter trains: "auto" is CUDA when torch sees a GPU, else the CPU; "cuda"
+    # without a GPU is an error. Under Ray Train a worker uses the device Ray gives it.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Mixed precision, CUDA only (the CPU always trains in float32): "auto" is bfloat16 where the
+    # GPU supports it, else float16 with a gradient scaler; "off" keeps float32 on the GPU too.
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.tau < 1.0:

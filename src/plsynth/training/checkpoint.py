@@ -32,7 +32,7 @@ from plsynth.errors import InputError
 
 # Keys whose change does not alter the optimisation of a resumed run.
 RESUME_IGNORED = {"source", "name", "train.val_every", "train.threads", "train.num_workers", "train.bundle_from",
-                  "train.checkpoint_every", "ray"}
+                  "train.checkpoint_every", "train.device", "ray"}
 
 
 def rng_state() -> dict[str, Any]:

@@ -14,23 +14,29 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, lo
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Dotted override, e.g. --set optim.lr=0.005 (repeatable).")
 ]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="auto (CUDA when there is a GPU, else CPU), cuda or cpu; "
+                                "default train.device. AMP on CUDA: train.amp.")
+]
 
 
-def _load(config: Path, overrides: Optional[list[str]], method: str | None = None):
+def _load(config: Path, overrides: Optional[list[str]], method: str | None = None, device: str | None = None):
     import dataclasses
 
     from plsynth.config import load_config
     from plsynth.torch_setup import flush_denormals
+    from plsynth.training.loop import select_device
 
     flush_denormals()  # before the first parallel op creates torch's thread pool (see torch_setup)
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, [*(overrides or []), *([f"train.device={device}"] if device else [])])
     if method is not None:
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, method=method))
+    select_device(cfg.train.device)  # --device cuda without a GPU: a usage error now, not after data prep
     return cfg
 
 
 @train_app.command("synthesizer")
-def train_synthesizer_command(config: ConfigOpt, out: OutOpt, set_: SetOpt = None) -> None:
+def train_synthesizer_command(config: ConfigOpt, out: OutOpt, set_: SetOpt = None, device: DeviceOpt = None) -> None:
     """Train the SEAN synthesizer on the labeled training slices and build its style pool.
 
     Example: plsynth train synthesizer --config configs/phantom-smoke.yaml --out runs/synth
@@ -38,18 +44,18 @@ def train_synthesizer_command(config: ConfigOpt, out: OutOpt, set_: SetOpt = Non
     from plsynth.atomic import folder_lock
     from plsynth.training.synthesizer import train_synthesizer
 
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, device=device)
     with folder_lock(out, "plsynth train synthesizer"):  # a second run into OUT: exit 6
         bundle = train_synthesizer(cfg, out)
     typer.echo(f"synthesizer bundle: {bundle}")
 
 
 def _method_command(method: str):
-    def command(config: ConfigOpt, out: OutOpt, set_: SetOpt = None) -> None:
+    def command(config: ConfigOpt, out: OutOpt, set_: SetOpt = None, device: DeviceOpt = None) -> None:
         from plsynth.atomic import folder_lock
         from plsynth.training.run import train
 
-        cfg = _load(config, set_, method)
+        cfg = _load(config, set_, method, device)
         with folder_lock(out, f"plsynth train {method}"):  # a second run into OUT: exit 6
             bundle = train(cfg, out)
         typer.echo(f"{method} bundle: {bundle}")

@@ -10,7 +10,13 @@
         end of epoch: validate (DSC, NSD), save best.pt / last.pt, report, draw curves
     write DIR/bundle from best.pt (or last.pt) with deploy.bundle.write_bundle
 
-Under Ray Train only the hooks differ (`TrainHooks`: device, prepare_model, report, is_main).
+Under Ray Train only the hooks differ (`TrainHooks`: device, prepare_model, report, is_main,
+broadcast). Data parallel: each of N workers takes its 1/N share of every global batch
+(`BatchMaker`), the loss is that of the global batch (`losses.global_batch`) and DDP averages
+the gradients, so N workers run the single-process optimisation (same batch, same LR schedule,
+same parameters within float tolerance) doing 1/N of the work each. Rank 0 reads the checkpoint
+and broadcasts it, so a run started with N workers resumes with any M.
+
 Every random choice of a step (batch order, flips, angles, the synthesizer's pool draw and
 noise) is derived from (seed, step), and the global RNG states are checkpointed too, so a run
 killed after step t and resumed from its last checkpoint reproduces the losses of a run that
@@ -31,10 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from plsynth.config import Config
+from plsynth.config import Config, ConfigError
 from plsynth.torch_setup import flush_denormals
 from plsynth.training import checkpoint as ckpt
-from plsynth.training.augment import augment
+from plsynth.training.augment import apply_transforms, random_transforms
+from plsynth.training.losses import global_batch
 from plsynth.training.methods import method_switches, network_names, step_function
 from plsynth.training.run_log import RunLog, plot_curves
 from plsynth.training.schedule import BatchPlan, poly_lr, step_seed, total_iterations
@@ -45,9 +52,11 @@ logger = logging.getLogger(__name__)
 class TrainHooks:
     """What differs between a local run and a Ray Train worker. The default is a plain local run.
 
+    ``device``: None follows ``train.device`` (`select_device`); Ray sets the worker's device.
     ``prepare_model`` wraps a network for the worker (Ray: ``ray.train.torch.prepare_model``);
     ``report`` receives each validation's metrics and the checkpoint just written
     (Ray: ``ray.train.report``); only the main worker (``is_main``) writes files.
+    ``broadcast`` hands rank 0's object to every worker (resume state, barriers).
     ``after_step`` is called after every optimizer step (progress bars, tests).
     """
 
@@ -56,11 +65,13 @@ class TrainHooks:
     world_size: int = 1
 
     def __init__(self, device: str | None = None) -> None:
-        # A local run uses the GPU when there is one (paper presets), else the CPU.
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device
 
     def prepare_model(self, net: torch.nn.Module) -> torch.nn.Module:
         return net
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         pass
@@ -75,6 +86,33 @@ class TrainResult:
     steps: int
     best: dict[str, Any]
     last_val: dict[str, Any] = field(default_factory=dict)
+    start: int = 0  # the step this call resumed at (0: from scratch)
+    samples: dict[str, int] = field(default_factory=dict)  # slices this worker trained on in this call
+    train_s: float = 0.0  # seconds this worker spent in optimizer steps (without validation)
+    train_cpu_s: float = 0.0  # CPU seconds of this process in those steps (the work it did, whatever the contention)
+
+
+def select_device(requested: str = "auto") -> str:
+    """``train.device``: ``auto`` is CUDA when torch sees a GPU, else the CPU; ``cuda`` without one is a usage error."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                         "use --device cpu or auto")
+    return requested
+
+
+def amp_dtype(amp: str, device: str) -> torch.dtype | None:
+    """``train.amp`` on ``device``: the autocast dtype, or None for full float32.
+
+    AMP runs on CUDA only: ``auto`` is bfloat16 where the GPU supports it (Ampere and later),
+    else float16 (with a gradient scaler); on the CPU every setting means float32.
+    """
+    if amp == "off" or not str(device).startswith("cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 def _stack(items: list[dict], key: str, dtype: torch.dtype) -> torch.Tensor:
@@ -98,48 +136,67 @@ def make_optimizer(net: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 class BatchMaker:
-    """Collates and augments the batch of one step from the plan (no DataLoader: order is ours).
+    """Collates and augments this worker's share of the batch of one step (no DataLoader: order is ours).
 
-    Under DDP each of ``world_size`` workers takes every ``world_size``-th slice of the plan's
-    batch, so the workers together see exactly the batch of a single-process run (same budget).
+    Data parallel: worker ``rank`` of ``world_size`` takes its contiguous 1/N share of the plan's
+    labeled and unlabeled batch (`np.array_split`), and the flips and angles are drawn for the
+    whole global batch first, so the workers together build exactly the single-process batch.
+    ``seen`` counts the slices this worker loaded.
     """
 
     def __init__(self, cfg: Config, labeled: Any, unlabeled: Any | None, plan: BatchPlan, device: str,
                  rank: int = 0, world_size: int = 1) -> None:
         self.cfg, self.labeled, self.unlabeled, self.plan, self.device = cfg, labeled, unlabeled, plan, device
         self.rank, self.world_size = rank, world_size
+        self.seen = {"labeled": 0, "unlabeled": 0}
+        smallest = min(plan.batch_labeled, plan.smallest_unlabeled_batch if unlabeled is not None else plan.batch_labeled)
+        if smallest < world_size:
+            raise ConfigError(
+                f"{world_size} data-parallel workers need at least {world_size} slices in every batch, but a batch "
+                f"of this run holds {smallest} (train.batch_labeled {plan.batch_labeled}, train.batch_unlabeled "
+                f"{plan.batch_unlabeled}, {plan.n_unlabeled} unlabeled slices); use fewer ray.num_workers or "
+                "larger batches")
 
-    def _shard(self, indices: np.ndarray) -> np.ndarray:
-        return indices[self.rank :: self.world_size]
+    def _share(self, n: int) -> np.ndarray:
+        return np.array_split(np.arange(n), self.world_size)[self.rank]
+
+    def _augment(self, image, lung, label, rows: np.ndarray, n: int, g: torch.Generator):
+        t = self.cfg.train
+        if not t.flip and t.rotate_degrees == 0.0:
+            return image, lung, label
+        theta, hflip = random_transforms(n, g, t.flip, t.rotate_degrees)
+        return apply_transforms(theta[rows], hflip[rows], image, lung, label)
 
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         t = self.cfg.train
-        g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=self.rank))
-        items = [self.labeled[int(i)] for i in self._shard(self.plan.labeled(step))]
-        image, lung, label = augment(
+        g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=0))
+        indices = self.plan.labeled(step)
+        rows = self._share(len(indices))
+        items = [self.labeled[int(i)] for i in indices[rows]]
+        self.seen["labeled"] += len(items)
+        image, lung, label = self._augment(
             _stack(items, "image", torch.float32),
             _stack(items, "lung", torch.long),
             _stack(items, "label", torch.float32),
-            generator=g,
-            flip=t.flip,
-            rotate_degrees=t.rotate_degrees,
+            rows, len(indices), g,
         )
         batch = {"image": image, "lung": lung, "label": label}
         if self.unlabeled is not None:
-            items = [self.unlabeled[int(i)] for i in self._shard(self.plan.unlabeled(step))]
+            indices = self.plan.unlabeled(step)
+            rows = self._share(len(indices))
+            items = [self.unlabeled[int(i)] for i in indices[rows]]
+            self.seen["unlabeled"] += len(items)
             images = [_stack(items, "image", torch.float32)]
             has_synthetic = "synthetic" in items[0]
             if has_synthetic:
                 images.append(_stack(items, "synthetic", torch.float32))
             pseudo = _stack(items, "pseudo", torch.float32) if "pseudo" in items[0] else None
             # A real slice and its synthetic twin share their pseudo-label, lung and transform.
-            moved, u_lung, u_pseudo = augment(
+            moved, u_lung, u_pseudo = self._augment(
                 torch.cat(images, dim=1),
                 _stack(items, "lung", torch.long),
                 pseudo,
-                generator=g,
-                flip=t.flip,
-                rotate_degrees=t.rotate_degrees,
+                rows, len(indices), g,
             )
             batch.update(u_image=moved[:, :1], u_lung=u_lung)
             if has_synthetic:
@@ -176,7 +233,7 @@ class _Progress:
             self._bar.stop()
 
 
-def _state(nets, optimizers, step, epoch, best, plan, cfg, val) -> dict[str, Any]:
+def _state(nets, optimizers, step, epoch, best, plan, cfg, val, scaler=None) -> dict[str, Any]:
     return {
         "networks": {k: {n: t.detach().cpu().clone() for n, t in ckpt.unwrap(v).state_dict().items()} for k, v in nets.items()},
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
@@ -188,11 +245,16 @@ def _state(nets, optimizers, step, epoch, best, plan, cfg, val) -> dict[str, Any
         "plan": plan.__dict__.copy(),
         "config": cfg.to_dict(),
         "method": cfg.train.method,
+        "scaler": scaler.state_dict() if scaler is not None else {},
     }
 
 
-def _unlabeled_source(cfg: Config, data: Any, out: Path, synth: Any, teacher: Any, device: str) -> tuple[Any, dict]:
-    """What the unlabeled half of each batch reads: raw slices, or (ST / SA-ST) the offline set."""
+def _unlabeled_source(cfg: Config, data: Any, out: Path, synth: Any, teacher: Any, device: str,
+                      hooks: TrainHooks) -> tuple[Any, dict]:
+    """What the unlabeled half of each batch reads: raw slices, or (ST / SA-ST) the offline set.
+
+    Rank 0 makes the offline set first; the other workers wait for it, then reuse its shards.
+    """
     method = cfg.train.method
     if method == "baseline":
         return None, {}
@@ -206,17 +268,23 @@ def _unlabeled_source(cfg: Config, data: Any, out: Path, synth: Any, teacher: An
         teacher, fingerprint = load_teacher(cfg.train.teacher, device)
     else:
         fingerprint = {"teacher": {"module": type(teacher).__name__}}
-    offline = make_offline_set(
-        teacher,
-        data.unlabeled,
-        synth,
-        out / "offline",
-        tau=cfg.train.tau,
-        pseudo_in_lung=cfg.train.pseudo_in_lung,
-        batch_size=cfg.train.offline_batch,
-        seed=cfg.train.seed,
-        fingerprint=fingerprint,
-    )
+    def offline_set():
+        return make_offline_set(
+            teacher,
+            data.unlabeled,
+            synth,
+            out / "offline",
+            tau=cfg.train.tau,
+            pseudo_in_lung=cfg.train.pseudo_in_lung,
+            batch_size=cfg.train.offline_batch,
+            seed=cfg.train.seed,
+            fingerprint=fingerprint,
+        )
+
+    offline = offline_set() if hooks.is_main else None
+    hooks.broadcast(None)  # a barrier: rank 0 has written the set
+    if offline is None:
+        offline = offline_set()  # the other workers reuse its shards
     info = dict(fingerprint)
     info["offline"] = {"folder": str(out / "offline"),
                        "pseudo_positive_fraction": offline.manifest.get("pseudo_positive_fraction")}
@@ -271,8 +339,11 @@ def run_training(
         synth = make_synthesis_client(cfg)
     if t.method != "baseline" and len(data.unlabeled) == 0:
         raise ValueError(f"{cfg.source or 'config'}: {t.method} needs unlabeled slices; the unlabeled set is empty")
-    device = hooks.device
-    unlabeled, teacher_info = _unlabeled_source(cfg, data, out, synth if t.method == "sa-st" else None, teacher, device)
+    device = hooks.device or select_device(t.device)
+    amp = amp_dtype(t.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    unlabeled, teacher_info = _unlabeled_source(cfg, data, out, synth if t.method == "sa-st" else None, teacher,
+                                                device, hooks)
 
     nets = {k: v.to(device) for k, v in build_networks(cfg).items()}
     optimizers = {k: make_optimizer(v, cfg) for k, v in nets.items()}
@@ -280,8 +351,9 @@ def run_training(
     total = total_iterations(t.epochs, plan.iters_per_epoch, t.max_iters)
     start, best, last_val = 0, {"dice": -1.0, "step": -1}, {}
     last_path, best_path = out / "last.pt", out / "best.pt"
-    if last_path.is_file():
-        state = ckpt.load_checkpoint(last_path)
+    # Rank 0 reads last.pt and hands it to every worker: all resume at one step, whatever N was.
+    state = hooks.broadcast(ckpt.load_checkpoint(last_path) if hooks.is_main and last_path.is_file() else None)
+    if state is not None:
         diffs = ckpt.config_differences(state["config"], cfg.to_dict())
         if diffs:
             raise ValueError(
@@ -292,9 +364,12 @@ def run_training(
             net.load_state_dict(state["networks"][k])
         for k, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start, best, last_val = state["step"], state["best"], state.get("val", {})
         ckpt.set_rng_state(state["rng"])
         logger.info("resuming %s from %s at step %d/%d", t.method, last_path, start, total)
+    first = start
     prepared = {k: hooks.prepare_model(v) for k, v in nets.items()}
     step_fn = step_function(t)
     make_batch = BatchMaker(cfg, data.labeled, unlabeled, plan, device,
@@ -302,13 +377,15 @@ def run_training(
     log = RunLog(out, start) if hooks.is_main else None
     progress = _Progress(total, start, t.method) if hooks.is_main else None
     logger.info(
-        "%s: %d labeled, %d unlabeled slices, %d val cases; %d iterations (%d per epoch), batch %d+%d",
+        "%s: %d labeled, %d unlabeled slices, %d val cases; %d iterations (%d per epoch), batch %d+%d on %s%s%s",
         t.method, len(data.labeled), len(data.unlabeled), len(data.val), total, plan.iters_per_epoch,
-        t.batch_labeled, t.batch_unlabeled,
+        t.batch_labeled, t.batch_unlabeled, device, f", AMP {amp}" if amp else "",
+        f", worker {hooks.rank} of {hooks.world_size} (1/{hooks.world_size} of each batch)" if hooks.world_size > 1 else "",
     )
+    train_s = train_cpu_s = 0.0
     try:
         for step in range(start, total):
-            tic = time.perf_counter()
+            tic, cpu_tic = time.perf_counter(), time.process_time()
             lr = poly_lr(step, total, cfg.optim.lr, cfg.optim.poly_power)
             for opt in optimizers.values():
                 for group in opt.param_groups:
@@ -316,12 +393,22 @@ def run_training(
             for net in prepared.values():
                 net.train()
             batch = make_batch(step)
-            result = step_fn(prepared, batch, t, synth, step_seed(t.seed, step, stream=1))
+            with torch.autocast(device_type=torch.device(device).type, dtype=amp, enabled=amp is not None), \
+                    global_batch(hooks.world_size > 1):
+                result = step_fn(prepared, batch, t, synth, step_seed(t.seed, step, stream=1))
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            result.loss.backward()
-            for opt in optimizers.values():
-                opt.step()
+            if scaler is None:
+                result.loss.backward()
+                for opt in optimizers.values():
+                    opt.step()
+            else:  # float16 AMP: scaled gradients, steps skipped on overflow
+                scaler.scale(result.loss).backward()
+                for opt in optimizers.values():
+                    scaler.step(opt)
+                scaler.update()
+            train_s += time.perf_counter() - tic
+            train_cpu_s += time.process_time() - cpu_tic
             done, epoch = step + 1, plan.epoch_of(step)
             loss = float(result.loss.detach())
             if not math.isfinite(loss):
@@ -332,7 +419,7 @@ def run_training(
                 progress.update(done, f"loss {loss:.4f}")
             hooks.after_step(step, {"loss": loss, **result.terms})
             end_of_epoch = done % plan.iters_per_epoch == 0 or done == total
-            if end_of_epoch and ((epoch + 1) % t.val_every == 0 or done == total) and len(data.val):
+            if end_of_epoch and ((epoch + 1) % t.val_every == 0 or done == total) and len(data.val) and hooks.is_main:
                 from plsynth.training.evaluate import validate
 
                 last_val = validate(ckpt.unwrap(nets["model"]), data.val, t.tolerance_mm, t.tau)
@@ -343,12 +430,12 @@ def run_training(
                     log.val({"step": done, "epoch": epoch + 1, **last_val})
                 if last_val["dice"] > best["dice"]:
                     best = {"dice": last_val["dice"], "nsd": last_val["nsd"], "step": done}
-                    if hooks.is_main:
-                        ckpt.save_checkpoint(best_path, _state(nets, optimizers, done, epoch + 1, best, plan, cfg, last_val))
+                    ckpt.save_checkpoint(best_path, _state(nets, optimizers, done, epoch + 1, best, plan, cfg, last_val,
+                                                           scaler))
             if end_of_epoch or (t.checkpoint_every and done % t.checkpoint_every == 0):
                 if hooks.is_main:
                     ckpt.save_checkpoint(last_path, _state(nets, optimizers, done, epoch + (1 if end_of_epoch else 0),
-                                                           best, plan, cfg, last_val))
+                                                           best, plan, cfg, last_val, scaler))
                 if end_of_epoch:
                     hooks.report({"step": done, "epoch": epoch + 1, "loss": loss,
                                   **{k: v for k, v in last_val.items() if k != "per_case"}}, last_path)
@@ -364,7 +451,8 @@ def run_training(
     bundle = None
     if write_bundle and hooks.is_main:
         bundle = _write_run_bundle(cfg, out, synth, teacher_info, total)
-    return TrainResult(bundle=bundle, steps=total, best=best, last_val=last_val)
+    return TrainResult(bundle=bundle, steps=total, best=best, last_val=last_val, start=first, samples=dict(make_batch.seen),
+                       train_s=train_s, train_cpu_s=train_cpu_s)
 
 
 def _write_run_bundle(cfg: Config, out: Path, synth: Any, teacher_info: dict, total: int) -> Path:

@@ -8,11 +8,13 @@ What a run does (see docs/ray-guide.md):
 
 1. join Ray: ``ray.address``, else ``RAY_ADDRESS`` (set by ``ray job submit``), else a cluster
    started with ``ray start`` on this machine, else start an embedded local Ray (logged);
-2. train the synthesizer into ``OUT/synth`` when ``synth.bundle`` is empty or missing;
+2. train the synthesizer into ``OUT/synth`` when ``synth.bundle`` is empty or missing (a
+   one-worker Ray Train run, so it gets a GPU worker on a GPU cluster);
 3. build the data once in the driver (phantoms, slice cache), so workers only read it;
 4. start the named synthesis actor(s) and hand their client to every Ray Train worker;
 5. SA-CPS: TorchTrainer runs the one training loop, calling the actor every iteration.
-   SA-ST: train a baseline teacher first when ``train.teacher`` is empty (``OUT/teacher``),
+   SA-ST: train a baseline teacher first when ``train.teacher`` is empty (``OUT/teacher``, a
+   Ray Train run with ``ray.num_workers`` workers),
    synthesize the pseudo-labeled set offline with ``ray.synth_actors`` actors into shards,
    then TorchTrainer trains the student on them;
 6. ``OUT/bundle`` is written by rank 0; ``OUT/ray_summary.json`` records the Ray mode, the
@@ -74,10 +76,14 @@ def ensure_synth_bundle(cfg, out: Path):
     if (existing / "meta.json").is_file():
         log.info("reusing the synthesizer bundle %s", existing)
     else:
-        from plsynth.training.synthesizer import train_synthesizer
+        from plsynth.training.ray_train import fit, synthesizer_worker
 
-        log.info("synth.bundle is empty: training the synthesizer into %s first", out / "synth")
-        existing = train_synthesizer(cfg, out / "synth")
+        log.info("synth.bundle is empty: training the synthesizer into %s first (Ray Train, 1 worker)", out / "synth")
+        # The GAN trains on one worker (its data-parallel form is not built); resumes from OUT/synth.
+        one = cfg.replace(ray=dataclasses.replace(cfg.ray, num_workers=1))
+        fit(one, out / "synth", loop_fn=synthesizer_worker, name=f"{cfg.name}-synth")
+        if not (existing / "meta.json").is_file():
+            raise RuntimeError(f"{out / 'synth'}: the synthesizer run finished without a bundle")
     return cfg.replace(synth=dataclasses.replace(cfg.synth, bundle=str(Path(existing).resolve())))
 
 
@@ -100,8 +106,10 @@ def _run(cfg, out: Path) -> dict:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     mode = connect_ray(cfg.ray.address)
+    import plsynth
+
     summary: dict = {"method": cfg.train.method, "out": str(out), "ray_mode": mode,
-                     "ray_address": ray.get_runtime_context().gcs_address}
+                     "ray_address": ray.get_runtime_context().gcs_address, "code": str(Path(plsynth.__file__).parent)}
     names = []
     try:
         cfg = ensure_synth_bundle(cfg, out)
@@ -167,6 +175,8 @@ def _command(method: str):
                                                           "--set ray.num_workers=2 (repeatable).")] = None,
         address: Annotated[str, typer.Option("--address", help="Ray address; default ray.address, RAY_ADDRESS, "
                                              "a local `ray start`, else an embedded Ray.")] = "",
+        device: Annotated[Optional[str], typer.Option("--device", help="auto, cuda or cpu (default train.device); "
+                                                      "cuda gives every Ray Train worker a GPU.")] = None,
         verbose: Annotated[bool, typer.Option("--verbose", help="Print the traceback of an unexpected error.")] = False,
     ) -> None:
         from plsynth.atomic import folder_lock
@@ -174,7 +184,7 @@ def _command(method: str):
         from plsynth.torch_setup import flush_denormals
 
         flush_denormals()  # before the first parallel op creates torch's thread pool
-        cfg = load_config(config, set_ or [])
+        cfg = load_config(config, [*(set_ or []), *([f"train.device={device}"] if device else [])])
         if address:
             cfg = cfg.replace(ray=dataclasses.replace(cfg.ray, address=address))
         folder = out or Path("runs") / f"{cfg.name}-{method}"

@@ -4,13 +4,17 @@ The loop (`plsynth.training.loop.run_training`) is the same as in a local run; o
 differ (:class:`RayTrainHooks`): networks go through ``ray.train.torch.prepare_model`` (DDP,
 gloo on CPU, NCCL on GPU), every validation's metrics and the ``last.pt`` just written are
 reported with ``ray.train.report`` (rank 0 attaches the checkpoint, every rank calls it the
-same number of times, as Ray requires), and only rank 0 writes files.
+same number of times, as Ray requires), only rank 0 writes files, and ``broadcast`` hands rank
+0's objects (the resume state) to every rank. Each worker trains on its 1/N share of every
+global batch (see the loop); what each one did is appended to ``<out>/ray_work.jsonl``
+(rank, step it started at, slices seen, seconds in optimizer steps), which is how tests and benchmarks see the split.
 
 Checkpoints are persisted by Ray Train under ``ray.storage_path`` (default ``<out>/ray``; use
 shared storage on a multi-node cluster). ``FailureConfig(max_failures=ray.max_failures)``
-restarts a failed worker group; each worker then copies ``last.pt`` out of
-``ray.train.get_checkpoint()`` into the run folder before calling the loop, so the loop
-resumes at the checkpoint's step (the step counter continues, it does not restart at 0).
+restarts a failed worker group; rank 0 then copies ``last.pt`` out of
+``ray.train.get_checkpoint()`` into the run folder before calling the loop, which reads it and
+broadcasts it, so every rank resumes at the checkpoint's step (the step counter continues, it
+does not restart at 0), with as many workers as this run has (not necessarily the first run's).
 Each worker start is logged to ``<out>/ray_attempts.jsonl`` (rank, resume step), which is
 how the tests see a resume.
 """
@@ -76,6 +80,15 @@ class RayTrainHooks:
             log.warning("fault injection: worker rank %d exits after report %d", self.rank, self.reports)
             os._exit(17)
 
+    def broadcast(self, obj: Any) -> Any:
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def after_step(self, step: int, terms: dict[str, float]) -> None:
         pass
 
@@ -128,9 +141,37 @@ def _worker_loop(config: dict[str, Any]) -> None:
     synth = config.get("synth")
     kwargs = {"synth": synth} if synth is not None else {}
     result = loop_fn(cfg, out, hooks, **kwargs)
+    if getattr(result, "samples", None) is not None:
+        with open(out / "ray_work.jsonl", "a") as fh:
+            fh.write(json.dumps({"rank": hooks.rank, "world_size": hooks.world_size, "start_step": result.start,
+                                 "samples": result.samples, "train_s": result.train_s, "train_cpu_s": result.train_cpu_s,
+                                 "steps": result.steps,
+                                 "time": time.time()}) + "\n")
     if hooks.is_main and getattr(result, "bundle", None) is not None:
         log.info("rank 0 wrote %s", result.bundle)
     del ray  # (imported for its side effect: the worker's train context)
+
+
+def synthesizer_worker(cfg: Config, out: Path, hooks: RayTrainHooks) -> None:
+    """``loop_fn`` that trains the synthesizer (one worker, on the device Ray gave it) into ``out``."""
+    from plsynth.training.synthesizer import train_synthesizer
+
+    if hooks.world_size != 1:
+        raise ValueError("the synthesizer trains on one Ray Train worker (ray.num_workers=1)")
+    train_synthesizer(cfg, out, device=hooks.device)
+
+
+def use_gpus(cfg: Config) -> bool:
+    """Whether Ray Train workers get a GPU each: ``train.device`` cuda, or auto with ``ray.use_gpu``
+    or a cluster that has GPUs; never for ``train.device: cpu``."""
+    device = cfg.train.device
+    if device != "auto":
+        return device == "cuda"
+    if cfg.ray.use_gpu:
+        return True
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
 
 
 def make_trainer(cfg: Config, out: Path, *, synth: Any = None, loop_fn: Callable | None = None,
@@ -147,10 +188,11 @@ def make_trainer(cfg: Config, out: Path, *, synth: Any = None, loop_fn: Callable
     out.mkdir(parents=True, exist_ok=True)
     r = cfg.ray
     storage = Path(r.storage_path).resolve() if r.storage_path else out / "ray"
+    use_gpu = use_gpus(cfg)
     resources = {"CPU": r.cpus_per_worker}
-    if r.use_gpu:
+    if use_gpu:
         resources["GPU"] = 1.0
-    scaling = ScalingConfig(num_workers=max(1, r.num_workers), use_gpu=r.use_gpu, resources_per_worker=resources,
+    scaling = ScalingConfig(num_workers=max(1, r.num_workers), use_gpu=use_gpu, resources_per_worker=resources,
                             placement_strategy="PACK")
     run_config = RunConfig(
         name=name or f"{cfg.name}-{cfg.train.method}",

@@ -61,6 +61,11 @@ class BatchPlan:
     def iters_per_epoch(self) -> int:
         return iterations_per_epoch(self.n_unlabeled, self.batch_unlabeled, self.n_labeled, self.batch_labeled)
 
+    @property
+    def smallest_unlabeled_batch(self) -> int:
+        """Slices in the smallest unlabeled batch (the last of an epoch may be short)."""
+        return min(self.batch_unlabeled, self.n_unlabeled - (self.iters_per_epoch - 1) * self.batch_unlabeled)
+
     def epoch_of(self, step: int) -> int:
         return step // self.iters_per_epoch
 

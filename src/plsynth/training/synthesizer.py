@@ -307,15 +307,18 @@ def fit_synthesizer(labeled, cfg: Config, out: str | Path, device: str | torch.d
     return write_decoder_bundle(out / "bundle", nets.decoder, nets.encoder, pool, cfg, extra=extra)
 
 
-def train_synthesizer(cfg: Config, out: str | Path) -> Path:
-    """Train the synthesizer on ``build_splits(cfg, out).labeled``; returns ``out/bundle``."""
+def train_synthesizer(cfg: Config, out: str | Path, device: str | None = None) -> Path:
+    """Train the synthesizer on ``build_splits(cfg, out).labeled``; returns ``out/bundle``.
+
+    device: default ``train.device`` (a Ray Train worker passes the device Ray gave it).
+    """
     from plsynth.data.datasets import build_splits
+    from plsynth.training.loop import select_device
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     splits = build_splits(cfg, Path(out))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return fit_synthesizer(splits.labeled, cfg, out, device=device)
+    return fit_synthesizer(splits.labeled, cfg, out, device=device or select_device(cfg.train.device))
 
 
 __all__ = [
