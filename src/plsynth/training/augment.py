@@ -19,25 +19,47 @@ import torch.nn.functional as F
 
 
 def random_transforms(
-    n: int, generator: torch.Generator, flip: bool = True, rotate_degrees: float = 0.0
+    n: int,
+    generator: torch.Generator,
+    flip: bool = True,
+    rotate_degrees: float = 0.0,
+    scale: float = 0.0,
+    vflip: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw per-sample transforms: ``theta`` (n, 2, 3) for affine_grid and ``hflip`` (n,) bool.
 
-    Each flip (horizontal, vertical) happens with probability 0.5 when ``flip``; the angle is
-    uniform in [-rotate_degrees, rotate_degrees].
+    Each flip (horizontal; vertical too when ``vflip``) happens with probability 0.5 when
+    ``flip``; the angle is uniform in [-rotate_degrees, rotate_degrees]; the zoom is uniform in
+    [1 - scale, 1 + scale] (drawn after the rest, so ``scale=0`` draws what it always drew).
     """
     u = torch.rand(n, 3, generator=generator)
     hflip = (u[:, 0] < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
-    vflip = (u[:, 1] < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
+    vflip_ = (u[:, 1] < 0.5) if flip and vflip else torch.zeros(n, dtype=torch.bool)
     angle = (2.0 * u[:, 2] - 1.0) * math.radians(rotate_degrees)
-    sx = 1.0 - 2.0 * hflip.float()
-    sy = 1.0 - 2.0 * vflip.float()
+    zoom = 1.0 + (2.0 * torch.rand(n, generator=generator) - 1.0) * scale if scale else torch.ones(n)
+    sx = (1.0 - 2.0 * hflip.float()) / zoom
+    sy = (1.0 - 2.0 * vflip_.float()) / zoom
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.zeros(n, 2, 3)
     # theta maps output coordinates to input coordinates: R(angle) @ diag(sx, sy).
     theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy
     theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
     return theta, hflip
+
+
+def invert_transforms(theta: torch.Tensor) -> torch.Tensor:
+    """The transforms that undo ``theta`` (same ``hflip``: a flip undone swaps the lungs back)."""
+    inverse = torch.zeros_like(theta)
+    inverse[:, :, :2] = torch.linalg.inv(theta[:, :, :2])
+    return inverse
+
+
+def jitter_intensity(image: torch.Tensor, generator: torch.Generator, amount: float) -> torch.Tensor:
+    """Per-sample contrast and brightness jitter of images in [0, 1]: ``x * (1 + a) + b``, a, b in +-amount."""
+    if not amount:
+        return image
+    a, b = ((2.0 * torch.rand(2, image.shape[0], generator=generator) - 1.0) * amount).view(2, -1, 1, 1, 1)
+    return (image * (1.0 + a.to(image)) + b.to(image)).clamp(0.0, 1.0)
 
 
 def apply_transforms(
@@ -76,9 +98,16 @@ def augment(
     generator: torch.Generator,
     flip: bool = True,
     rotate_degrees: float = 0.0,
+    transforms: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Randomly flip and rotate a batch jointly; identity (no resampling) when both are off."""
+    """Randomly flip and rotate a batch jointly; identity (no resampling) when both are off.
+
+    ``transforms``: a list that receives the ``(theta, hflip)`` drawn, for callers that must
+    apply the same transform later to something made from the un-augmented slice.
+    """
     if not flip and rotate_degrees == 0.0:
         return image, lung, label
     theta, hflip = random_transforms(image.shape[0], generator, flip, rotate_degrees)
+    if transforms is not None:
+        transforms.append((theta, hflip))
     return apply_transforms(theta, hflip, image, lung, label)

@@ -132,6 +132,7 @@ class BatchMaker:
             if has_synthetic:
                 images.append(_stack(items, "synthetic", torch.float32))
             pseudo = _stack(items, "pseudo", torch.float32) if "pseudo" in items[0] else None
+            transforms: list = []
             # A real slice and its synthetic twin share their pseudo-label, lung and transform.
             moved, u_lung, u_pseudo = augment(
                 torch.cat(images, dim=1),
@@ -140,8 +141,11 @@ class BatchMaker:
                 generator=g,
                 flip=t.flip,
                 rotate_degrees=t.rotate_degrees,
+                transforms=transforms,
             )
             batch.update(u_image=moved[:, :1], u_lung=u_lung)
+            if transforms:  # SA-CPS synthesizes in the slice's own frame, then applies this transform
+                batch.update(u_theta=transforms[0][0], u_hflip=transforms[0][1])
             if has_synthetic:
                 batch["u_synthetic"] = moved[:, 1:2]
             if u_pseudo is not None:
