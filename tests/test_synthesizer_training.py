@@ -97,7 +97,7 @@ def test_synthesizer_augmentation_moves_image_and_map_together_and_a_flip_swaps_
     from plsynth.training.synthesizer import augment_batch
 
     cfg = load_config(REPO / "configs" / "phantom-smoke.yaml")
-    cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, flip=True))
+    cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, flip=True, rotate_degrees=0.0, scale=0.0, intensity=0.0))
     lung = torch.zeros(8, 32, 32, dtype=torch.long)
     lung[:, 8:24, 18:28] = 1  # patient-left lung at larger column, taller than the right one
     lung[:, 12:20, 4:14] = 2

@@ -111,14 +111,14 @@ class SynthConfig:
     norm_hidden: int = 0  # hidden width of SPADE/style branches in each ACE; 0 = min(128, 2 * width) (SEAN: 128)
     lambda_l1: float = 1.0  # pixel L1 of the reconstruction; not in SEAN, stands in for VGG on CPU presets (0 = off)
     grid_samples: int = 4  # rows of the per-epoch image grid
-    # training augmentation, joint on image and map (BENCHMARKS.md, synthesizer on held-out maps)
-    flip: bool = False  # horizontal flips with the left/right lung labels swapped (never vertical)
-    rotate_degrees: float = 0.0
-    scale: float = 0.0  # zoom uniform in [1 - scale, 1 + scale]
-    intensity: float = 0.0  # contrast and brightness jitter, each uniform in +-intensity
+    # training augmentation, joint on image and map (BENCHMARKS.md, "Synthesizer on maps it never saw")
+    flip: bool = True  # horizontal flips with the left/right lung labels swapped (never vertical)
+    rotate_degrees: float = 10.0
+    scale: float = 0.1  # zoom uniform in [1 - scale, 1 + scale]
+    intensity: float = 0.1  # contrast and brightness jitter, each uniform in +-intensity
     # "patch": SEAN's multi-scale PatchGAN on (map, image) with feature matching; "oasis": a per-pixel
     # (4 + 1)-class segmentation discriminator with LabelMix (OASIS), label-aware where VGG is missing
-    discriminator: Literal["patch", "oasis"] = "patch"
+    discriminator: Literal["patch", "oasis"] = "oasis"
     d_width: int = 0  # discriminator width; 0 = width
     lambda_labelmix: float = 10.0  # OASIS LabelMix consistency weight (oasis only)
 
