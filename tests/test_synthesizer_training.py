@@ -137,3 +137,24 @@ def test_oasis_discriminator_labels_pixels_and_a_gan_step_runs(smoke):
     batch = next(iter(torch.utils.data.DataLoader(splits.labeled, batch_size=2)))
     losses = gan_step(nets, *prepare_batch(batch, 32), cfg1)
     assert set(losses) >= {"g_gan", "d_loss"} and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def test_synthesizer_flip_mirrors_left_and_right_when_the_lungs_lie_one_above_the_other():
+    """COVID-SemiSeg's slices arrive with class 1 above class 2: the flip must mirror rows there,
+    so that class 1 stays on top (a column flip with the label swap put class 2 on top)."""
+    from plsynth.training.synthesizer import augment_batch
+
+    cfg = load_config(REPO / "configs" / "phantom-smoke.yaml")
+    cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, flip=True, rotate_degrees=0.0, scale=0.0, intensity=0.0))
+    lung = torch.zeros(8, 32, 32, dtype=torch.long)
+    lung[:, 4:14, 8:24] = 1  # class 1 on top, wider than class 2 below
+    lung[:, 18:28, 12:20] = 2
+    label = torch.zeros(8, 1, 32, 32)
+    label[:, 0, 6:8, 8:12] = 1  # an infection in the top lung's left corner
+    batch = {"image": (lung > 0).float()[:, None] * 0.5, "lung": lung, "label": label}
+    out = augment_batch(batch, cfg, torch.Generator().manual_seed(0))
+    flipped = [i for i in range(8) if out["lung"][i, 20, 9] == 2]  # the wide lung went to the bottom
+    assert flipped and len(flipped) < 8
+    assert torch.all(out["lung"][:, 8, 16] == 1) and torch.all(out["lung"][:, 23, 16] == 2)  # class 1 stays on top
+    # in a flipped slice the infection moved with its lung: bottom rows, same columns
+    assert torch.all(out["label"][flipped][:, 0, 24:26, 8:12] == 1)

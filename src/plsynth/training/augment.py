@@ -8,6 +8,8 @@ Lung labels name the patient's side and the project puts the patient's left at t
 column index (radiological view). A horizontal flip moves each lung to the other side of the
 image, so it swaps labels 1 and 2 to keep that convention true for the synthesizer, which has
 learned "class 1 sits on the image's right". A vertical flip leaves left and right in place.
+Slices whose lungs lie one above the other (COVID-SemiSeg as read) need the flip along rows
+instead: ``flip_across_lungs``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,29 @@ def random_transforms(
     theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy
     theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
     return theta, hflip
+
+
+def flip_across_lungs(theta: torch.Tensor, hflip: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
+    """Turn each horizontal flip of ``theta`` into a flip along the axis that separates the lungs.
+
+    Where the two lungs lie one above the other (COVID-SemiSeg's slices arrive so), a column
+    flip would mirror front and back, and swapping the lung labels would then be wrong; a row
+    flip (with the same rotation) mirrors left and right there, so ``apply_transforms``' swap is
+    right again. Decided per sample from the lung labels' centroids; slices without both lungs
+    keep the horizontal flip.
+    """
+    rows, cols = torch.meshgrid(torch.arange(lung.shape[-2]), torch.arange(lung.shape[-1]), indexing="ij")
+    left, right = (lung == 1).float(), (lung == 2).float()
+
+    def centroid(mask: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return (mask * grid).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
+
+    dy = centroid(left, rows) - centroid(right, rows)
+    dx = centroid(left, cols) - centroid(right, cols)
+    stacked = (dy.abs() > dx.abs()) & hflip & (left.sum((1, 2)) > 0) & (right.sum((1, 2)) > 0)
+    theta = theta.clone()
+    theta[stacked, :, :2] *= -1  # R diag(-1, 1) -> R diag(1, -1): a 180-degree turn of the same flip
+    return theta
 
 
 def invert_transforms(theta: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@ Data: the training split's labeled slices only (``build_splits(cfg, out).labeled
 slices never reach the synthesizer or its pool (paper; SASSL issue #1). Each slice gives its
 image in [0, 1] (mapped to [-1, 1]) and its 4-class map from lung mask + infection label.
 Augmentation (``synth.flip``, ``rotate_degrees``, ``scale``, ``intensity``; ``augment_batch``)
-moves image and map jointly, so 40 slices are not memorised; a horizontal flip swaps the lung
-labels (the patient-left lung stays class 1 wherever it lands), vertical flips are never used.
+moves image and map jointly, so 40 slices are not memorised; the one flip mirrors left and
+right (along the axis between the two lungs, ``augment.flip_across_lungs``) and swaps the lung
+labels, so the patient-left lung stays class 1 on its side; front and back are never mirrored.
 
 Per step (SEAN's defaults, reference-code-review.md section 1.5): the encoder reads the real
 image's style under its map, the decoder reconstructs it (with fresh noise); hinge GAN loss on
@@ -74,14 +75,16 @@ def prepare_batch(batch: dict[str, Any], size: int) -> tuple[torch.Tensor, torch
 
 def augment_batch(batch: dict[str, Any], cfg: Config, generator: torch.Generator) -> dict[str, Any]:
     """The synthesizer's training augmentation, joint on image, lung and label (see module doc)."""
-    from plsynth.training.augment import apply_transforms, jitter_intensity, random_transforms
+    from plsynth.training.augment import apply_transforms, flip_across_lungs, jitter_intensity, random_transforms
 
     s = cfg.synth
     image = jitter_intensity(batch["image"].float(), generator, s.intensity)
     if not (s.flip or s.rotate_degrees or s.scale):
         return {**batch, "image": image}
+    lung = batch["lung"].long()
     theta, hflip = random_transforms(len(image), generator, s.flip, s.rotate_degrees, s.scale, vflip=False)
-    image, lung, label = apply_transforms(theta, hflip, image, batch["lung"].long(), batch["label"].float())
+    theta = flip_across_lungs(theta, hflip, lung)
+    image, lung, label = apply_transforms(theta, hflip, image, lung, batch["label"].float())
     return {**batch, "image": image, "lung": lung, "label": label}
 
 
