@@ -1,27 +1,32 @@
-"""Does the synthesizer draw infection where the map says, and only there? (COVID-SemiSeg, issue 3 (b))
+"""Does the synthesizer draw what a map says, on maps it never saw? (COVID-SemiSeg, issue 11)
 
-    python bench/semiseg_evidence.py --synth /work/runs-semiseg/synthesizer/bundle \
-        --segmenter /work/runs-semiseg/baseline/bundle --config configs/semiseg-cpu.yaml \
-        --set data.cache_dir=/work/runs-semiseg/cache --out bench/results/semiseg_evidence.json
+    python bench/semiseg_evidence.py --synth RUN/synthesizer/bundle --judge RUN/baseline-s0/bundle \
+        --teacher RUN/baseline-s1/bundle --config configs/semiseg-cpu.yaml \
+        --set data.root=DATA --set data.cache_dir=RUN/cache --run RUN/evidence \
+        --out bench/results/semiseg_evidence.json --gallery bench/results/semiseg_gallery.png
 
-For every *training-split* labeled slice with infection (never a validation slice: the
-synthesizer was trained on the training split only, and so was the segmenter), the synthesizer
-(``LocalSynthesizer``, pool style) draws three images from
-  (a) the true map (lung + infection),
-  (b) the same map with the infection removed,
-  (c) the map with the infection moved elsewhere in the lungs (``synth_preview.move_infection``),
-in one request (so with one pool draw, i.e. the same reference style, for the three; the
-decoder's noise differs per image), ``--draws`` times per slice with different seeds. A segmenter trained on real labeled slices only (the baseline) is applied to
-each image, and we report
-  (a) Dice of its prediction vs the map's infection, next to its Dice on the real validation
-      slices (and on the real training slices it was trained on, an upper reference);
-  (b) the fraction of lung pixels it marks as infection (should be near zero), next to the
-      same fraction on the real infection-free lung (lung minus the true infection) of the
-      validation and training slices;
-  (c) Dice vs the moved infection, and the fraction of the *old* infection (the part not
-      covered by the moved one) that it still marks.
-Per-slice Dice is averaged over slices (metrics' empty conventions; the maps here are never
-empty in (a) and (c)). Writes JSON (per draw and summary) and prints a Markdown table.
+Maps the synthesizer never saw (it is trained on the training split's labeled slices only):
+  val     the validation slices' true maps (lung + infection);
+  pseudo  pseudo-label maps of a fixed, evenly spaced subset of unlabeled slices (``--unlabeled``)
+          from a fixed teacher (a segmenter trained on real labeled slices; infection kept in
+          the lung, as SA-CPS / SA-ST do).
+Each map is drawn ``--draws`` times (one pool draw per seed) as given, with the infection
+removed, and with the infection moved (``synth_preview.move_infection``); the three variants of
+one draw share the pool style. A fixed judge (a segmenter trained on real labeled slices only,
+never on synthetic images) segments every image. Reported per map set, each next to the same
+figure on the real slices the maps come from:
+  dice        judge Dice vs the map's infection (maps with infection) | real: judge Dice vs the
+              same map on the real slice (val: ground truth; pseudo: the teacher's label);
+  free_lung   fraction of the lung the judge marks on the infection-removed image | real:
+              fraction of the infection-free lung (lung minus the map's infection) it marks;
+  moved_dice  judge Dice vs the moved infection | real: the dice reference above;
+  kid         kernel inception distance (unbiased MMD^2, cubic polynomial kernel) between
+              judge-encoder features of lung regions (per image: lung-masked mean of the
+              judge's 2nd and 3rd down-sampling blocks) of the synthetic images (maps as
+              given) and of the real *training* labeled slices | real: the same distance from
+              the real slices of the set (val: validation slices; pseudo: unlabeled slices).
+The gallery: one row per held-out map (val first): real | map | 3 pool draws | infection
+removed | moved map | its image. Writes JSON (per image rows and summary) and prints Markdown.
 """
 
 from __future__ import annotations
@@ -50,34 +55,109 @@ def _frac(pred: np.ndarray, region: np.ndarray) -> float:
     return float((pred.astype(bool) & region.astype(bool)).sum() / n) if n else float("nan")
 
 
-def _mean(values: list[float]) -> float:
+def _mean(values) -> float:
     v = [x for x in values if not np.isnan(x)]
     return float(np.mean(v)) if v else float("nan")
 
 
-def _sd(values: list[float]) -> float:
+def _sd(values) -> float:
     v = [x for x in values if not np.isnan(x)]
     return float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
 
 
-def _pooled_frac(preds: list[np.ndarray], regions: list[np.ndarray]) -> float:
-    num = sum(int((p.astype(bool) & r.astype(bool)).sum()) for p, r in zip(preds, regions))
-    den = sum(int(r.sum()) for r in regions)
-    return num / den if den else float("nan")
+def kid(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3 (KID, Binkowski et al. 2018)."""
+    d = x.shape[1]
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    m, n = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
+def lung_features(net, images: np.ndarray, lungs: np.ndarray, batch: int = 16) -> np.ndarray:
+    """(N, F): per image, the lung-masked mean of the judge's 2nd and 3rd down-sampling blocks."""
+    import torch
+    import torch.nn.functional as F
+
+    feats, taps = [], {}
+    hooks = [net.downs[i].register_forward_hook(lambda m, a, out, i=i: taps.__setitem__(i, out)) for i in (1, 2)]
+    net.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(images), batch):
+                x = torch.as_tensor(images[s:s + batch], dtype=torch.float32)
+                mask = torch.as_tensor(lungs[s:s + batch] > 0, dtype=torch.float32)[:, None]
+                net(x)
+                parts = []
+                for i in (1, 2):
+                    f = taps[i]
+                    m = F.interpolate(mask, size=f.shape[-2:], mode="area")
+                    parts.append((f * m).sum((2, 3)) / m.sum((2, 3)).clamp(min=1e-6))
+                feats.append(torch.cat(parts, 1).numpy())
+    finally:
+        for h in hooks:
+            h.remove()
+    return np.concatenate(feats).astype(np.float64)
+
+
+def evaluate_maps(name, synth, judge, threshold, images, lungs, infections, draws, seed0):
+    """Synthesize (as given / removed / moved) for every map and score with the judge."""
+    from plsynth.training.evaluate import predict_slices
+    from plsynth.training.synth_preview import move_infection
+
+    real_pred = predict_slices(judge, images[:, None], threshold)
+    infected = [i for i in range(len(lungs)) if infections[i].any()]
+    real = {
+        "slices": len(lungs), "infected": len(infected),
+        "dice": _mean([_dice(real_pred[i], infections[i]) for i in infected]),
+        "dice_sd": _sd([_dice(real_pred[i], infections[i]) for i in infected]),
+        "free_lung": _mean([_frac(real_pred[i], (lungs[i] > 0) & (infections[i] == 0)) for i in range(len(lungs))]),
+    }
+    rows, given_images, given_lungs, tiles = [], [], [], {}
+    for i in range(len(lungs)):
+        lung, inf = lungs[i], infections[i]
+        for d in range(draws):
+            seed = seed0 + 1000 * d + i
+            moved = move_infection(inf, lung, np.random.default_rng(seed))
+            variants = np.stack([inf, np.zeros_like(inf), moved])[:, None].astype(np.float32)
+            import torch
+
+            drawn = synth.synthesize(torch.from_numpy(variants), torch.from_numpy(np.stack([lung] * 3).astype(np.int64)),
+                                     seed=seed).numpy()
+            pa, pb, pc = predict_slices(judge, drawn, threshold)
+            given_images.append(drawn[0, 0])
+            given_lungs.append(lung)
+            tiles[(i, d)] = (drawn[:, 0], moved)
+            rows.append({
+                "set": name, "map": i, "draw": d, "seed": seed, "infection_px": int(inf.sum()),
+                "dice": _dice(pa, inf) if inf.any() else float("nan"),
+                "free_lung": _frac(pb, lung > 0),
+                "moved_dice": _dice(pc, moved) if moved.any() and inf.any() else float("nan"),
+            })
+    synthetic = {
+        "images_per_variant": len(rows),
+        "dice": _mean(r["dice"] for r in rows), "dice_sd": _sd([r["dice"] for r in rows]),
+        "free_lung": _mean(r["free_lung"] for r in rows),
+        "moved_dice": _mean(r["moved_dice"] for r in rows), "moved_dice_sd": _sd([r["moved_dice"] for r in rows]),
+    }
+    return real, synthetic, rows, np.stack(given_images)[:, None], np.stack(given_lungs), tiles
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synth", type=Path, required=True, help="synthesizer bundle folder")
-    parser.add_argument("--segmenter", type=Path, required=True, help="segmenter bundle (trained on real labeled slices)")
+    parser.add_argument("--judge", type=Path, required=True, help="segmenter bundle trained on real labeled slices only")
+    parser.add_argument("--teacher", type=Path, required=True, help="segmenter bundle that makes the pseudo-label maps")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "semiseg-cpu.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override, repeatable")
-    parser.add_argument("--run", type=Path, default=Path("/work/runs-semiseg/evidence"), help="work folder (data info)")
-    parser.add_argument("--draws", type=int, default=2, help="pool draws (seeds) per slice")
+    parser.add_argument("--run", type=Path, required=True, help="work folder (split info)")
+    parser.add_argument("--draws", type=int, default=3, help="pool draws (seeds) per map")
+    parser.add_argument("--unlabeled", type=int, default=40, help="unlabeled slices (evenly spaced) for pseudo maps")
     parser.add_argument("--backend", default="ort", choices=["torch", "ort"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=5, help="decoder timing repetitions at batch 8 (0: skip)")
+    parser.add_argument("--label", default="", help="name of the synthesizer variant in the printed row")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "semiseg_evidence.json")
+    parser.add_argument("--gallery", type=Path, default=None, help="PNG gallery of held-out maps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -87,151 +167,97 @@ def main(argv: list[str] | None = None) -> int:
     from plsynth.data.datasets import build_splits
     from plsynth.deploy.bundle import load_bundle
     from plsynth.synth_service.local import LocalSynthesizer
-    from plsynth.training.evaluate import predict_slices
-    from plsynth.training.synth_preview import move_infection
+    from plsynth.training.methods import pseudo_label
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
     splits = build_splits(cfg, args.run)
-    seg = load_bundle(args.segmenter)
-    if seg.image_size != cfg.data.image_size:
-        raise ValueError(f"{args.segmenter}: input size {seg.image_size} != data.image_size {cfg.data.image_size}")
-    net = seg.torch_networks()["model"]
-    synth = LocalSynthesizer(args.synth, backend=args.backend, threads=args.threads)
     size = cfg.data.image_size
+    judge_b, teacher_b = load_bundle(args.judge), load_bundle(args.teacher)
+    for b, p in ((judge_b, args.judge), (teacher_b, args.teacher)):
+        if b.image_size != size:
+            raise ValueError(f"{p}: input size {b.image_size} != data.image_size {size}")
+    judge, teacher = judge_b.torch_networks()["model"].eval(), teacher_b.torch_networks()["model"].eval()
+    synth = LocalSynthesizer(args.synth, backend=args.backend, threads=args.threads)
     if synth.image_size != size:
         raise ValueError(f"synthesizer size {synth.image_size} != data.image_size {size}")
 
-    # -- decoder throughput at this preset (batch 8, pool style, median of --reps) ----------
-    throughput = None
-    if args.reps > 0:
-        from plsynth.data.semantic import one_hot, semantic_map
-
-        b = 8
-        lung_b = torch.from_numpy(np.stack([np.asarray(splits.labeled[i % len(splits.labeled)]["lung"]) for i in range(b)]).astype(np.int64))
-        inf_b = torch.zeros(b, size, size)
-        onehot = one_hot(semantic_map(lung_b, inf_b))
-        style = synth.reference_style(b)
-        synth.decode(onehot, style, noise_seed=0)  # warm-up
-        times = []
-        for r in range(args.reps):
-            t0 = time.perf_counter()
-            synth.decode(onehot, style, noise_seed=r)
-            times.append(time.perf_counter() - t0)
-        ms = 1000 * float(np.median(times))
-        throughput = {"batch": b, "ms_per_batch_median": round(ms, 1), "slices_per_s": round(b / (ms / 1000), 2),
-                      "reps": args.reps, "backend": synth.backend, "threads": args.threads}
-        log_line = f"decoder {synth.backend}: {ms:.0f} ms per batch of {b} ({b / (ms / 1000):.2f} slices/s)"
-        logging.info(log_line)
-
-    # -- real references ------------------------------------------------------------------
-    def real_scores(images, lungs, labels):
-        preds = predict_slices(net, images, seg.threshold)
-        dices = [_dice(p, l) for p, l in zip(preds, labels)]
-        free = [(lg > 0) & (l == 0) for lg, l in zip(lungs, labels)]
-        return {
-            "slices": len(preds),
-            "dice_mean": _mean(dices),
-            "dice_sd": _sd(dices),
-            "dice_mean_infected_only": _mean([d for d, l in zip(dices, labels) if l.any()]),
-            "fp_frac_free_lung_mean": _mean([_frac(p, f) for p, f in zip(preds, free)]),
-            "fp_frac_free_lung_pooled": _pooled_frac(list(preds), free),
-        }
-
-    val_img = np.concatenate([np.asarray(c.image) for c in splits.val])
-    val_lung = np.concatenate([np.asarray(c.lung) for c in splits.val])
-    val_lab = np.concatenate([np.asarray(c.label) for c in splits.val])
-    real_val = real_scores(val_img, val_lung, val_lab)
+    # held-out maps (a): validation slices
+    val_img = np.concatenate([np.asarray(c.image)[:, 0] for c in splits.val]).astype(np.float32)
+    val_lung = np.concatenate([np.asarray(c.lung) for c in splits.val]).astype(np.uint8)
+    val_inf = (np.concatenate([np.asarray(c.label) for c in splits.val]) > 0).astype(np.uint8)
+    # held-out maps (b): the teacher's pseudo-labels of evenly spaced unlabeled slices
+    un = splits.unlabeled
+    pick = np.linspace(0, len(un) - 1, min(args.unlabeled, len(un))).round().astype(int)
+    items = [un[int(i)] for i in pick]
+    un_img = np.stack([np.asarray(it["image"])[0] for it in items]).astype(np.float32)
+    un_lung = np.stack([np.asarray(it["lung"]) for it in items]).astype(np.uint8)
+    with torch.no_grad():
+        un_inf = pseudo_label(teacher(torch.from_numpy(un_img[:, None])), teacher_b.threshold,
+                              torch.from_numpy(un_lung.astype(np.int64)))[:, 0].numpy().astype(np.uint8)
+    # real training labeled slices: the reference distribution of the realism figure
     lab = splits.labeled
-    tr_items = [lab[i] for i in range(len(lab))]
-    tr_img = np.stack([np.asarray(it["image"]) for it in tr_items])
-    tr_lung = np.stack([np.asarray(it["lung"]).astype(np.uint8) for it in tr_items])
-    tr_lab = np.stack([(np.asarray(it["label"])[0] > 0.5).astype(np.uint8) for it in tr_items])
-    real_train = real_scores(tr_img, tr_lung, tr_lab)
+    tr_img = np.stack([np.asarray(lab[i]["image"])[0] for i in range(len(lab))]).astype(np.float32)
+    tr_lung = np.stack([np.asarray(lab[i]["lung"]) for i in range(len(lab))]).astype(np.uint8)
+    feat_train = lung_features(judge, tr_img[:, None], tr_lung)
 
-    # -- synthetic ------------------------------------------------------------------------
-    infected = [i for i in range(len(tr_items)) if tr_lab[i].any()]
-    rows = []
-    preds_b, lungs_b = [], []
     tic = time.perf_counter()
-    n_images = 0
-    for j, i in enumerate(infected):
-        lung, inf = tr_lung[i], tr_lab[i]
-        for d in range(args.draws):
-            seed = 1000 * d + j
-            moved = move_infection(inf, lung, np.random.default_rng(seed))
-            variants = [inf, np.zeros_like(inf), moved]
-            infection = torch.from_numpy(np.stack(variants)[:, None].astype(np.float32))
-            lungs = torch.from_numpy(np.stack([lung] * 3).astype(np.int64))
-            # One request for the three maps: one pool draw (style) shared by them (noise is per image).
-            images = synth.synthesize(infection, lungs, seed=seed)
-            n_images += 3
-            pa, pb, pc = predict_slices(net, images.numpy(), seg.threshold)
-            lung_mask = lung > 0
-            old_only = inf.astype(bool) & ~moved.astype(bool)
-            rows.append({
-                "slice": tr_items[i]["case"], "seed": seed,
-                "infection_px": int(inf.sum()), "lung_px": int(lung_mask.sum()), "moved_px": int(moved.sum()),
-                "a_dice": _dice(pa, inf),
-                "a_pred_frac_lung": _frac(pa, lung_mask),
-                "b_pred_frac_lung": _frac(pb, lung_mask),
-                "c_dice_moved": _dice(pc, moved),
-                "c_frac_old_marked": _frac(pc, old_only),
-                "c_frac_old_marked_in_a": _frac(pa, old_only),
-                "old_only_px": int(old_only.sum()),
-            })
-            preds_b.append(pb)
-            lungs_b.append(lung_mask)
+    summary, all_rows, tiles = {}, [], {}
+    for name, img, lung, inf, seed0 in (("val", val_img, val_lung, val_inf, 0), ("pseudo", un_img, un_lung, un_inf, 500)):
+        real, syn, rows, given, given_lung, t = evaluate_maps(
+            name, synth, judge, judge_b.threshold, img, lung, inf, args.draws, seed0)
+        real["kid"] = kid(lung_features(judge, img[:, None], lung), feat_train)
+        syn["kid"] = kid(lung_features(judge, given, given_lung), feat_train)
+        summary[name] = {"real": real, "synthetic": syn,
+                         "infection_frac_of_lung": _mean([_frac(i, l > 0) for i, l in zip(inf, lung)])}
+        all_rows += rows
+        tiles[name] = (img, lung, inf, t)
     seconds = time.perf_counter() - tic
 
-    def col(name):
-        return [r[name] for r in rows]
+    if args.gallery is not None:
+        from plsynth.data.semantic import semantic_map
+        from plsynth.training.synth_preview import colorize_map, gray_to_rgb, save_grid
 
-    summary = {
-        "synthetic": {
-            "slices": len(infected), "draws_per_slice": args.draws, "images": n_images,
-            "seconds_synthesis_and_segmentation": round(seconds, 1),
-            "a_dice_mean": _mean(col("a_dice")), "a_dice_sd": _sd(col("a_dice")),
-            "b_pred_frac_lung_mean": _mean(col("b_pred_frac_lung")),
-            "b_pred_frac_lung_pooled": _pooled_frac(preds_b, lungs_b),
-            "b_slices_with_any_pred": int(sum(r["b_pred_frac_lung"] > 0 for r in rows)),
-            "c_dice_moved_mean": _mean(col("c_dice_moved")), "c_dice_moved_sd": _sd(col("c_dice_moved")),
-            "c_frac_old_marked_mean": _mean(col("c_frac_old_marked")),
-            "c_frac_old_marked_in_a_mean": _mean(col("c_frac_old_marked_in_a")),
-        },
-        "decoder_throughput": throughput,
-        "real_val": real_val,
-        "real_train": real_train,
-        "true_infection_frac_of_lung_train_infected": _mean(
-            [_frac(tr_lab[i], tr_lung[i] > 0) for i in infected]
-        ),
-    }
+        grid = []
+        for name, n in (("val", 4), ("pseudo", 4)):
+            img, lung, inf, t = tiles[name]
+            order = sorted(range(len(lung)), key=lambda i: -int(inf[i].sum()))[:n]
+            for i in order:
+                draws = [t[(i, d)][0] for d in range(args.draws)]
+                moved = t[(i, 0)][1]
+                grid.append([gray_to_rgb(img[i]), colorize_map(semantic_map(lung[i], inf[i])),
+                             *[gray_to_rgb(d[0]) for d in draws], gray_to_rgb(draws[0][1]),
+                             colorize_map(semantic_map(lung[i], moved)), gray_to_rgb(draws[0][2])])
+        save_grid(grid, args.gallery)
+
     result = {
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv), "label": args.label,
         "synth": str(args.synth), "synth_sha256": synth.bundle_sha256, "synth_backend": synth.backend,
-        "segmenter": str(args.segmenter), "config": str(args.config), "overrides": args.overrides,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "summary": summary, "rows": rows,
+        "judge": str(args.judge), "teacher": str(args.teacher), "config": str(args.config),
+        "overrides": args.overrides, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 1),
+        "summary": summary, "rows": all_rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    s, v, t = summary["synthetic"], real_val, real_train
-    print("\n".join([
-        "| quantity | synthetic (training-split maps) | real validation | real training |",
-        "|---|---|---|---|",
-        f"| Dice vs infection, (a) true map | {s['a_dice_mean']:.3f} +- {s['a_dice_sd']:.3f} (n={len(rows)}) "
-        f"| {v['dice_mean']:.3f} +- {v['dice_sd']:.3f} (n={v['slices']}; infected only {v['dice_mean_infected_only']:.3f}) "
-        f"| {t['dice_mean']:.3f} (n={t['slices']}) |",
-        f"| lung marked as infection, (b) infection removed / real infection-free lung "
-        f"| {s['b_pred_frac_lung_mean']:.4f} (pooled {s['b_pred_frac_lung_pooled']:.4f}; {s['b_slices_with_any_pred']}/{len(rows)} images with any) "
-        f"| {v['fp_frac_free_lung_mean']:.4f} (pooled {v['fp_frac_free_lung_pooled']:.4f}) "
-        f"| {t['fp_frac_free_lung_mean']:.4f} (pooled {t['fp_frac_free_lung_pooled']:.4f}) |",
-        f"| (c) Dice vs moved infection | {s['c_dice_moved_mean']:.3f} +- {s['c_dice_moved_sd']:.3f} | | |",
-        f"| (c) fraction of the old place (old minus moved) still marked; same region in (a) "
-        f"| {s['c_frac_old_marked_mean']:.3f}; {s['c_frac_old_marked_in_a_mean']:.3f} | | |",
-    ]))
+    print(markdown_row(args.label or str(args.synth), summary))
     return 0
+
+
+HEADER = ("| synthesizer | maps | Dice drawn (real) | lung marked, no infection (real) | Dice moved | "
+          "KID x1e3 (real) |\n|---|---|---|---|---|---|")
+
+
+def markdown_row(label: str, summary: dict) -> str:
+    """Two Markdown rows (val maps, pseudo maps) of HEADER's table."""
+    lines = []
+    for name in ("val", "pseudo"):
+        r, s = summary[name]["real"], summary[name]["synthetic"]
+        lines.append(
+            f"| {label} | {name} (n={r['infected']}/{r['slices']}) | {s['dice']:.3f} +- {s['dice_sd']:.3f} ({r['dice']:.3f}) "
+            f"| {s['free_lung']:.4f} ({r['free_lung']:.4f}) | {s['moved_dice']:.3f} | {1e3 * s['kid']:.1f} ({1e3 * r['kid']:.1f}) |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_cps_supervises_each_network_with_the_others_detached_prediction():
 
 
 def test_sa_cps_hands_the_synthesizer_each_pseudo_label_with_the_lung_and_trains_the_other_network():
-    cfg = _cfg("sa-cps")
+    cfg = _cfg("sa-cps", flip=False)
     data = tiny_splits(4, 4, size=32)
     batch = _batch(cfg, data)
     nets = _nets(3)
@@ -125,6 +125,35 @@ def test_sa_cps_hands_the_synthesizer_each_pseudo_label_with_the_lung_and_trains
     with torch.no_grad():
         expected = seg_loss(nets["model"](x1_hat), y2) + seg_loss(nets["peer"](x2_hat), y1)
     assert out.terms["loss_synthetic"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_sa_cps_synthesizes_from_the_unaugmented_map_then_moves_image_and_label_together():
+    cfg = _cfg("sa-cps", flip=True)
+    data = tiny_splits(4, 4, size=32)
+    raw = _batch(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, flip=False)), data, step=1)
+    batch = _batch(cfg, data, step=1)
+    hflip = batch["u_hflip"]
+    assert hflip.any(), "this step's draw must flip some slice for the test to mean anything"
+    synth = FakeSynthesizer()
+    out = cps_step(_nets(3), batch, cfg.train, synth, seed=5, use_pseudo=True, use_synthetic=True)
+    (call,) = synth.calls
+    # the synthesizer sees each slice's own (un-augmented) lung, left lung still class 1 ...
+    assert torch.equal(call["lung"], torch.cat([raw["u_lung"], raw["u_lung"]]))
+    # ... and the pseudo-labels taken back to that frame (the augmented ones flipped back)
+    y1, y2 = out.extras["pseudo_model"], out.extras["pseudo_peer"]
+    theta = torch.cat([batch["u_theta"], batch["u_theta"]])
+    expected = torch.cat([y2, y1]).clone()
+    for i, t in enumerate(theta):
+        dims = [d for d, sign in ((-1, t[0, 0]), (-2, t[1, 1])) if sign < 0]
+        expected[i] = expected[i].flip(dims) if dims else expected[i]
+    assert torch.equal(call["infection"], expected)
+    # the synthetic image comes back in the augmented frame: its painted infection is the label
+    x1_hat, x2_hat = out.extras["synthetic_model"], out.extras["synthetic_peer"]
+    # (the fake paints lung 0.12 and infection 0.45, so inside the lung a grey above 0.3 is infection)
+    lung = torch.cat([batch["u_lung"], batch["u_lung"]])[:, None] > 0
+    painted = torch.cat([x1_hat, x2_hat]) > 0.3
+    labels = torch.cat([y2, y1]) > 0.5
+    assert labels.any() and torch.equal(painted & lung, labels & lung)
 
 
 def test_sa_cps_without_a_synthesizer_is_a_clear_error():

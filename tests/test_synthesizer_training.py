@@ -91,3 +91,70 @@ def test_training_run_leaves_checkpoint_grids_and_a_bundle_and_resumes(smoke, tm
     history = json.loads((tmp_path / "bundle" / "meta.json").read_text())["training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert (tmp_path / "grids" / "epoch_002.png").is_file()
+
+
+def test_synthesizer_augmentation_moves_image_and_map_together_and_a_flip_swaps_the_lungs():
+    from plsynth.training.synthesizer import augment_batch
+
+    cfg = load_config(REPO / "configs" / "phantom-smoke.yaml")
+    cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, flip=True, rotate_degrees=0.0, scale=0.0, intensity=0.0))
+    lung = torch.zeros(8, 32, 32, dtype=torch.long)
+    lung[:, 8:24, 18:28] = 1  # patient-left lung at larger column, taller than the right one
+    lung[:, 12:20, 4:14] = 2
+    image = (lung > 0).float()[:, None] * 0.5
+    batch = {"image": image, "lung": lung, "label": torch.zeros(8, 1, 32, 32)}
+    out = augment_batch(batch, cfg, torch.Generator().manual_seed(0))
+    flipped = [i for i in range(8) if out["lung"][i, 10, 22] == 0]  # the tall lung went to the left side
+    kept = [i for i in range(8) if out["lung"][i, 10, 22] == 1]
+    assert flipped and kept and len(flipped) + len(kept) == 8
+    # after a flip the lung on the image's right (the old right lung) is labelled 1, the other 2
+    assert torch.all(out["lung"][flipped][:, 16, 22] == 1) and torch.all(out["lung"][flipped][:, 10, 9] == 2)
+    assert torch.all(out["lung"][kept] == lung[kept])
+    assert torch.equal(out["image"][:, 0] > 0.25, out["lung"] > 0)  # image and map moved jointly
+
+
+def test_oasis_discriminator_labels_pixels_and_a_gan_step_runs(smoke):
+    from plsynth.models.discriminator import SegmentationDiscriminator, class_balanced_ce
+
+    cfg, splits, _ = smoke
+    d = SegmentationDiscriminator(4, 8, depth=3)
+    assert d(torch.zeros(2, 1, 32, 32)).shape == (2, 5, 32, 32)
+    onehot = torch.zeros(1, 4, 4, 4)
+    onehot[:, 0], onehot[0, 0, 0, 0], onehot[0, 3, 0, 0] = 1, 0, 1  # one infection pixel in 16
+    sure_real = torch.zeros(1, 5, 4, 4)
+    sure_real[:, 0], sure_real[0, 0, 0, 0], sure_real[0, 3, 0, 0] = 10, 0, 10
+    wrong_infection = sure_real.clone()
+    wrong_infection[0, 3, 0, 0], wrong_infection[0, 0, 0, 0] = 0, 10
+    wrong_background = sure_real.clone()
+    wrong_background[0, 0, 1, 1], wrong_background[0, 3, 1, 1] = 0, 10
+    # class balance: the one infection pixel weighs as much as the 15 background pixels together
+    assert class_balanced_ce(wrong_infection, onehot, True) > 10 * class_balanced_ce(wrong_background, onehot, True)
+    assert class_balanced_ce(sure_real, onehot, False) > class_balanced_ce(sure_real, onehot, True)
+    tiny = dataclasses.replace(cfg.synth, image_size=32, width=4, style_dim=8, num_up=3, discriminator="oasis", d_width=8)
+    cfg1 = cfg.replace(synth=tiny)
+    nets = build_nets(cfg1)
+    assert isinstance(nets.discriminator, SegmentationDiscriminator)
+    batch = next(iter(torch.utils.data.DataLoader(splits.labeled, batch_size=2)))
+    losses = gan_step(nets, *prepare_batch(batch, 32), cfg1)
+    assert set(losses) >= {"g_gan", "d_loss"} and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def test_synthesizer_flip_mirrors_left_and_right_when_the_lungs_lie_one_above_the_other():
+    """COVID-SemiSeg's slices arrive with class 1 above class 2: the flip must mirror rows there,
+    so that class 1 stays on top (a column flip with the label swap put class 2 on top)."""
+    from plsynth.training.synthesizer import augment_batch
+
+    cfg = load_config(REPO / "configs" / "phantom-smoke.yaml")
+    cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, flip=True, rotate_degrees=0.0, scale=0.0, intensity=0.0))
+    lung = torch.zeros(8, 32, 32, dtype=torch.long)
+    lung[:, 4:14, 8:24] = 1  # class 1 on top, wider than class 2 below
+    lung[:, 18:28, 12:20] = 2
+    label = torch.zeros(8, 1, 32, 32)
+    label[:, 0, 6:8, 8:12] = 1  # an infection in the top lung's left corner
+    batch = {"image": (lung > 0).float()[:, None] * 0.5, "lung": lung, "label": label}
+    out = augment_batch(batch, cfg, torch.Generator().manual_seed(0))
+    flipped = [i for i in range(8) if out["lung"][i, 20, 9] == 2]  # the wide lung went to the bottom
+    assert flipped and len(flipped) < 8
+    assert torch.all(out["lung"][:, 8, 16] == 1) and torch.all(out["lung"][:, 23, 16] == 2)  # class 1 stays on top
+    # in a flipped slice the infection moved with its lung: bottom rows, same columns
+    assert torch.all(out["label"][flipped][:, 0, 24:26, 8:12] == 1)

@@ -114,12 +114,24 @@ class SynthConfig:
     norm_hidden: int = 0  # hidden width of SPADE/style branches in each ACE; 0 = min(128, 2 * width) (SEAN: 128)
     lambda_l1: float = 1.0  # pixel L1 of the reconstruction; not in SEAN, stands in for VGG on CPU presets (0 = off)
     grid_samples: int = 4  # rows of the per-epoch image grid
+    # training augmentation, joint on image and map (BENCHMARKS.md, "Synthesizer on maps it never saw")
+    flip: bool = True  # horizontal flips with the left/right lung labels swapped (never vertical)
+    rotate_degrees: float = 10.0
+    scale: float = 0.1  # zoom uniform in [1 - scale, 1 + scale]
+    intensity: float = 0.1  # contrast and brightness jitter, each uniform in +-intensity
+    # "patch": SEAN's multi-scale PatchGAN on (map, image) with feature matching; "oasis": a per-pixel
+    # (4 + 1)-class segmentation discriminator with LabelMix (OASIS), label-aware where VGG is missing
+    discriminator: Literal["patch", "oasis"] = "oasis"
+    d_width: int = 0  # discriminator width; 0 = width
+    lambda_labelmix: float = 10.0  # OASIS LabelMix consistency weight (oasis only)
 
     def __post_init__(self) -> None:
         if self.num_up < 1 or self.image_size % 2**self.num_up:
             raise ValueError(f"synth.image_size must be a multiple of 2**num_up, got {self.image_size}, {self.num_up}")
         if self.image_size // 2**self.num_up < 2:
             raise ValueError(f"synth.image_size / 2**num_up must be >= 2, got {self.image_size}, {self.num_up}")
+        if self.d_width < 0 or self.rotate_degrees < 0 or not 0 <= self.scale < 1 or not 0 <= self.intensity < 1:
+            raise ValueError("synth.d_width / rotate_degrees must be >= 0, synth.scale and intensity in [0, 1)")
         for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):
             if getattr(self, name) < 1:
                 raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")

@@ -79,3 +79,72 @@ def feature_matching_loss(real: list[list[torch.Tensor]], fake: list[list[torch.
         for rf, ff in zip(r[:-1], f[:-1]):
             total = total + F.l1_loss(ff, rf.detach())
     return total / len(fake)
+
+
+# -- OASIS: a per-pixel (N + 1)-class segmentation discriminator ---------------------------------
+
+
+class SegmentationDiscriminator(nn.Module):
+    """OASIS's discriminator (Sushko et al., ICLR 2021), small: a U-Net that labels every pixel of
+    an image (B, 1, S, S) as one of the map's ``num_classes`` classes or as "fake" (the last channel).
+
+    Being label-aware per pixel, it tells the generator *where* its image disagrees with the map
+    (an infection drawn faintly is "fake" there), which the PatchGAN's (map, image) score does not.
+    Encoder: ``depth`` stages of two spectral-normed 3x3 convs + LReLU, average-pooled by 2 after
+    each but the last; decoder: nearest x2 up-sampling, concatenation with the skip, two convs.
+    """
+
+    def __init__(self, num_classes: int, width: int, depth: int = 4, in_channels: int = 1) -> None:
+        super().__init__()
+
+        def stage(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                spectral_norm(nn.Conv2d(cin, cout, 3, padding=1)), nn.LeakyReLU(0.2),
+                spectral_norm(nn.Conv2d(cout, cout, 3, padding=1)), nn.LeakyReLU(0.2),
+            )
+
+        widths = [min(width * 2**i, 512) for i in range(depth)]
+        self.down = nn.ModuleList(stage(cin, cout) for cin, cout in zip([in_channels, *widths[:-1]], widths))
+        self.up = nn.ModuleList(stage(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(depth - 1)))
+        self.head = nn.Conv2d(widths[0], num_classes + 1, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        skips, x = [], image
+        for i, stage in enumerate(self.down):
+            if i:
+                x = F.avg_pool2d(x, 2)
+            x = stage(x)
+            skips.append(x)
+        x = skips.pop()
+        for stage in self.up:
+            skip = skips.pop()
+            x = stage(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], 1))
+        return self.head(x)
+
+
+def class_balanced_ce(logits: torch.Tensor, onehot: torch.Tensor, real: bool) -> torch.Tensor:
+    """OASIS loss: per-pixel cross-entropy to the map's class (``real``) or to the fake class, each
+    pixel weighted by the inverse frequency of its map class in the batch (small infections count)."""
+    counts = onehot.sum(dim=(0, 2, 3))
+    present = (counts > 0).sum().clamp(min=1)
+    coefficients = torch.where(counts > 0, onehot[:, 0].numel() / (counts * present), torch.zeros_like(counts))
+    weight = torch.einsum("c,bchw->bhw", coefficients, onehot)
+    target = onehot.argmax(1) if real else torch.full_like(onehot[:, 0], onehot.shape[1], dtype=torch.long)
+    return (F.cross_entropy(logits, target, reduction="none") * weight).mean()
+
+
+def labelmix_loss(
+    discriminator: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    onehot: torch.Tensor,
+    logits_real: torch.Tensor,
+    logits_fake: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """OASIS LabelMix: each map class of each image comes from ``real`` or ``fake`` at random; the
+    discriminator's logits of the mix must equal the same mix of its logits of the two (MSE)."""
+    bits = torch.randint(0, 2, onehot.shape[:2], generator=generator).to(onehot)
+    mask = torch.einsum("bc,bchw->bhw", bits, onehot)[:, None]
+    mixed = mask * real + (1 - mask) * fake
+    return F.mse_loss(discriminator(mixed), mask * logits_real + (1 - mask) * logits_fake)

@@ -11,6 +11,10 @@ batches what it receives). Every shard file is written to a temporary name and r
 manifest last: an interrupted run never leaves a half-written shard, and a rerun resumes at
 the first missing shard.
 
+Slices are labeled and drawn un-augmented, in the frame the synthesizer learned; the training
+loop later moves each synthetic image with its real twin and pseudo-label by one transform
+(SA-CPS does the same per step: ``training.methods.synthesize_pairs``).
+
 Reproducibility: pseudo-labels and each batch's pool draw are fixed by (seed, batch index),
 as in ``make_offline_set``; decoder noise is fixed per batch only when an actor decodes that
 batch alone (actors merge concurrent requests into one decoder call seeded by the first).

@@ -8,6 +8,8 @@ Lung labels name the patient's side and the project puts the patient's left at t
 column index (radiological view). A horizontal flip moves each lung to the other side of the
 image, so it swaps labels 1 and 2 to keep that convention true for the synthesizer, which has
 learned "class 1 sits on the image's right". A vertical flip leaves left and right in place.
+Slices whose lungs lie one above the other (COVID-SemiSeg as read) need the flip along rows
+instead: ``flip_across_lungs``.
 """
 
 from __future__ import annotations
@@ -19,25 +21,70 @@ import torch.nn.functional as F
 
 
 def random_transforms(
-    n: int, generator: torch.Generator, flip: bool = True, rotate_degrees: float = 0.0
+    n: int,
+    generator: torch.Generator,
+    flip: bool = True,
+    rotate_degrees: float = 0.0,
+    scale: float = 0.0,
+    vflip: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw per-sample transforms: ``theta`` (n, 2, 3) for affine_grid and ``hflip`` (n,) bool.
 
-    Each flip (horizontal, vertical) happens with probability 0.5 when ``flip``; the angle is
-    uniform in [-rotate_degrees, rotate_degrees].
+    Each flip (horizontal; vertical too when ``vflip``) happens with probability 0.5 when
+    ``flip``; the angle is uniform in [-rotate_degrees, rotate_degrees]; the zoom is uniform in
+    [1 - scale, 1 + scale] (drawn after the rest, so ``scale=0`` draws what it always drew).
     """
     u = torch.rand(n, 3, generator=generator)
     hflip = (u[:, 0] < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
-    vflip = (u[:, 1] < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
+    vflip_ = (u[:, 1] < 0.5) if flip and vflip else torch.zeros(n, dtype=torch.bool)
     angle = (2.0 * u[:, 2] - 1.0) * math.radians(rotate_degrees)
-    sx = 1.0 - 2.0 * hflip.float()
-    sy = 1.0 - 2.0 * vflip.float()
+    zoom = 1.0 + (2.0 * torch.rand(n, generator=generator) - 1.0) * scale if scale else torch.ones(n)
+    sx = (1.0 - 2.0 * hflip.float()) / zoom
+    sy = (1.0 - 2.0 * vflip_.float()) / zoom
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.zeros(n, 2, 3)
     # theta maps output coordinates to input coordinates: R(angle) @ diag(sx, sy).
     theta[:, 0, 0], theta[:, 0, 1] = cos * sx, -sin * sy
     theta[:, 1, 0], theta[:, 1, 1] = sin * sx, cos * sy
     return theta, hflip
+
+
+def flip_across_lungs(theta: torch.Tensor, hflip: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
+    """Turn each horizontal flip of ``theta`` into a flip along the axis that separates the lungs.
+
+    Where the two lungs lie one above the other (COVID-SemiSeg's slices arrive so), a column
+    flip would mirror front and back, and swapping the lung labels would then be wrong; a row
+    flip (with the same rotation) mirrors left and right there, so ``apply_transforms``' swap is
+    right again. Decided per sample from the lung labels' centroids; slices without both lungs
+    keep the horizontal flip.
+    """
+    rows, cols = torch.meshgrid(torch.arange(lung.shape[-2]), torch.arange(lung.shape[-1]), indexing="ij")
+    left, right = (lung == 1).float(), (lung == 2).float()
+
+    def centroid(mask: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return (mask * grid).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
+
+    dy = centroid(left, rows) - centroid(right, rows)
+    dx = centroid(left, cols) - centroid(right, cols)
+    stacked = (dy.abs() > dx.abs()) & hflip & (left.sum((1, 2)) > 0) & (right.sum((1, 2)) > 0)
+    theta = theta.clone()
+    theta[stacked, :, :2] *= -1  # R diag(-1, 1) -> R diag(1, -1): a 180-degree turn of the same flip
+    return theta
+
+
+def invert_transforms(theta: torch.Tensor) -> torch.Tensor:
+    """The transforms that undo ``theta`` (same ``hflip``: a flip undone swaps the lungs back)."""
+    inverse = torch.zeros_like(theta)
+    inverse[:, :, :2] = torch.linalg.inv(theta[:, :, :2])
+    return inverse
+
+
+def jitter_intensity(image: torch.Tensor, generator: torch.Generator, amount: float) -> torch.Tensor:
+    """Per-sample contrast and brightness jitter of images in [0, 1]: ``x * (1 + a) + b``, a, b in +-amount."""
+    if not amount:
+        return image
+    a, b = ((2.0 * torch.rand(2, image.shape[0], generator=generator) - 1.0) * amount).view(2, -1, 1, 1, 1)
+    return (image * (1.0 + a.to(image)) + b.to(image)).clamp(0.0, 1.0)
 
 
 def apply_transforms(

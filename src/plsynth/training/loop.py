@@ -160,11 +160,14 @@ class BatchMaker:
     def _share(self, n: int) -> np.ndarray:
         return np.array_split(np.arange(n), self.world_size)[self.rank]
 
-    def _augment(self, image, lung, label, rows: np.ndarray, n: int, g: torch.Generator):
+    def _augment(self, image, lung, label, rows: np.ndarray, n: int, g: torch.Generator, transforms: list | None = None):
+        """This worker's rows of the global batch's transforms (``transforms`` receives them)."""
         t = self.cfg.train
         if not t.flip and t.rotate_degrees == 0.0:
             return image, lung, label
         theta, hflip = random_transforms(n, g, t.flip, t.rotate_degrees)
+        if transforms is not None:
+            transforms.append((theta[rows], hflip[rows]))
         return apply_transforms(theta[rows], hflip[rows], image, lung, label)
 
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
@@ -191,14 +194,17 @@ class BatchMaker:
             if has_synthetic:
                 images.append(_stack(items, "synthetic", torch.float32))
             pseudo = _stack(items, "pseudo", torch.float32) if "pseudo" in items[0] else None
+            transforms: list = []
             # A real slice and its synthetic twin share their pseudo-label, lung and transform.
             moved, u_lung, u_pseudo = self._augment(
                 torch.cat(images, dim=1),
                 _stack(items, "lung", torch.long),
                 pseudo,
-                rows, len(indices), g,
+                rows, len(indices), g, transforms,
             )
             batch.update(u_image=moved[:, :1], u_lung=u_lung)
+            if transforms:  # SA-CPS synthesizes in the slice's own frame, then applies this transform
+                batch.update(u_theta=transforms[0][0], u_hflip=transforms[0][1])
             if has_synthetic:
                 batch["u_synthetic"] = moved[:, 1:2]
             if u_pseudo is not None:

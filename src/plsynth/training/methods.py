@@ -91,6 +91,32 @@ def cross_pseudo_terms(
     return seg_loss(logits1, y2) + seg_loss(logits2, y1), y1, y2
 
 
+def synthesize_pairs(synth: Any, batch: dict, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    """Eq. 10 for stacked pseudo-labels ``labels`` (2 B_u, 1, S, S) of the augmented unlabeled
+    slices: ``(x_a, y_a, x_b, y_b)``, the synthetic images of the two halves with their labels.
+
+    The synthesizer learned un-rotated maps, so with the batch's transform (``u_theta`` /
+    ``u_hflip``, from the loop) each label is taken back to the slice's own frame, drawn there,
+    and image and label are then moved by the same transform together; the label that goes with
+    a synthetic image is that moved label, so the pair is exact. One request, one pool draw.
+    """
+    from plsynth.training.augment import apply_transforms, invert_transforms
+
+    xu, lung = batch["u_image"], batch["u_lung"]
+    images, lungs = torch.cat([xu, xu]), torch.cat([lung, lung])
+    theta = batch.get("u_theta")
+    if theta is not None:
+        theta, hflip = torch.cat([theta, theta]), torch.cat([batch["u_hflip"], batch["u_hflip"]])
+        images, lungs, labels = apply_transforms(invert_transforms(theta), hflip, images, lungs, labels)
+    with torch.no_grad():
+        drawn = synth.synthesize(labels, lungs, images=images, seed=seed)
+    drawn = drawn.to(device=xu.device, dtype=xu.dtype).detach()
+    if theta is not None:
+        drawn, _, labels = apply_transforms(theta, hflip, drawn, None, labels)
+    n = xu.shape[0]
+    return drawn[:n], labels[:n], drawn[n:], labels[n:]
+
+
 def cps_step(
     nets: dict[str, nn.Module],
     batch: dict,
@@ -122,13 +148,8 @@ def cps_step(
         if synth is None:
             raise ValueError("sa-cps with train.use_synthetic needs a synthesis client (synth.bundle)")
         n_u = xu.shape[0]
-        lung = batch["u_lung"]
-        with torch.no_grad():
-            # eq. 10: x1_hat = Dec(y2, SC_ref) trains s1, x2_hat = Dec(y1, SC_ref) trains s2.
-            drawn = synth.synthesize(torch.cat([y2, y1]), torch.cat([lung, lung]), images=torch.cat([xu, xu]), seed=seed)
-        drawn = drawn.to(device=xu.device, dtype=xu.dtype).detach()
-        x1_hat, x2_hat = drawn[:n_u], drawn[n_u:]
-        loss_synthetic = seg_loss(s1(x1_hat), y2) + seg_loss(s2(x2_hat), y1)
+        x1_hat, t2, x2_hat, t1 = synthesize_pairs(synth, batch, torch.cat([y2, y1]), seed)
+        loss_synthetic = seg_loss(s1(x1_hat), t2) + seg_loss(s2(x2_hat), t1)
         loss = loss + cfg.lam * loss_synthetic
         terms["loss_synthetic"] = float(loss_synthetic.detach())
         extras.update(synthetic_model=x1_hat, synthetic_peer=x2_hat)

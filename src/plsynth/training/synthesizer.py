@@ -3,11 +3,15 @@
 Data: the training split's labeled slices only (``build_splits(cfg, out).labeled``); validation
 slices never reach the synthesizer or its pool (paper; SASSL issue #1). Each slice gives its
 image in [0, 1] (mapped to [-1, 1]) and its 4-class map from lung mask + infection label.
-No flips: a horizontal flip would put the patient-left lung where the right one belongs.
+Augmentation (``synth.flip``, ``rotate_degrees``, ``scale``, ``intensity``; ``augment_batch``)
+moves image and map jointly, so 40 slices are not memorised; the one flip mirrors left and
+right (along the axis between the two lungs, ``augment.flip_across_lungs``) and swaps the lung
+labels, so the patient-left lung stays class 1 on its side; front and back are never mirrored.
 
 Per step (SEAN's defaults, reference-code-review.md section 1.5): the encoder reads the real
 image's style under its map, the decoder reconstructs it (with fresh noise); hinge GAN loss on
-a multi-scale PatchGAN fed (map, image); discriminator feature matching (``lambda_feat``); a
+a multi-scale PatchGAN fed (map, image) and discriminator feature matching (``lambda_feat``),
+or (``synth.discriminator: oasis``) OASIS's per-pixel (4 + 1)-class loss with LabelMix; a
 VGG19 perceptual loss only when ``synth.vgg_weights`` names a local file (never downloaded);
 a pixel L1 (``lambda_l1``, not in SEAN: it stands in for VGG where no weights exist); Adam
 with two time-scale rates (G and E: lr / 2, D: lr * 2, betas (beta1, beta2)), constant for the
@@ -35,9 +39,12 @@ from torch import nn
 from plsynth.config import Config
 from plsynth.models.discriminator import (
     MultiScaleDiscriminator,
+    SegmentationDiscriminator,
+    class_balanced_ce,
     feature_matching_loss,
     hinge_d_loss,
     hinge_g_loss,
+    labelmix_loss,
 )
 from plsynth.models.sean import SEANDecoder, StyleEncoder, build_synthesizer
 
@@ -64,6 +71,21 @@ def prepare_batch(batch: dict[str, Any], size: int) -> tuple[torch.Tensor, torch
         label = F.interpolate(label, size=(size, size), mode="nearest")
     onehot = one_hot(semantic_map(lung, label[:, 0] > 0.5))
     return image.clamp(0, 1) * 2 - 1, onehot
+
+
+def augment_batch(batch: dict[str, Any], cfg: Config, generator: torch.Generator) -> dict[str, Any]:
+    """The synthesizer's training augmentation, joint on image, lung and label (see module doc)."""
+    from plsynth.training.augment import apply_transforms, flip_across_lungs, jitter_intensity, random_transforms
+
+    s = cfg.synth
+    image = jitter_intensity(batch["image"].float(), generator, s.intensity)
+    if not (s.flip or s.rotate_degrees or s.scale):
+        return {**batch, "image": image}
+    lung = batch["lung"].long()
+    theta, hflip = random_transforms(len(image), generator, s.flip, s.rotate_degrees, s.scale, vflip=False)
+    theta = flip_across_lungs(theta, hflip, lung)
+    image, lung, label = apply_transforms(theta, hflip, image, lung, batch["label"].float())
+    return {**batch, "image": image, "lung": lung, "label": label}
 
 
 def pool_batches(dataset, size: int, batch_size: int) -> Iterator[dict[str, Any]]:
@@ -131,7 +153,7 @@ class VGGLoss(nn.Module):
 class SynthNets:
     decoder: SEANDecoder
     encoder: StyleEncoder
-    discriminator: MultiScaleDiscriminator
+    discriminator: MultiScaleDiscriminator | SegmentationDiscriminator
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     vgg: VGGLoss | None = None
@@ -140,7 +162,11 @@ class SynthNets:
 def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
     s = cfg.synth
     decoder, encoder = build_synthesizer(s)
-    discriminator = MultiScaleDiscriminator(s.num_d, s.width, in_channels=5)
+    d_width = s.d_width or s.width
+    if s.discriminator == "oasis":
+        discriminator = SegmentationDiscriminator(4, d_width, depth=min(s.num_up, 5))
+    else:
+        discriminator = MultiScaleDiscriminator(s.num_d, d_width, in_channels=5)
     for net in (decoder, encoder, discriminator):
         net.to(device).train()
     # SEAN's TTUR: generator lr / 2, discriminator lr * 2, betas (0, 0.9)
@@ -164,11 +190,15 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
     style = nets.encoder(image, onehot)
     fake = nets.decoder(onehot, style, noise)
 
+    oasis = s.discriminator == "oasis"
     nets.discriminator.requires_grad_(False)
-    pred_fake = nets.discriminator(onehot, fake)
-    with torch.no_grad():
-        pred_real = nets.discriminator(onehot, image)
-    losses = {"g_gan": hinge_g_loss(pred_fake), "g_feat": s.lambda_feat * feature_matching_loss(pred_real, pred_fake)}
+    if oasis:
+        losses = {"g_gan": class_balanced_ce(nets.discriminator(fake), onehot, real=True)}
+    else:
+        pred_fake = nets.discriminator(onehot, fake)
+        with torch.no_grad():
+            pred_real = nets.discriminator(onehot, image)
+        losses = {"g_gan": hinge_g_loss(pred_fake), "g_feat": s.lambda_feat * feature_matching_loss(pred_real, pred_fake)}
     if s.lambda_l1:
         losses["g_l1"] = s.lambda_l1 * F.l1_loss(fake, image)
     if nets.vgg is not None:
@@ -179,12 +209,20 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
     nets.opt_g.step()
 
     nets.discriminator.requires_grad_(True)
-    d_loss = hinge_d_loss(nets.discriminator(onehot, image), nets.discriminator(onehot, fake.detach()))
+    if oasis:
+        fake = fake.detach()
+        logits_real, logits_fake = nets.discriminator(image), nets.discriminator(fake)
+        d_loss = class_balanced_ce(logits_real, onehot, real=True) + class_balanced_ce(logits_fake, onehot, real=False)
+        if s.lambda_labelmix:
+            d_loss = d_loss + s.lambda_labelmix * labelmix_loss(
+                nets.discriminator, image, fake, onehot, logits_real, logits_fake)
+    else:
+        d_loss = hinge_d_loss(nets.discriminator(onehot, image), nets.discriminator(onehot, fake.detach()))
     nets.opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     nets.opt_d.step()
     out = {k: float(v.detach()) for k, v in losses.items()}
-    out["d_hinge"] = float(d_loss.detach())
+    out["d_loss"] = float(d_loss.detach())
     out["recon_l1"] = float(F.l1_loss(fake.detach(), image))
     return out
 
@@ -280,7 +318,7 @@ def fit_synthesizer(labeled, cfg: Config, out: str | Path, device: str | torch.d
         sums: dict[str, float] = {}
         steps = 0
         for batch in loader:
-            image, onehot = prepare_batch(batch, s.image_size)
+            image, onehot = prepare_batch(augment_batch(batch, cfg, generator), s.image_size)
             for k, v in gan_step(nets, image.to(device), onehot.to(device), cfg).items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
@@ -323,6 +361,7 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | None = None) -
 
 __all__ = [
     "VGGLoss",
+    "augment_batch",
     "build_nets",
     "fit_synthesizer",
     "gan_step",
