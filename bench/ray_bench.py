@@ -216,12 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers:
         result = scaling(cfg, out, args.workers, args.method, args.iters)
         lines = write_scaling(result, cfg, "python bench/ray_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-        target = REPO / "bench" / "results"
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "ray_scaling.md").write_text("\n".join(lines) + "\n")
-        (target / "ray_scaling.json").write_text(json.dumps(result, indent=2, default=str))
-        print("\n".join(lines))
-        return 0
+        return _write_results("ray_scaling", lines, result)
     bundle = untrained_bundle(cfg, out / "synth")
     cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, bundle=str(bundle)))
     data = build_splits(cfg, out / "data-run")
@@ -276,10 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         f"Actor counters: {a and results['actor_stats']['requests']} requests, {results['actor_stats']['slices']} slices, "
         f"{results['actor_stats']['decode_calls']} decoder calls, mean batch {results['actor_stats']['mean_batch']:.1f}.",
     ]
+    return _write_results("ray_bench", lines, results)
+
+
+def _write_results(name: str, lines: list[str], data: dict) -> int:
+    """bench/results/<name>.md (the table) and .json (everything), and the table on stdout."""
     target = REPO / "bench" / "results"
     target.mkdir(parents=True, exist_ok=True)
-    (target / "ray_bench.md").write_text("\n".join(lines) + "\n")
-    (target / "ray_bench.json").write_text(json.dumps(results, indent=2, default=str))
+    (target / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (target / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
     print("\n".join(lines))
     return 0
 
