@@ -1,9 +1,10 @@
 """Lung masks behind one interface: the lungmask network, or a classical back-end needing no weights.
 
 Output contract (project-wide): uint8 (z, y, x), 0 background, 1 patient-LEFT lung (larger x in
-the LPS array, image right in a radiological-view slice), 2 patient-RIGHT lung. The lung mask
-includes dense pathology (consolidation, ground glass) as lungmask's R231 does, because the
-infection segmenter must see the lesions inside "the lung".
+the LPS array, image right in a radiological-view slice), 2 patient-RIGHT lung. Neither
+back-end reliably includes lung that holds no air (dense consolidation), so infection is clipped
+to :func:`lung_field`, the lungs grown into the dense lung around them, everywhere (training
+pseudo-labels, evaluation, plsynth-infer).
 
 Back-ends:
 
