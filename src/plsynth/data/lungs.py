@@ -103,7 +103,7 @@ def lung_field(image: CTImage, lungs: np.ndarray) -> np.ndarray:
     cand, smoothed = _candidate(array, image.kind)
     body = ~_outside_air(cand, smoothed, image.kind)
     grey = np.clip((smoothed - FIELD_GREY_HU[0]) * (255.0 / np.ptp(FIELD_GREY_HU)), 0, 255) if hu else smoothed
-    may_rotate = not hu or image.array.shape[0] == 1
+    may_rotate = _may_rotate(image.kind, image.array.shape[0])
     grown = np.stack([_slice_field(labels[i], body[i], grey[i], may_rotate, hu) for i in range(len(zs))])
     if factor > 1:
         grown = np.repeat(np.repeat(grown, factor, axis=1), factor, axis=2)
@@ -301,7 +301,7 @@ def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, floa
         return out
     y0, y1 = _extent(cand.any(axis=(0, 2)), closing_r + 2)
     x0, x1 = _extent(cand.any(axis=(0, 1)), closing_r + 2)
-    may_rotate = kind == "uint8" or nz == 1
+    may_rotate = _may_rotate(kind, nz)
     for z in zs:
         crop = (z, slice(y0, y1), slice(x0, x1))
         if may_rotate and _is_rotated(cand[crop], mids[z] - x0, widths[z]):
@@ -370,6 +370,11 @@ def _slice_field(labels: np.ndarray, body: np.ndarray, grey: np.ndarray, may_rot
     nearest = ndimage.distance_transform_edt(~aerated, return_distances=False, return_indices=True)
     out = np.where(field, labels[nearest[0], nearest[1]], 0).astype(np.uint8)
     return np.rot90(out, 1) if turned else out
+
+
+def _may_rotate(kind: str, n_slices: int) -> bool:
+    """2D slices may come rotated by 90 degrees (8-bit exports, single slices); HU volumes never."""
+    return kind == "uint8" or n_slices == 1
 
 
 def _stacked(labels: np.ndarray) -> bool:

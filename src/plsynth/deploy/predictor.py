@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -260,11 +261,9 @@ class Predictor:
             return None
         return record
 
-    @property
+    @cached_property
     def bundle_sha256(self) -> str:
-        if not hasattr(self, "_bundle_sha256"):
-            self._bundle_sha256 = self.bundle.meta_sha256()
-        return self._bundle_sha256
+        return self.bundle.meta_sha256()
 
     def run(
         self,
