@@ -14,8 +14,9 @@ Layout::
         meta.json   written last: its presence marks a complete entry
 
 "lung" is the lung field (lungs grown into the dense lung around them), the region that clips
-pseudo-labels and predictions everywhere. The config key hashes everything that changes the arrays
-(image size, HU window, lung backend, model and field algorithm, lung handling, and ``PREPROCESS_VERSION``); the source key hashes the image and label
+pseudo-labels and predictions everywhere. The config key hashes everything that changes the
+arrays (image size, HU window, intensity handling, lung backend, model and field algorithm, lung
+handling, and ``PREPROCESS_VERSION``); the source key hashes the image and label
 files' resolved paths, sizes and modification times, so an edited file is prepared again. Each
 file is written under a temporary name and renamed, so an interrupted run never leaves a
 half-written entry, and two processes preparing the same volume both end with the same files.
