@@ -8,23 +8,33 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def data_root() -> Path:
+    """Where tests find real datasets: $PLSYNTH_DATA, the product's variable (data/layouts.py), else
+    ../shared/data beside the checkout, where this workplace keeps them. The fallback lives here, not
+    in the Makefile, so that no product file names a path outside the repository and a bare `pytest`
+    finds the data as `make test` does."""
+    from plsynth.data.layouts import DATA_ENV
+
+    return Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
 def semiseg_root() -> Path:
-    """COVID-SemiSeg slices from ../shared/data; skips cleanly where it is absent (e.g. outside this workplace)."""
-    root = SHARED_DATA / "covid-semiseg"
+    """COVID-SemiSeg slices (data_root()/covid-semiseg); skips cleanly where they are absent."""
+    root = data_root() / "covid-semiseg"
     if not (root / "labeled" / "images").is_dir():
-        pytest.skip(f"COVID-SemiSeg not found at {root}")
+        pytest.skip(f"COVID-SemiSeg not found at {root} (set PLSYNTH_DATA)")
     return root
 
 
 @pytest.fixture(scope="session")
 def splits_root() -> Path:
-    root = SHARED_DATA / "splits"
+    """The paper's split files as this workplace received them, to check the copies shipped in the package."""
+    root = data_root() / "splits"
     if not root.is_dir():
-        pytest.skip(f"paper split files not found at {root}")
+        pytest.skip(f"original paper split files not found at {root}")
     return root
 
 

@@ -89,8 +89,10 @@ def test_split_file_readers_parse_rows_and_reject_bad_files(tmp_path):
         read_volume_list(_write_csv(tmp_path / "dup.csv", "volume", ["a", "a"]))
 
 
-def test_paper_split_files_have_the_published_counts_and_no_volume_on_two_sides(splits_root):
-    c = splits_root / "covid19-20"
+def test_paper_split_files_have_the_published_counts_and_no_volume_on_two_sides():
+    from plsynth.data.splits import splits_folder
+
+    c = splits_folder("covid19-20")  # the copies shipped in the package
     test = read_volume_list(c / "test_volume.csv")
     val = read_volume_list(c / "val_volume.csv")
     assert (len(val), len(test)) == (19, 50)
@@ -104,7 +106,7 @@ def test_paper_split_files_have_the_published_counts_and_no_volume_on_two_sides(
         assert previous <= set(lab)  # labeled subsets are nested
         previous = set(lab)
     assert sum(map(len, read_slice_list(c / "train_0.1_l.csv").values())) == 1194
-    m = splits_root / "mosmeddata"
+    m = splits_folder("mosmeddata")
     lab, unl = read_slice_list(m / "train_slice_label.csv"), read_slice_list(m / "train_slice_unlabel.csv")
     val, test = read_volume_list(m / "val_volume.csv"), read_volume_list(m / "test_volume.csv")
     assert (len(lab), len(unl), len(val), len(test)) == (40, 1060, 10, 32)

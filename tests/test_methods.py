@@ -236,15 +236,15 @@ def test_self_training_overfits_from_an_offline_set_made_once(method, baseline_r
 
 
 @pytest.mark.parametrize("name", ["covid19-20-10", "covid19-20-20", "covid19-20-30", "mosmed-40"])
-def test_paper_presets_use_the_papers_numbers_and_existing_split_files(name, splits_root):
+def test_paper_presets_use_the_papers_numbers_and_existing_split_files(name):
     from plsynth.config import load_config
+    from plsynth.data.splits import splits_folder
 
-    repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(repo / "configs" / f"{name}.yaml")
+    cfg = load_config(name)  # the preset shipped in the package
     assert cfg.data.image_size == 512 and cfg.train.epochs == (10 if name.startswith("mosmed") else 20)
     assert (cfg.train.batch_labeled, cfg.train.batch_unlabeled, cfg.optim.lr, cfg.train.tau) == (8, 8, 0.01, 0.5)
     for split in (cfg.data.labeled_split, cfg.data.unlabeled_split, cfg.data.val_split):
-        assert (splits_root / Path(cfg.data.splits_dir).name / split).is_file()
+        assert (splits_folder(cfg.data.splits_dir) / split).is_file()
 
 
 def test_semiseg_cpu_preset_is_small_and_capped():

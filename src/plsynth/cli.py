@@ -33,7 +33,7 @@ app.command("export")(export_command)
 @app.command("demo")
 def demo_command(
     out: str = typer.Option("runs/demo", "--out", help="Folder for data, bundles, masks and the report."),
-    config: str = typer.Option("", "--config", help="Preset (default: configs/demo.yaml)."),
+    config: str = typer.Option("demo", "--config", help="Preset name (demo, phantom-smoke, ...) or YAML file."),
     sa_st: bool = typer.Option(True, "--sa-st/--no-sa-st", help="Also train SA-ST from the SA-CPS teacher."),
 ) -> None:
     """The whole pipeline on phantoms in minutes: synthesizer, baseline, SA-CPS, SA-ST, plsynth-infer, table.
@@ -44,7 +44,7 @@ def demo_command(
 
     from plsynth.demo import run_demo
 
-    run_demo(Path(out), Path(config) if config else None, sa_st=sa_st)
+    run_demo(Path(out), config, sa_st=sa_st)
 
 
 @app.callback()

@@ -1,11 +1,11 @@
-"""The one configuration schema of plsynth, loaded from ``configs/*.yaml``.
+"""The one configuration schema of plsynth, loaded from a preset (``plsynth/configs/*.yaml``) or any YAML file.
 
 Every experiment is one YAML file whose top-level sections mirror the dataclasses below.
 Unknown keys and bad values are errors that name the file and the dotted key; overrides
 are dotted (``--set optim.lr=0.005``). The resolved config is stored in every checkpoint
 and bundle, so a run can always be traced back to the numbers it used.
 
-Paper defaults (Zhang et al., section IV-A.4) are the dataclass defaults unless a comment
+Paper defaults (Lyu et al., section IV-A.4) are the dataclass defaults unless a comment
 says otherwise; CPU presets override sizes and budgets in their YAML files.
 """
 
@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,9 +37,9 @@ class DataConfig:
     """
 
     layout: Literal["phantom", "covid19-20", "mosmed", "semiseg", "folder"] = "phantom"
-    root: str = ""  # dataset root; "" for phantoms (generated under the run folder)
+    root: str = ""  # dataset root; "": $PLSYNTH_DATA/<dataset> (data/layouts.py), phantoms: under the run folder
     unlabeled_root: str = ""  # optional separate root of unlabeled volumes/slices
-    splits_dir: str = ""  # folder of the paper's split files (../shared/data/splits/<dataset>)
+    splits_dir: str = ""  # split files: a set shipped with plsynth (covid19-20, mosmeddata) or a folder path
     labeled_split: str = ""  # file in splits_dir with rows `volume,slice` (labeled training slices)
     unlabeled_split: str = ""  # same, unlabeled training slices
     val_split: str = ""  # file in splits_dir with rows `volume` (validation volumes)
@@ -109,7 +111,7 @@ class SynthConfig:
     pool_k: int = 10  # style codes averaged per request (paper: K = 10)
     pool_mode: Literal["positive", "all", "self"] = "positive"  # N+, N, or the image's own style
     bundle: str = ""  # trained synthesizer bundle used by sa-cps / sa-st
-    backend: Literal["torch", "ort", "trt", "service"] = "torch"  # how trainers call the decoder
+    backend: Literal["torch", "ort", "service"] = "torch"  # how trainers call the decoder (TensorRT: ray.synth_backend)
     seed: int = 0
     norm_hidden: int = 0  # hidden width of SPADE/style branches in each ACE; 0 = min(128, 2 * width) (SEAN: 128)
     lambda_l1: float = 1.0  # pixel L1 of the reconstruction; not in SEAN, stands in for VGG on CPU presets (0 = off)
@@ -178,7 +180,6 @@ class TrainConfig:
     val_every: int = 1  # epochs between validations
     tolerance_mm: float = 1.0  # NSD tolerance (1 pixel when there is no spacing)
     seed: int = 0
-    num_workers: int = 0  # DataLoader workers
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     pseudo_in_lung: bool = True  # zero pseudo-infection outside the lung mask (cps, sa-cps, st, sa-st)
     checkpoint_every: int = 0  # iterations between last.pt saves; 0 saves at the end of each epoch only
@@ -199,7 +200,7 @@ class TrainConfig:
         for name in ("batch_labeled", "batch_unlabeled", "val_every", "offline_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_iters", "checkpoint_every", "threads", "num_workers"):
+        for name in ("max_iters", "checkpoint_every", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lam < 0 or self.mu < 0:
@@ -251,9 +252,29 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
+def presets() -> list[str]:
+    """Names of the presets shipped with plsynth (``--config phantom-smoke``)."""
+    return sorted(p.name.removesuffix(".yaml") for p in _preset_folder().iterdir() if p.name.endswith(".yaml"))
+
+
+def _preset_folder() -> Path:
+    # Package data, plain files (plsynth installs unzipped); configs/ in the checkout links here.
+    return Path(str(resources.files("plsynth") / "configs"))
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """The file of a preset named bare (``phantom-smoke``: no folder, no suffix), else the path as given."""
+    text = str(name_or_path)
+    if Path(text).parts != (text,) or Path(text).suffix:
+        return Path(name_or_path)
+    if text not in presets():
+        raise ConfigError(f"{text}: no such preset (presets: {', '.join(presets())}); a config file needs its path")
+    return _preset_folder() / f"{text}.yaml"
+
+
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML config, apply dotted ``key=value`` overrides and validate every field."""
-    path = Path(path)
+    """Read a YAML config (a file, or a preset by name), apply dotted ``key=value`` overrides, validate every field."""
+    path = config_path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -273,9 +294,29 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     return config_from_dict(raw, where=str(path))
 
 
+# Keys (and values) that once did nothing; configs and checkpoints that hold them still load, with a warning.
+REMOVED_KEYS = {"train.num_workers": "it never started DataLoader workers (batches are built in-process)"}
+REMOVED_VALUES = {("synth.backend", "trt"): ("torch", "trainers never ran TensorRT; the synthesis actor does (ray.synth_backend)")}
+
+
+def _drop_removed(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, why in REMOVED_KEYS.items():
+        section, leaf = key.split(".")
+        if isinstance(raw.get(section), dict) and leaf in raw[section]:
+            del raw[section][leaf]
+            warnings.warn(f"{where}: {key} is ignored and no longer a config key: {why}", stacklevel=3)
+    for (key, value), (new, why) in REMOVED_VALUES.items():
+        section, leaf = key.split(".")
+        if isinstance(raw.get(section), dict) and raw[section].get(leaf) == value:
+            raw[section][leaf] = new
+            warnings.warn(f"{where}: {key}: {value} is read as {new}: {why}", stacklevel=3)
+    return raw
+
+
 def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
     """Build a Config from plain data (e.g. the copy stored in a checkpoint)."""
-    return _build(Config, raw, where, prefix="")
+    return _build(Config, _drop_removed(raw, where), where, prefix="")
 
 
 def saved_config(raw: dict[str, Any], where: str) -> Config:

@@ -3,7 +3,7 @@
 Order of the stages is the researcher's and then the hospital's:
 phantoms -> synthesizer (+ gallery) -> baseline -> SA-CPS -> SA-ST (student of the SA-CPS
 teacher) -> `plsynth-infer` on held-out phantom volumes with each bundle -> DSC/NSD table.
-Every stage is the same code the paper presets run; only the preset (configs/demo.yaml) is tiny.
+Every stage is the same code the paper presets run; only the preset (``demo``, shipped in the package) is tiny.
 """
 
 from __future__ import annotations
@@ -20,16 +20,8 @@ from plsynth.config import Config, load_config
 
 log = logging.getLogger(__name__)
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 HOLDOUT_SEED = 10_000  # held-out phantoms are drawn from seeds no training volume uses
 HOLDOUT_N = 3
-
-
-def default_config() -> Path:
-    for candidate in (Path("configs/demo.yaml"), REPO_CONFIGS / "demo.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError("configs/demo.yaml not found: run the demo from the plsynth repository root or pass --config")
 
 
 def _stage(title: str) -> float:
@@ -45,7 +37,7 @@ def _with_method(cfg: Config, method: str, **train: object) -> Config:
     return cfg.replace(train=dataclasses.replace(cfg.train, method=method, **train))
 
 
-def run_demo(out: Path, config: Path | None = None, sa_st: bool = True) -> dict:
+def run_demo(out: Path, config: str | Path = "demo", sa_st: bool = True) -> dict:
     """Run every stage into ``out`` and return the held-out table (also printed and saved)."""
     from plsynth.data.phantom import write_phantom_dataset
     from plsynth.torch_setup import flush_denormals
@@ -55,7 +47,7 @@ def run_demo(out: Path, config: Path | None = None, sa_st: bool = True) -> dict:
     flush_denormals()  # before the first parallel op creates torch's thread pool (see torch_setup)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(config or default_config())
+    cfg = load_config(config)  # a preset name or a file
     begin = time.perf_counter()
 
     t = _stage(f"1/6 synthesizer: SEAN on the labeled phantom slices ({cfg.synth.image_size} px)")

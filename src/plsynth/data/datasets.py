@@ -30,9 +30,9 @@ import torch
 from torch.utils.data import Dataset
 
 from plsynth.config import Config
-from plsynth.data.layouts import VolumeRecord, find_folder, find_semiseg, find_slices, find_volumes
+from plsynth.data.layouts import VolumeRecord, dataset_root, find_folder, find_semiseg, find_slices, find_volumes
 from plsynth.data.slice_cache import CachedVolume, SliceCache
-from plsynth.data.splits import carve_items, check_disjoint, read_slice_list, read_volume_list, split_by_volume
+from plsynth.data.splits import carve_items, check_disjoint, read_slice_list, read_volume_list, split_by_volume, splits_folder
 from plsynth.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -168,13 +168,18 @@ def _prepare(cache: SliceCache, records: Sequence[VolumeRecord], role: str) -> l
     return out
 
 
+def _split_file(splits_dir: str, name: str) -> Path:
+    folder = splits_folder(splits_dir)
+    return folder / name if folder else Path(name)
+
+
 def _split_files(cfg: Config) -> dict[str, Path]:
     data = cfg.data
     files = {}
     for key in ("labeled_split", "unlabeled_split", "val_split"):
         name = getattr(data, key)
         if name:
-            path = Path(data.splits_dir) / name if data.splits_dir else Path(name)
+            path = _split_file(data.splits_dir, name)
             if not path.is_file():
                 raise InputError(path, f"data.{key} not found (data.splits_dir={data.splits_dir!r})")
             files[key] = path
@@ -223,7 +228,7 @@ def build_splits(cfg: Config, out: Path) -> DataSplits:
     check_disjoint(**info["volumes"])
     test_split = data.test_split
     if test_split and data.layout != "semiseg":
-        test_file = Path(data.splits_dir) / test_split if data.splits_dir else Path(test_split)
+        test_file = _split_file(data.splits_dir, test_split)
         test_names = read_volume_list(test_file)
         check_disjoint(training=info["volumes"]["labeled"] + info["volumes"]["unlabeled"] + info["volumes"]["val"], test=test_names)
         info["test_split"] = str(test_file)
@@ -245,7 +250,7 @@ def build_cases(cfg: Config, out: Path, volume_list: str | Path) -> list[ValCase
     out = Path(out)
     if data.layout == "semiseg":
         raise ValueError("build_cases needs a volume layout; COVID-SemiSeg has no volumes (its test split is not here)")
-    root = Path(data.root) if data.root or data.layout != "phantom" else out / "data"
+    root = out / "data" if data.layout == "phantom" and not data.root else dataset_root(data.layout, data.root)
     cache = SliceCache(Path(data.cache_dir) if data.cache_dir else out / "cache", data)
     names = read_volume_list(volume_list)
     records = _records_by_name(find_volumes(data.layout, root), names, Path(volume_list), need_label=True)
@@ -267,7 +272,7 @@ def _build_volumes(cfg: Config, out: Path, cache: SliceCache, info: dict[str, An
         write_phantom_dataset(root, data.phantom_n, data.phantom_seed, tuple(data.phantom_shape))
         info["notes"].append("phantoms: lungs from lung_mask(), not from the phantoms' true *_lung files")
     else:
-        root = Path(data.root)
+        root = dataset_root(data.layout, data.root)
     records = find_volumes(data.layout, root)
     extra = _extra_unlabeled(cfg)
     info["root"] = str(root)
@@ -341,10 +346,11 @@ def _build_semiseg(cfg: Config, cache: SliceCache, info: dict[str, Any]) -> Data
     validation and skipped in training like any other layout.
     """
     data = cfg.data
-    labeled_records, unlabeled_records = find_semiseg(data.root)
+    root = dataset_root(data.layout, data.root)
+    labeled_records, unlabeled_records = find_semiseg(root)
     if data.unlabeled_root:
         unlabeled_records += [VolumeRecord(s, p, None) for s, p in sorted(find_slices(data.unlabeled_root).items())]
-    info["root"] = str(data.root)
+    info["root"] = str(root)
     info["notes"].append("semiseg: validation carved by slice (no patient ids): one patient may be on both sides")
     info["notes"].append("semiseg: no spacing; NSD tolerance is in pixels of the resized slice")
     kept, carved = carve_items([r.name for r in labeled_records], data.val_fraction, _split_seed(cfg))

@@ -20,6 +20,7 @@ Hidden files (``.tmp-*`` from interrupted writes) are never taken.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +52,56 @@ def _strip(name: str, suffixes: tuple[str, ...]) -> str | None:
     return None
 
 
-def _root(root: str | Path, layout: str) -> Path:
+DATA_ENV = "PLSYNTH_DATA"
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A public dataset a layout reads: its folder under ``$PLSYNTH_DATA`` and where to get it."""
+
+    folder: str
+    title: str
+    where: str
+
+
+# One variable for every dataset, with one subfolder each (the names of the shipped split sets):
+# a user sets one thing once, and a dataset kept elsewhere takes `--set data.root=DIR`.
+SOURCES = {
+    "covid19-20": DatasetSource(
+        "covid19-20", "COVID-19-20 (MICCAI 2020 COVID-19 Lung CT Lesion Segmentation Challenge, Roth et al.)",
+        "https://covid-segmentation.grand-challenge.org/ (images: TCIA, 'CT Images in COVID-19')"),
+    "mosmed": DatasetSource(
+        "mosmeddata", "MosMedData COVID19_1110 (Morozov et al., Digital Diagnostics 2020)",
+        "https://mosmed.ai/datasets/covid19_1110/"),
+    "semiseg": DatasetSource(
+        "covid-semiseg", "COVID-SemiSeg (Inf-Net's authors, Fan et al., IEEE TMI 2020)",
+        "https://github.com/DengPingFan/Inf-Net (COVID-SemiSeg Dataset)"),
+}
+
+
+def dataset_root(layout: str, root: str | Path = "") -> Path:
+    """The folder a layout reads: ``data.root`` when set, else ``$PLSYNTH_DATA/<folder>``.
+
+    Absent data is an InputError (exit 3) that names the dataset and where to get it.
+    """
+    source = SOURCES.get(layout)
     if not str(root):
-        raise InputError(Path("."), f"data.root is empty; the {layout} layout needs the dataset folder")
+        base = os.environ.get(DATA_ENV, "")
+        if source is None:
+            raise InputError(Path("data.root"), f"empty; the {layout} layout needs the dataset folder")
+        if not base:
+            raise InputError(Path("data.root"), f"not set, and {DATA_ENV} is not set. {_get_it(source)}")
+        root = Path(base) / source.folder
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise InputError(path, f"dataset root of layout {layout!r} is not a folder")
+        hint = f" {_get_it(source)}" if source else ""
+        raise InputError(path, f"dataset root of layout {layout!r} is not a folder.{hint}")
     return path
+
+
+def _get_it(source: DatasetSource) -> str:
+    return (f"{source.title}: get it from {source.where}, then pass --set data.root=DIR "
+            f"or set {DATA_ENV}=DIR with the dataset in DIR/{source.folder}")
 
 
 def _unique(records: list[VolumeRecord], root: Path) -> list[VolumeRecord]:
@@ -71,7 +115,7 @@ def _unique(records: list[VolumeRecord], root: Path) -> list[VolumeRecord]:
 
 def find_covid19_20(root: str | Path) -> list[VolumeRecord]:
     """``<name>_ct.nii.gz`` + ``<name>_seg.nii.gz`` below ``root`` (label None where no seg file exists)."""
-    root = _root(root, "covid19-20")
+    root = dataset_root("covid19-20", root)
     records = []
     for image in root.rglob("*_ct.nii*"):
         stem = _strip(image.name, tuple("_ct" + s for s in NIFTI_SUFFIXES))
@@ -84,7 +128,7 @@ def find_covid19_20(root: str | Path) -> list[VolumeRecord]:
 
 def find_mosmed(root: str | Path) -> list[VolumeRecord]:
     """MosMedData studies (``<name>.nii.gz``) with masks ``<name>_mask.nii.gz`` found anywhere below ``root``."""
-    root = _root(root, "mosmed")
+    root = dataset_root("mosmed", root)
     studies: list[tuple[str, Path]] = []
     masks: dict[str, Path] = {}
     for path in root.rglob("*.nii*"):
@@ -104,7 +148,7 @@ def find_mosmed(root: str | Path) -> list[VolumeRecord]:
 
 def find_folder(root: str | Path) -> list[VolumeRecord]:
     """Every NIfTI volume below ``root``, named by its stem, without labels."""
-    root = _root(root, "folder")
+    root = dataset_root("folder", root)
     records = []
     for path in root.rglob("*.nii*"):
         stem = _strip(path.name, NIFTI_SUFFIXES)
@@ -132,7 +176,7 @@ def find_semiseg(root: str | Path) -> tuple[list[VolumeRecord], list[VolumeRecor
     Every labeled image needs its mask (same stem, ``labeled/masks/``); a missing one is an
     InputError rather than a silently unlabeled slice.
     """
-    root = _root(root, "semiseg")
+    root = dataset_root("semiseg", root)
     images = find_slices(root / "labeled" / "images")
     masks = find_slices(root / "labeled" / "masks")
     if not images:

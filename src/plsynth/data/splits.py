@@ -1,7 +1,8 @@
 """Split files of the paper and seeded splits by volume.
 
-The paper's splits (``../shared/data/splits/<dataset>/``, converted from the authors' xlsx
-files) come in two kinds of CSV:
+The paper's splits ship with plsynth (``plsynth/data/paper_splits/<set>/``: ``covid19-20`` and
+``mosmeddata``, converted from the authors' xlsx files; a config names a set with
+``data.splits_dir: covid19-20``) and come in two kinds of CSV:
 
 - slice lists, header ``volume,slice``: one training (or evaluation) slice per row, the slice
   being the z index of the volume's ``(z, y, x)`` array. The training lists leave out slices
@@ -23,11 +24,36 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from plsynth.errors import InputError
 
 log = logging.getLogger(__name__)
+
+
+def paper_split_sets() -> list[str]:
+    """Names of the split sets shipped in the package (``data.splits_dir: <name>``)."""
+    folder = _paper_splits()
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def _paper_splits() -> Path:
+    # A real folder: plsynth is installed unzipped (wheel or editable), so package data are plain files.
+    return Path(str(resources.files("plsynth.data") / "paper_splits"))
+
+
+def splits_folder(splits_dir: str) -> Path | None:
+    """The folder ``data.splits_dir`` names: a shipped set by its bare name (``covid19-20``), else a path.
+
+    "" gives None (split file names are then paths of their own). A name with a path separator
+    (``./covid19-20``, ``/data/splits``) is always a folder on disk.
+    """
+    if not splits_dir:
+        return None
+    if Path(splits_dir).parts == (splits_dir,) and splits_dir in paper_split_sets():
+        return _paper_splits() / splits_dir
+    return Path(splits_dir).expanduser()
 
 
 def _rows(path: Path, header: tuple[str, ...]) -> list[list[str]]:

@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from plsynth.config import REMOVED_KEYS
 from plsynth.errors import InputError
 
-# Keys whose change does not alter the optimisation of a resumed run.
-RESUME_IGNORED = {"source", "name", "train.val_every", "train.threads", "train.num_workers", "train.bundle_from",
-                  "train.checkpoint_every", "train.device", "ray"}
+# Keys whose change does not alter the optimisation of a resumed run (removed keys: old checkpoints hold them).
+RESUME_IGNORED = {"source", "name", "train.val_every", "train.threads", "train.bundle_from",
+                  "train.checkpoint_every", "train.device", "ray", *REMOVED_KEYS}
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,7 +9,7 @@ import typer
 
 train_app = typer.Typer(no_args_is_help=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", exists=True, dir_okay=False, help="YAML file under configs/.")]
+ConfigOpt = Annotated[Path, typer.Option("--config", dir_okay=False, help="Preset name (e.g. phantom-smoke) or YAML file.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, logs, bundle/).")]
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Dotted override, e.g. --set optim.lr=0.005 (repeatable).")

@@ -211,7 +211,7 @@ def step_function(cfg: TrainConfig) -> StepFunction:
 def make_synthesis_client(cfg: Config, seed: int | None = None) -> Any:
     """The synthesizer that SA-CPS / SA-ST talk to, chosen by ``cfg.synth.backend``.
 
-    ``torch`` / ``ort`` / ``trt``: an in-process decoder (`synth_service.local.LocalSynthesizer`)
+    ``torch`` / ``ort``: an in-process decoder (`synth_service.local.LocalSynthesizer`)
     loaded from ``cfg.synth.bundle``; ``service``: the Ray synthesis actor. Both implement
     `synth_service.protocol.SynthesisClient`, so the trainers cannot tell them apart.
     """

@@ -1,0 +1,127 @@
+"""The repository stands alone: split files and presets ship in the package, data roots come from
+the config or $PLSYNTH_DATA (with a clear error when absent), removed config keys still load,
+and no product file names a path outside the repository."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from plsynth.config import ConfigError, config_from_dict, load_config, presets
+from plsynth.data.layouts import DATA_ENV, SOURCES, dataset_root
+from plsynth.data.splits import paper_split_sets, read_slice_list, read_volume_list, splits_folder
+from plsynth.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = Path(__import__("plsynth").__file__).parent
+BIN = Path(sys.executable).parent
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_shipped_split_files_are_the_originals_byte_for_byte_and_read_the_same(splits_root):
+    originals = sorted(p.relative_to(splits_root) for p in splits_root.glob("*/*.csv"))
+    assert len(originals) == 16 and paper_split_sets() == ["covid19-20", "mosmeddata"]
+    shipped = sorted(p.relative_to(PACKAGE / "data" / "paper_splits") for p in (PACKAGE / "data" / "paper_splits").glob("*/*.csv"))
+    assert shipped == originals
+    for rel in originals:
+        ours = splits_folder(rel.parts[0]) / rel.name
+        assert _sha256(ours) == _sha256(splits_root / rel), rel
+        read = read_volume_list if rel.name.endswith("_volume.csv") else read_slice_list
+        assert read(ours) == read(splits_root / rel), rel
+
+
+def test_splits_dir_names_a_shipped_set_or_a_folder(tmp_path, monkeypatch):
+    from plsynth.data.datasets import _split_files
+
+    cfg = load_config("covid19-20-10")
+    files = _split_files(cfg)
+    assert files["labeled_split"] == PACKAGE / "data" / "paper_splits" / "covid19-20" / "train_0.1_l.csv"
+    assert sum(map(len, read_slice_list(files["labeled_split"]).values())) == 1194
+    # A value with a folder part is a path, even if its last part is a shipped set's name.
+    monkeypatch.chdir(tmp_path)
+    assert splits_folder("./covid19-20") == Path("covid19-20")
+    with pytest.raises(InputError, match="data.labeled_split not found"):
+        _split_files(load_config("covid19-20-10", ["data.splits_dir=./covid19-20"]))
+
+
+def test_data_root_comes_from_the_config_else_plsynth_data(tmp_path, monkeypatch):
+    (tmp_path / "covid-semiseg").mkdir()
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert dataset_root("semiseg") == tmp_path / "covid-semiseg"
+    assert dataset_root("semiseg", str(tmp_path)) == tmp_path  # data.root wins
+    with pytest.raises(InputError, match=r"mosmeddata.*mosmed\.ai"):
+        dataset_root("mosmed")  # the variable is set, the dataset's folder is not there
+    monkeypatch.delenv(DATA_ENV)
+    for layout, source in SOURCES.items():
+        with pytest.raises(InputError, match=f"{DATA_ENV} is not set") as err:
+            dataset_root(layout)
+        assert source.where.split()[0] in str(err.value) and source.folder in str(err.value)
+
+
+@pytest.mark.parametrize("env", ["unset", "missing"])
+def test_training_without_the_dataset_exits_3_saying_where_to_get_it(tmp_path, env):
+    """The installed console script, as a user runs it: one line, exit 3, no traceback."""
+    environ = {k: v for k, v in os.environ.items() if k != DATA_ENV}
+    if env == "missing":
+        environ[DATA_ENV] = str(tmp_path / "nowhere")
+    proc = subprocess.run([str(BIN / "plsynth"), "train", "baseline", "--config", "semiseg-cpu", "--out", str(tmp_path / "run")],
+                          env=environ, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "COVID-SemiSeg" in proc.stderr and "github.com/DengPingFan/Inf-Net" in proc.stderr
+    assert (str(tmp_path / "nowhere" / "covid-semiseg") if env == "missing" else f"{DATA_ENV} is not set") in proc.stderr
+
+
+def test_presets_ship_in_the_package_and_configs_is_the_same_folder():
+    assert (REPO / "configs").resolve() == (PACKAGE / "configs").resolve()
+    assert {"demo", "phantom-smoke", "semiseg-cpu", "covid19-20-10", "mosmed-40"} <= set(presets())
+    by_name, by_path = load_config("phantom-smoke"), load_config(REPO / "configs" / "phantom-smoke.yaml")
+    assert by_name.replace(source="") == by_path.replace(source="")
+    with pytest.raises(ConfigError, match="no such preset.*phantom-smoke"):
+        load_config("phantom-smok")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config("phantom-smoke.yaml")  # a suffix makes it a path (here: none in the cwd)
+
+
+def test_removed_keys_warn_and_load(tmp_path):
+    from plsynth.training.checkpoint import config_differences
+
+    old = load_config("phantom-smoke").to_dict()
+    old["train"]["num_workers"] = 4
+    old["synth"]["backend"] = "trt"
+    with pytest.warns(UserWarning) as caught:
+        cfg = config_from_dict(old, where="old checkpoint")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "train.num_workers" in messages and "synth.backend: trt" in messages
+    assert cfg.synth.backend == "torch" and not hasattr(cfg.train, "num_workers")
+    assert old["train"]["num_workers"] == 4  # the caller's dict is left as it was
+    # An old checkpoint holding the removed key still resumes under today's config.
+    assert config_differences(old, cfg.to_dict()) == ["synth.backend: 'trt' -> 'torch'"]
+    (tmp_path / "c.yaml").write_text("train:\n  num_workers: 2\n")
+    with pytest.warns(UserWarning, match="num_workers"):
+        load_config(tmp_path / "c.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config("phantom-smoke")  # the presets hold no removed key
+
+
+OUTSIDE = re.compile(r"\.\./shared|/work/|paper\.txt|reference-code-review|environment-notes|field-anchors|shared/data|shared/docs")
+
+
+def test_no_product_file_names_a_path_outside_the_repository():
+    files = [REPO / name for name in ("README.md", "BENCHMARKS.md", "Dockerfile", "Makefile", "pyproject.toml", ".rayignore")]
+    for folder in ("src", "docs", "bench", "docker"):
+        files += [p for p in (REPO / folder).rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".sh", ".json", ".toml", "")]
+    hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()[:100]}" for p in files if p.is_file() and "egg-info" not in str(p)
+            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if OUTSIDE.search(line)]
+    assert not hits, "\n".join(hits)
