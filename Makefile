@@ -3,6 +3,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/demo
+# Where PyPI's torch is the CUDA build (Linux x86-64) and pip is not configured otherwise:
+#   make test CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu   (installs torch==2.13.0+cpu)
+CPU_TORCH_INDEX ?=
+TORCH := $(if $(CPU_TORCH_INDEX),torch==2.13.0+cpu --extra-index-url $(CPU_TORCH_INDEX),torch==2.13.0)
 
 .PHONY: demo test install
 
@@ -10,7 +14,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[cpu,dev]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH) -e '.[cpu,dev]'
 	touch $@
 
 demo: install

@@ -2,8 +2,7 @@
 
     .venv/bin/python bench/infer_bench.py --slices 300 --side-by-side 64 --threads 2 --out bench/results/infer_bench.md
 
-Model: the CPU preset U-Net (width 16, depth 4, 1.94 M parameters; environment-notes.md
-section 3), untrained (speed does not depend on the weights), bundle written with the real
+Model: the CPU preset U-Net (width 16, depth 4, 1.94 M parameters), untrained (speed does not depend on the weights), bundle written with the real
 `write_bundle` at 512 px. Volumes are phantoms (plsynth.data.phantom) saved as int16 NIfTI.
 
 1. Side by side: the same prepared (N, 1, 512, 512) inputs through TorchEngine (eval(),
@@ -136,7 +135,7 @@ def main() -> None:
         f"| end to end with both networks | {row2['seconds']} |",
         "",
         f"Target: <= 60 s with the classical lungs and one network: **{'met' if e2e <= 60 else 'NOT met'}**.",
-        "lungmask was not timed: its weights cannot be downloaded here (environment-notes.md: lungmask with random "
+        "lungmask was not timed: its weights cannot be downloaded here (lungmask with random "
         "weights took 15 s for 16x256x256 on these 2 cores, so expect minutes for 300x512x512 on CPU).",
         "",
     ]

@@ -1,9 +1,9 @@
 """docs/lungs-semiseg.png: the classical lung back-end on real COVID-SemiSeg slices.
 
 12 slices (6 labeled with their infection outline in yellow, 6 unlabeled from different volumes);
-patient-left lung (label 1) in blue, patient-right (label 2) in red. Needs ../shared/data.
+patient-left lung (label 1) in blue, patient-right (label 2) in red. Needs COVID-SemiSeg.
 
-Usage: .venv/bin/python bench/lung_grid.py [--root ../shared/data/covid-semiseg] [--out docs/lungs-semiseg.png]
+Usage: .venv/bin/python bench/lung_grid.py [--root DIR (default $PLSYNTH_DATA/covid-semiseg)] [--out docs/lungs-semiseg.png]
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ def main() -> None:
     from PIL import Image
 
     from plsynth.data.image import CTImage
+    from plsynth.data.layouts import dataset_root
     from plsynth.data.lungs import lung_mask
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/covid-semiseg")
+    parser.add_argument("--root", type=Path, default=None, help="COVID-SemiSeg folder (default $PLSYNTH_DATA/covid-semiseg)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs/lungs-semiseg.png")
     args = parser.parse_args()
+    args.root = dataset_root("semiseg", args.root or "")
     labeled = sorted((args.root / "labeled/images").glob("*.jpg"))
     unlabeled = sorted((args.root / "unlabeled/images").glob("*.jpg"))
     picks = [(p, args.root / "labeled/masks" / f"{p.stem}.png") for p in labeled[:: max(1, len(labeled) // 6)][:6]]

@@ -128,7 +128,7 @@ def main() -> None:
     lines += [
         "",
         "The paper preset is counted on the meta device (shapes only). For scale: the official SEAN",
-        "generator is about 1.27 TMAC per 512 px slice (reference-code-review.md 1.3); ours is lighter",
+        "generator (ZPdesu/SEAN, ngf 64) is about 1.27 TMAC per 512 px slice; ours is lighter",
         "because the style branch projects per class to `norm_hidden` before the broadcast (see models/sean.py).",
         "",
         f"## Throughput at the CPU preset, batch {args.batch}, same process, alternating (median of {args.reps})",

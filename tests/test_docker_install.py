@@ -72,6 +72,6 @@ def test_install_script_installs_plsynth_and_checks_the_entry_point_as_non_root(
                                env=env, capture_output=True, text=True, encoding="utf-8", timeout=60)
     assert str(venv) in installed.stdout, "plsynth must come from the new venv, not the source tree"
     # nothing of ours in $HOME; onnxruntime >= 1.32 itself writes a device id under
-    # ~/.cache/Microsoft on import (environment-notes.md section 4), which the image points at /tmp
+    # ~/.cache/Microsoft on import, which the image points at /tmp
     written = [p for p in (work / "home").rglob("*") if p.is_file()] if (work / "home").exists() else []
     assert all("Microsoft" in p.parts for p in written), written

@@ -1,8 +1,7 @@
 """Engine choice, the ONNX Runtime provider check, and the TensorRT engine cache.
 
 TensorRT and GPUs do not exist on these machines: the provider lists below are FAKED (a GPU
-machine's list, as onnxruntime-gpu reports it even without a GPU: environment-notes.md
-section 4), and the TensorRT builder is a fake function; the real TensorRT tests skip.
+machine's list, as onnxruntime-gpu reports it even without a GPU), and the TensorRT builder is a fake function; the real TensorRT tests skip.
 """
 
 from __future__ import annotations

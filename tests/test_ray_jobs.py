@@ -4,8 +4,8 @@ phantoms, plus the exit codes of the console scripts.
 No ray.init() in this module: the cluster is a separate `ray start` (its own ports and temp
 folder, so it cannot collide with an embedded Ray), stopped at the end. The jobs run the
 console scripts exactly as a user would; the cluster finds them because `ray start` runs
-with the venv's bin first on PATH (environment-notes.md section 2). RAY_AUTH_MODE=disabled
-for `ray start`, `ray job submit` and the jobs (history-dependent token auth, same notes).
+with the venv's bin first on PATH (Ray runs entry points with that PATH's python). RAY_AUTH_MODE=disabled
+for `ray start`, `ray job submit` and the jobs (token auth otherwise depends on whether ~/.ray/auth_token exists).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Intensity window: CT voxels to the network's input range [0, 1], and back.
 
-The paper (Zhang et al., section IV-A) clips HU to [-1250, 250] and maps that range linearly
+The paper (Lyu et al., section IV-A) clips HU to [-1250, 250] and maps that range linearly
 to [0, 255]; plsynth stores the same mapping as [0, 1] (float32), i.e. the paper's 8-bit value divided by 255.
 2D slices that come already windowed to 8 bit (COVID-SemiSeg PNG/JPG) are divided by 255:
 **their window is unknown** (the slices were exported by other people with windows we cannot
@@ -15,7 +15,7 @@ import numpy as np
 
 from plsynth.data.image import CTImage
 
-PAPER_WINDOW_HU: tuple[float, float] = (-1250.0, 250.0)  # Zhang et al., section IV-A (implementation)
+PAPER_WINDOW_HU: tuple[float, float] = (-1250.0, 250.0)  # Lyu et al., section IV-A (implementation)
 INTENSITIES = ("window", "calibrate")
 # "calibrate": an 8-bit slice is put back on the HU window from two tissues every chest slice shows
 REFERENCE_HU = (-850.0, 40.0)  # aerated lung parenchyma, soft tissue (muscle, blood)

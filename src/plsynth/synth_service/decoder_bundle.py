@@ -73,7 +73,7 @@ def bundle_sha256(path: str | Path) -> str:
 def export_decoder_onnx(decoder: SEANDecoder, path: Path) -> list[str]:
     """Export a copy of ``decoder`` (spectral norm folded, eval) to ONNX; returns the input names.
 
-    Legacy TorchScript exporter, opset 18, one file, dynamic batch (environment-notes.md s. 3, 6).
+    Legacy TorchScript exporter, opset 18, one file (a 670 MB paper-size decoder stays under protobuf's 2 GB), dynamic batch.
     """
     import warnings
 

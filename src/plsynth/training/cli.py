@@ -9,7 +9,25 @@ import typer
 
 train_app = typer.Typer(no_args_is_help=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", dir_okay=False, help="Preset name (e.g. phantom-smoke) or YAML file.")]
+
+
+def _preset_or_file(value: Path | None) -> Path | None:
+    """--config is a shipped preset's name or an existing file; anything else is a usage error (exit 2)."""
+    from plsynth.config import ConfigError, config_path
+
+    if value is None:
+        return value
+    try:
+        found = config_path(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if not found.is_file():
+        raise typer.BadParameter(f"{value}: no such file (or a preset name without folder and suffix)")
+    return value
+
+
+ConfigOpt = Annotated[Path, typer.Option("--config", dir_okay=False, callback=_preset_or_file,
+                                         help="Preset name (e.g. phantom-smoke) or YAML file.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, logs, bundle/).")]
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Dotted override, e.g. --set optim.lr=0.005 (repeatable).")

@@ -39,6 +39,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from plsynth.training.cli import ConfigOpt
+
 log = logging.getLogger("plsynth.training.ray_entry")
 
 
@@ -168,7 +170,7 @@ def _actor_names(count: int) -> list[str]:
 
 def _command(method: str):
     def command(
-        config: Annotated[Path, typer.Option("--config", dir_okay=False, help="Preset name (e.g. phantom-smoke) or YAML file.")],
+        config: ConfigOpt,
         out: Annotated[Optional[Path], typer.Option("--out", help="Run folder; default runs/<name>-<method>. "
                                                     "Use an absolute path under `ray job submit`.")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Dotted override, e.g. "

@@ -7,13 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
+from plsynth.training.cli import ConfigOpt
+
 app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("preview")
 def preview_command(
     synth: Annotated[Path, typer.Option("--synth", exists=True, file_okay=False, help="Synthesizer bundle folder.")],
-    config: Annotated[Path, typer.Option("--config", dir_okay=False, help="Preset name or YAML config (its data).")],
+    config: ConfigOpt,
     out: Annotated[Path, typer.Option("--out", help="PNG gallery to write.")],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of labeled slices (rows).")] = 8,
     run: Annotated[

@@ -8,7 +8,7 @@ moves image and map jointly, so 40 slices are not memorised; the one flip mirror
 right (along the axis between the two lungs, ``augment.flip_across_lungs``) and swaps the lung
 labels, so the patient-left lung stays class 1 on its side; front and back are never mirrored.
 
-Per step (SEAN's defaults, reference-code-review.md section 1.5): the encoder reads the real
+Per step (the defaults of SEAN's own train.py, ZPdesu/SEAN): the encoder reads the real
 image's style under its map, the decoder reconstructs it (with fresh noise); hinge GAN loss on
 a multi-scale PatchGAN fed (map, image) and discriminator feature matching (``lambda_feat``),
 or (``synth.discriminator: oasis``) OASIS's per-pixel (4 + 1)-class loss with LabelMix; a
