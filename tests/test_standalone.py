@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from plsynth.config import ConfigError, config_from_dict, load_config, presets
+from plsynth.config import ConfigError, config_from_dict, load_config, presets, saved_config
 from plsynth.data.layouts import DATA_ENV, SOURCES, dataset_root
 from plsynth.data.splits import paper_split_sets, read_slice_list, read_volume_list, splits_folder
 from plsynth.errors import InputError
@@ -107,6 +107,10 @@ def test_removed_keys_warn_and_load(tmp_path):
     assert old["train"]["num_workers"] == 4  # the caller's dict is left as it was
     # An old checkpoint holding the removed key still resumes under today's config.
     assert config_differences(old, cfg.to_dict()) == ["synth.backend: 'trt' -> 'torch'"]
+    # A stored copy (bundle, checkpoint) loads without a warning: plsynth-infer users cannot edit it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert saved_config(old, where="old bundle") == cfg
     (tmp_path / "c.yaml").write_text("train:\n  num_workers: 2\n")
     with pytest.warns(UserWarning, match="num_workers"):
         load_config(tmp_path / "c.yaml")

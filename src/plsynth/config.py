@@ -12,6 +12,7 @@ says otherwise; CPU presets override sizes and budgets in their YAML files.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 import warnings
@@ -294,29 +295,37 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     return config_from_dict(raw, where=str(path))
 
 
-# Keys (and values) that once did nothing; configs and checkpoints that hold them still load, with a warning.
+# Keys (and values) that once did nothing. Configs that hold them still load: a YAML file with a
+# warning (its author can delete the key), a stored copy (checkpoint, bundle) with a log line only,
+# so that every plsynth-infer run on an old bundle does not warn about a training knob.
 REMOVED_KEYS = {"train.num_workers": "it never started DataLoader workers (batches are built in-process)"}
 REMOVED_VALUES = {("synth.backend", "trt"): ("torch", "trainers never ran TensorRT; the synthesis actor does (ray.synth_backend)")}
 
 
-def _drop_removed(raw: dict[str, Any], where: str) -> dict[str, Any]:
+def _drop_removed(raw: dict[str, Any], where: str, stored: bool) -> dict[str, Any]:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    dropped = []
     for key, why in REMOVED_KEYS.items():
         section, leaf = key.split(".")
         if isinstance(raw.get(section), dict) and leaf in raw[section]:
             del raw[section][leaf]
-            warnings.warn(f"{where}: {key} is ignored and no longer a config key: {why}", stacklevel=3)
+            dropped.append(f"{key} is ignored and no longer a config key: {why}")
     for (key, value), (new, why) in REMOVED_VALUES.items():
         section, leaf = key.split(".")
         if isinstance(raw.get(section), dict) and raw[section].get(leaf) == value:
             raw[section][leaf] = new
-            warnings.warn(f"{where}: {key}: {value} is read as {new}: {why}", stacklevel=3)
+            dropped.append(f"{key}: {value} is read as {new}: {why}")
+    for message in dropped:
+        if stored:
+            logging.getLogger(__name__).info("%s: %s", where, message)
+        else:
+            warnings.warn(f"{where}: {message}", stacklevel=4)
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
-    """Build a Config from plain data (e.g. the copy stored in a checkpoint)."""
-    return _build(Config, _drop_removed(raw, where), where, prefix="")
+def config_from_dict(raw: dict[str, Any], where: str = "<dict>", stored: bool = False) -> Config:
+    """Build a Config from plain data; ``stored``: a copy saved in a checkpoint or bundle."""
+    return _build(Config, _drop_removed(raw, where, stored), where, prefix="")
 
 
 def saved_config(raw: dict[str, Any], where: str) -> Config:
@@ -325,7 +334,7 @@ def saved_config(raw: dict[str, Any], where: str) -> Config:
     model = raw.get("model")
     if isinstance(model, dict) and "norm" not in model:
         raw = {**raw, "model": {**model, "norm": "batch"}}
-    return config_from_dict(raw, where=where)
+    return config_from_dict(raw, where=where, stored=True)
 
 
 def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
