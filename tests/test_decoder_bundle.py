@@ -8,38 +8,19 @@ import numpy as np
 import pytest
 import torch
 
+from _fixtures import TINY_SYNTH as TINY
+from _fixtures import write_synth_bundle
+from plsynth.bundles.onnx_export import ort_session
+from plsynth.bundles.synthesizer import bundle_sha256, load_decoder_bundle, parity_inputs
 from plsynth.config import Config, SynthConfig
 from plsynth.errors import BundleError
-from plsynth.models.sean import build_synthesizer
-from plsynth.synth_service.decoder_bundle import (
-    bundle_sha256,
-    load_decoder_bundle,
-    ort_session,
-    parity_inputs,
-    write_decoder_bundle,
-)
 from plsynth.synth_service.protocol import SynthesisClient
-from plsynth.synth_service.style_pool import StylePool
 
 torch.set_num_threads(1)
-TINY = SynthConfig(image_size=32, width=4, style_dim=8, num_up=3, pool_k=2)
 
 
 def _bundle(path, synth: SynthConfig = TINY):
-    torch.manual_seed(0)
-    decoder, encoder = build_synthesizer(synth)
-    with torch.no_grad():  # non-trivial noise weights and blends, so parity covers them
-        for name, p in decoder.named_parameters():
-            if "noise_weight" in name or "blend" in name:
-                p.normal_()
-    rng = np.random.default_rng(0)
-    pool = StylePool(
-        codes=rng.uniform(-1, 1, (6, 4, synth.style_dim)).astype(np.float32),
-        present=np.ones((6, 4), bool),
-        has_infection=np.array([1, 1, 0, 1, 0, 0], bool),
-    )
-    cfg = Config(synth=synth)
-    return write_decoder_bundle(path, decoder, encoder, pool, cfg), decoder
+    return write_synth_bundle(path, Config(synth=synth), has_infection=(1, 1, 0, 1, 0, 0), varied=True)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from plsynth.data.lungs import lung_field
-from plsynth.deploy.bundle import Bundle, load_bundle, versions
+from plsynth.bundles.files import versions
+from plsynth.bundles.segmenter import Bundle, load_bundle
 from plsynth.deploy.engines import Engine, available_ort_providers, open_engine, resolve_engine, wants_gpu
 from plsynth.errors import InputError
 
@@ -157,7 +158,7 @@ class Predictor:
             available_providers if available_providers is not None else available_ort_providers()
         )
         if resolved == "trt" or ort_trt:
-            from plsynth.deploy.tensorrt_engine import resolve_cache_dir
+            from plsynth.bundles.tensorrt_engine import resolve_cache_dir
 
             cache_dir = resolve_cache_dir(bundle.path)
         engines = {}

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from plsynth.synth_service.decoder_bundle import load_decoder_bundle, ort_session
-from plsynth.synth_service.style_pool import PoolMode
+from plsynth.bundles.onnx_export import ort_session
+from plsynth.bundles.style_pool import PoolMode
+from plsynth.bundles.synthesizer import load_decoder_bundle
 from plsynth.torch_setup import flush_denormals
 
 log = logging.getLogger(__name__)

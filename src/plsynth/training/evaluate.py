@@ -96,7 +96,7 @@ def evaluate_bundle(model: Path, cfg: Config, split: str = "val", out: Path | No
     bundle's run folder when ``out`` is None).
     """
     from plsynth.data.datasets import build_splits
-    from plsynth.deploy.bundle import load_bundle
+    from plsynth.bundles.segmenter import load_bundle
 
     model = Path(model)
     bundle = load_bundle(model)
