@@ -47,38 +47,23 @@ def export_onnx(
     import torch
 
     module = module.eval()
+    path = Path(path)
     names = list(example_inputs)
     args = tuple(example_inputs[n] for n in names)
-    dynamic_axes = {n: {0: "batch"} for n in [*names, *output_names]}
-    path = Path(path)
+    common = {"input_names": names, "output_names": output_names}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notice
             # shape checks traced as constants are constant here: spatial sizes are fixed
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(
-                module,
-                args,
-                str(path),
-                input_names=names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
-                opset_version=OPSET,
-                dynamo=False,
-            )
+            dynamic_axes = {n: {0: "batch"} for n in [*names, *output_names]}
+            torch.onnx.export(module, args, str(path), **common, dynamic_axes=dynamic_axes, opset_version=OPSET,
+                              dynamo=False)
     except (TypeError, RuntimeError) as exc:  # TorchScript exporter removed in a later torch
         logger.info("TorchScript ONNX exporter failed (%s); using the dynamo exporter", exc)
         batch = torch.export.Dim("batch", min=1, max=max_batch)
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            input_names=names,
-            output_names=output_names,
-            dynamic_shapes={n: {0: batch} for n in names},
-            dynamo=True,
-            external_data=False,
-        )
+        torch.onnx.export(module, args, str(path), **common, dynamic_shapes={n: {0: batch} for n in names},
+                          dynamo=True, external_data=False)
     import onnx
 
     onnx.checker.check_model(str(path))

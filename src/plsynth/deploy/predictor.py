@@ -29,6 +29,7 @@ import numpy as np
 from plsynth.data.lungs import lung_field
 from plsynth.bundles.files import versions
 from plsynth.bundles.segmenter import Bundle, load_bundle
+from plsynth.deploy import settings
 from plsynth.deploy.engines import Engine, available_ort_providers, open_engine, resolve_engine, wants_gpu
 from plsynth.errors import InputError
 
@@ -108,12 +109,12 @@ class Predictor:
         self,
         bundle: Bundle,
         engines: dict[str, Engine],
-        batch_size: int = 8,
-        lung_backend: str = "bundle",
+        batch_size: int = settings.BATCH_SIZE,
+        lung_backend: str = settings.LUNG_BACKEND,
         lung_fn: Callable[[Any], np.ndarray] | None = None,
-        min_size_mm3: float = 10.0,
-        min_size_px: int = 10,
-        review_below: float = 0.8,
+        min_size_mm3: float = settings.MIN_SIZE_MM3,
+        min_size_px: int = settings.MIN_SIZE_PX,
+        review_below: float = settings.REVIEW_BELOW,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -135,9 +136,9 @@ class Predictor:
         path: str | Path,
         engine: str = "auto",
         device: str = "auto",
-        batch_size: int = 8,
+        batch_size: int = settings.BATCH_SIZE,
         allow_fallback: bool = False,
-        lung_backend: str = "bundle",
+        lung_backend: str = settings.LUNG_BACKEND,
         agreement: bool = True,
         threads: int | None = None,
         fp16: bool = False,

@@ -33,6 +33,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from plsynth.config import RayConfig
+
 log = logging.getLogger(__name__)
 
 ACTOR_NAME = "plsynth-synth"
@@ -97,9 +99,9 @@ class BundleDecoderFactory:
     """
 
     bundle: str
-    backend: str = "auto"  # auto | trt | ort | torch
+    backend: str = RayConfig.synth_backend  # auto | trt | ort | torch
     seed: int = 0
-    max_batch: int = 32  # TensorRT profile maximum
+    max_batch: int = RayConfig.synth_max_batch  # TensorRT profile maximum
     fp16: bool = False
 
     def __call__(self) -> BatchDecoder:
@@ -197,7 +199,8 @@ class SynthesisActor:
     Public methods (all ``.remote()``): ``synthesize``, ``info``, ``stats``, ``reset_stats``, ``ping``.
     """
 
-    def __init__(self, factory: Callable[[], BatchDecoder], max_batch: int = 32, gather_ms: float = 5.0) -> None:
+    def __init__(self, factory: Callable[[], BatchDecoder], max_batch: int = RayConfig.synth_max_batch,
+                 gather_ms: float = RayConfig.synth_gather_ms) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(torch.get_num_threads())))
@@ -314,8 +317,9 @@ class SynthesisActor:
 
 
 def get_or_create_actor(factory: Callable[[], BatchDecoder], *, name: str = ACTOR_NAME, namespace: str = NAMESPACE,
-                        num_cpus: float = 0.5, num_gpus: float = 0.0, max_batch: int = 32, gather_ms: float = 5.0,
-                        max_restarts: int = 3, detached: bool = False):
+                        num_cpus: float = RayConfig.synth_actor_cpus, num_gpus: float = 0.0,
+                        max_batch: int = RayConfig.synth_max_batch, gather_ms: float = RayConfig.synth_gather_ms,
+                        max_restarts: int = RayConfig.synth_max_restarts, detached: bool = False):
     """Return the handle of the named synthesis actor, creating it if no live one has that name.
 
     Not detached by default, so it ends with the driver that made it (no leftovers after a
@@ -378,8 +382,8 @@ class ActorSynthesisClient:
     that the last error is raised as RuntimeError naming the actor.
     """
 
-    def __init__(self, name: str = ACTOR_NAME, namespace: str = NAMESPACE, retries: int = 5, backoff_s: float = 0.5,
-                 timeout_s: float = 600.0) -> None:
+    def __init__(self, name: str = ACTOR_NAME, namespace: str = NAMESPACE, retries: int = RayConfig.synth_retries,
+                 backoff_s: float = 0.5, timeout_s: float = 600.0) -> None:
         self.name, self.namespace = name, namespace
         self.retries, self.backoff_s, self.timeout_s = int(retries), float(backoff_s), float(timeout_s)
         self._handle = None
@@ -446,7 +450,8 @@ class ActorPool:
     ``bundle_sha256`` are those of the first actor (all serve one bundle).
     """
 
-    def __init__(self, actors: list, name: str = ACTOR_NAME, namespace: str = NAMESPACE, retries: int = 5) -> None:
+    def __init__(self, actors: list, name: str = ACTOR_NAME, namespace: str = NAMESPACE,
+                 retries: int = RayConfig.synth_retries) -> None:
         if not actors:
             raise ValueError("ActorPool: no synthesis actors given")
         self.actors = list(actors)

@@ -42,10 +42,13 @@ import typer
 log = logging.getLogger("plsynth.training.ray_entry")
 
 
-def connect_ray(address: str = "", namespace: str = "plsynth") -> str:
+def connect_ray(address: str = "", namespace: str | None = None) -> str:
     """Join or start Ray; returns ``"cluster"`` or ``"local"`` (which one is also logged)."""
     import ray
 
+    from plsynth.synth_service.actor import NAMESPACE
+
+    namespace = namespace or NAMESPACE
     if ray.is_initialized():
         return "existing"
     target = address or os.environ.get("RAY_ADDRESS", "")
@@ -219,6 +222,8 @@ def train_sa_st() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in ("sa-cps", "sa-st"):
+        from plsynth.errors import ExitCode
+
         sys.stderr.write("usage: python -m plsynth.training.ray_entry {sa-cps,sa-st} --config FILE [--out DIR]\n")
-        sys.exit(2)
+        sys.exit(ExitCode.USAGE)
     sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -179,7 +179,7 @@ def make_trainer(cfg: Config, out: Path, *, synth: Any = None, loop_fn: Callable
     """Build the TorchTrainer for ``cfg`` writing into ``out`` (not started).
 
     synth: a picklable SynthesisClient (the actor client) handed to every worker.
-    loop_fn: ``(cfg, out, hooks, **kw) -> result`` (default ``run_training``; tests pass a tiny loop).
+    loop_fn: ``(cfg, out, hooks, **kw) -> result`` (default ``run_training``; the synthesizer passes its own).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
