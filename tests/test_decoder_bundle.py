@@ -119,7 +119,7 @@ def test_local_synthesizer_self_mode_needs_images_and_trt_is_refused(bundle):
     images = torch.rand(2, 1, 32, 32)
     out = synth.synthesize(infection, lung, images=images, seed=0)
     assert out.shape == (2, 1, 32, 32)
-    with pytest.raises(ValueError, match="deploy engine builder"):
+    with pytest.raises(ValueError, match="TensorRT engine cache"):
         LocalSynthesizer(path, backend="trt")
 
 

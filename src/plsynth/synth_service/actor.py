@@ -92,7 +92,7 @@ def choose_backend(requested: str = "auto") -> str:
 class BundleDecoderFactory:
     """Picklable recipe that loads a synthesizer bundle inside the actor process.
 
-    ``trt``: the decoder ONNX is built into a TensorRT engine by the deploy engine builder
+    ``trt``: the decoder ONNX is built into a TensorRT engine by the engine cache
     (``plsynth.bundles.tensorrt_engine.open_trt_engine``, cached by GPU, TensorRT version, ONNX
     hash and precision); ``ort``: ONNX Runtime with CUDA when available, else CPU; ``torch``:
     the reference, on CUDA when available.

@@ -32,7 +32,7 @@ class LocalSynthesizer:
     """Runs a synthesizer bundle in this process.
 
     backend: ``torch`` (the reference) or ``ort`` (ONNX Runtime on its CPU provider, or the
-    providers given); ``trt`` belongs to the deploy engine builder and is refused here.
+    providers given); ``trt`` belongs to the engine cache (bundles.tensorrt_engine) and is refused here.
     pool_mode / k default to the bundle's (``synth.pool_mode`` / ``synth.pool_k``).
     seed: seeds the generator used by calls without their own ``seed``, so a sequence of calls
     is reproducible; a call's ``seed`` fixes its pool draw and noise on its own.
@@ -51,7 +51,7 @@ class LocalSynthesizer:
     ) -> None:
         if backend == "trt":
             raise ValueError(
-                "backend 'trt' is built by the deploy engine builder (plsynth.deploy.engines); "
+                "backend 'trt' is built by the TensorRT engine cache (plsynth.bundles.tensorrt_engine); "
                 "LocalSynthesizer runs 'torch' or 'ort'"
             )
         if backend not in ("torch", "ort"):
