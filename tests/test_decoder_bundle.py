@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +134,28 @@ def test_decode_takes_onehot_and_style_directly(bundle):
     assert out.shape == (2, 1, 32, 32) and torch.equal(out, synth.decode(inputs["onehot"], inputs["style"], noise_seed=1))
     with pytest.raises(ValueError, match="expected onehot"):
         synth.decode(inputs["onehot"][:, :3], inputs["style"])
+
+
+def test_a_rewrite_that_fails_at_the_final_rename_keeps_the_old_bundle(bundle, tmp_path, monkeypatch):
+    """The old bundle is moved aside, never deleted, until the new one is in place (was: rmtree, then rename)."""
+    import os
+    import shutil
+
+    path = shutil.copytree(bundle[0], tmp_path / "bundle")
+    before = (path / "meta.json").read_text()
+    real_replace, failed = os.replace, []
+
+    def failing_replace(src, dst):
+        if Path(dst) == path and Path(src).is_dir() and not failed:
+            failed.append(src)  # the new folder's rename fails; putting the old one back must work
+            raise OSError("disk failure during the final rename (injected)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    monkeypatch.setattr(Path, "rename", lambda self, target: failing_replace(self, target))
+    with pytest.raises(OSError, match="injected"):
+        _bundle(path)
+    monkeypatch.undo()
+    assert (path / "meta.json").read_text() == before
+    assert load_decoder_bundle(path).sha256 == bundle_sha256(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temporary left behind
