@@ -17,7 +17,7 @@ def _hu_image(values: np.ndarray) -> CTImage:
 
 def test_paper_window_maps_ends_and_midpoint_linearly() -> None:
     low, high = PAPER_WINDOW_HU
-    assert (low, high) == (-1250.0, 250.0)  # Zhang et al., section IV-A
+    assert (low, high) == (-1250.0, 250.0)  # Lyu et al., section IV-A
     hu = np.array([low, high, (low + high) / 2, low + 0.25 * (high - low)])
     unit = to_unit(_hu_image(hu))
     assert unit.dtype == np.float32 and unit.shape == (1, 1, 4)
