@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 LUNGS_DIR = "lungs"
 OVERLAYS_DIR = "overlays"
+AGREEMENT_EVERY = 4  # the second network (agreement flag only) runs on every 4th lung slice
 
 
 @dataclass
@@ -113,6 +114,8 @@ class Predictor:
         min_size_mm3: float = 10.0,
         min_size_px: int = 10,
         review_below: float = 0.8,
+        lung_box: int | None = None,
+        agreement_every: int = AGREEMENT_EVERY,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -126,6 +129,11 @@ class Predictor:
         self.min_size_mm3 = float(min_size_mm3)
         self.min_size_px = int(min_size_px)
         self.review_below = float(review_below)
+        self.lung_box = None if lung_box is None else int(lung_box)  # margin (model pixels), None: full frame
+        if agreement_every < 1:
+            raise ValueError(f"agreement_every must be >= 1, got {agreement_every}")
+        self.agreement_every = int(agreement_every)
+        self.size_multiple = 2 ** int(bundle.meta.get("config", {}).get("model", {}).get("depth", 4))
         self.versions = versions()
 
     @classmethod
@@ -190,23 +198,45 @@ class Predictor:
 
     # ------------------------------------------------------------------ core
 
-    def probabilities(self, unit: np.ndarray, lung: np.ndarray, network: str = "model") -> np.ndarray:
-        """Infection probability (z, y, x) float32 on the input grid; 0 on slices without lung."""
-        from plsynth.data.preprocess import to_input_grid, to_model_input
+    def probabilities(self, unit: np.ndarray, lung: np.ndarray, network: str = "model",
+                      slices: np.ndarray | None = None) -> np.ndarray:
+        """Infection probability (z, y, x) float32 on the input grid; 0 on slices without lung.
+
+        ``slices``: only these slice indices (default: every slice holding lung). With
+        ``lung_box`` set, each slice goes through the network as its lung box (`lung_boxes`)
+        cut from the resized frame; slices of similar box size share a batch, padded to the
+        batch's largest box; the probability outside the box is 0.
+        """
+        from plsynth.data.preprocess import lung_boxes, to_input_grid, to_model_input
 
         size = self.bundle.image_size
         engine = self.engines[network]
         z, y, x = unit.shape
         prob = np.zeros((z, y, x), np.float32)
-        with_lung = np.flatnonzero(lung.reshape(z, -1).any(axis=1))
-        for start in range(0, len(with_lung), self.batch_size):
-            idx = with_lung[start : start + self.batch_size]
+        todo = np.flatnonzero(lung.reshape(z, -1).any(axis=1))
+        if slices is not None:
+            todo = np.intersect1d(todo, slices)
+        boxes = None
+        if self.lung_box is not None and len(todo):
+            boxes = lung_boxes(lung[todo], size, self.lung_box, self.size_multiple)
+            order = np.lexsort((boxes[:, 3] - boxes[:, 2], boxes[:, 1] - boxes[:, 0]))
+            todo, boxes = todo[order], boxes[order]
+        for start in range(0, len(todo), self.batch_size):
+            idx = todo[start : start + self.batch_size]
             batch = to_model_input(unit[idx], lung[idx], size, self.bundle.lung_handling)
-            logits = engine.run(batch)
-            if logits.shape != batch.shape:
-                raise RuntimeError(f"engine {engine.name} returned shape {logits.shape} for input {batch.shape}")
-            prob[idx] = to_input_grid(sigmoid(logits[:, 0]), (y, x))
+            if boxes is None:
+                out = sigmoid(self._run(engine, batch)[:, 0])
+            else:
+                out = _run_boxes(lambda crops: self._run(engine, crops), batch, boxes[start : start + self.batch_size], size)
+            prob[idx] = to_input_grid(out, (y, x))
         return prob
+
+    @staticmethod
+    def _run(engine: Engine, batch: np.ndarray) -> np.ndarray:
+        logits = engine.run(batch)
+        if logits.shape != batch.shape:
+            raise RuntimeError(f"engine {engine.name} returned shape {logits.shape} for input {batch.shape}")
+        return logits
 
     def _mask(self, prob: np.ndarray, lung: np.ndarray, spacing: Any) -> np.ndarray:
         from plsynth.deploy import postprocess as post
@@ -226,11 +256,13 @@ class Predictor:
         infection = self._mask(self.probabilities(unit, lung, "model"), lung, image.spacing)
         result = Prediction(infection=infection, seconds_network=time.perf_counter() - started)
         if "peer" in self.engines:
-            from plsynth.metrics import dice
+            from plsynth.deploy import postprocess as post
 
             started = time.perf_counter()
-            result.peer_infection = self._mask(self.probabilities(unit, lung, "peer"), lung, image.spacing)
-            result.agreement = round(float(dice(infection, result.peer_infection)), 4)
+            sampled = agreement_slices(lung, self.agreement_every)
+            peer = self.probabilities(unit, lung, "peer", sampled)
+            result.peer_infection = post.keep_inside_lungs(post.threshold(peer, self.bundle.threshold), lung)
+            result.agreement = round(agreement_dice(infection, result.peer_infection, sampled), 4)
             result.seconds_agreement = time.perf_counter() - started
         return result
 
@@ -389,6 +421,43 @@ class Predictor:
             written.append(write_mask(prediction.infection, image, final))
             info["mask"] = final.name
         return info
+
+
+def agreement_slices(lung: np.ndarray, every: int) -> np.ndarray:
+    """Every ``every``-th slice holding lung (a systematic sample over the lung's extent)."""
+    with_lung = np.flatnonzero(np.asarray(lung).reshape(len(lung), -1).any(axis=1))
+    return with_lung[(len(with_lung) % every) // 2 :: every] if every > 1 else with_lung
+
+
+def agreement_dice(infection: np.ndarray, peer: np.ndarray, slices: np.ndarray) -> float:
+    """Dice of the two networks' masks over ``slices``: the agreement flag, estimated on a sample.
+
+    The peer's mask is thresholded and clipped to the lung field like the first network's, but
+    not cleaned of small components (on isolated slices that would judge 3D lesions by their 2D
+    cross-sections); 1.0 when both are empty there.
+    """
+    from plsynth.metrics import dice
+
+    return float(dice(infection[slices], peer[slices]))
+
+
+def _run_boxes(run: Callable[[np.ndarray], np.ndarray], frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Probabilities (b, size, size) from running ``frames`` (b, 1, size, size) cut to ``boxes``.
+
+    Every box of the batch is grown to the batch's largest height and width (more context,
+    never less), kept inside the frame.
+    """
+    from plsynth.data.preprocess import grow_box
+
+    h = int((boxes[:, 1] - boxes[:, 0]).max())
+    w = int((boxes[:, 3] - boxes[:, 2]).max())
+    corners = [(grow_box(y0, y1, size, h)[0], grow_box(x0, x1, size, w)[0]) for y0, y1, x0, x1 in boxes]
+    crops = np.stack([frames[i, :, y0 : y0 + h, x0 : x0 + w] for i, (y0, x0) in enumerate(corners)])
+    logits = run(crops)
+    out = np.zeros((len(frames), size, size), np.float32)
+    for i, (y0, x0) in enumerate(corners):
+        out[i, y0 : y0 + h, x0 : x0 + w] = sigmoid(logits[i, 0])
+    return out
 
 
 def _message(exc: BaseException) -> str:
