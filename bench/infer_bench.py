@@ -109,7 +109,7 @@ def quantize(onnx_path: Path, out: Path, calib) -> Path:
             return next(self.batches, None)
 
     pre = out.with_name(out.stem + "-pre.onnx")
-    quant_pre_process(str(onnx_path), str(pre))
+    quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)  # dynamic H/W: ONNX shape inference only
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     pre.unlink()

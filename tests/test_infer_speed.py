@@ -125,3 +125,19 @@ def test_spatially_dynamic_onnx_runs_any_multiple_of_the_depth_and_matches_torch
         with torch.inference_mode():
             ref = net(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(session.run(None, {"x": x})[0], ref, atol=1e-4)
+
+
+def test_small_components_removed_in_the_bounding_box_as_in_the_whole_volume():
+    from scipy import ndimage
+
+    from plsynth.deploy.postprocess import remove_small_components
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((40, 64, 64), bool)
+    mask[5:30, 10:50, 20:60] = rng.random((25, 40, 40)) > 0.93  # components of every size, many tiny
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(labels.ravel())
+    expected = (sizes >= 6)[labels] & mask
+    got = remove_small_components(mask, 6)
+    assert got.dtype == np.uint8 and 0 < got.sum() < mask.sum()
+    np.testing.assert_array_equal(got.astype(bool), expected)

@@ -3,15 +3,24 @@
 One volume's path from disk to mask (each forward step has its inverse beside it)::
 
     read_image (io)            -> CTImage, (z, y, x) LPS   | write_mask puts the mask back in the input's geometry
-    lung labels (data.lungs)   -> (z, y, x) 0/1/2
+    lung labels (data.lungs)   -> (z, y, x) 0/1/2, grown to the lung field (lungs.lung_field)
     to_unit (window)           -> [0, 1]
     to_model_input (preprocess)-> (z, 1, S, S)             | to_input_grid: (z, S, S) -> (z, y, x)
     engine.run in batches      -> logits -> sigmoid
     threshold (bundle tau) -> keep inside lungs -> remove small components (postprocess)
 
 Slices without any lung are not sent through the network: their mask is empty anyway, since
-infection is kept inside the lungs only. With a second network in the bundle (SA-CPS), the
-Dice between the two networks' masks is reported as a quality flag.
+infection is kept inside the lung field only. With a second network in the bundle (SA-CPS), the
+Dice between the two networks' masks is reported as a quality flag, estimated on every
+``AGREEMENT_EVERY``-th lung slice: the second network costs a quarter of the first (on 160-slice
+phantoms the estimate was within 0.013 of the all-slice Dice on average, 0.08 at worst, and
+changed no review decision; BENCHMARKS.md).
+
+``lung_box`` (a margin) runs the network on each slice's lung box cut from the resized frame
+instead of the whole frame. It is exact for networks whose receptive field fits in the margin,
+but an instance-norm U-Net trained on whole frames normalises by the whole frame's statistics,
+and on its lung box it gives other masks (BENCHMARKS.md: Dice far below 0.99), so plsynth-infer
+runs whole frames; the option is there for networks trained on lung boxes and for the benchmark.
 """
 
 from __future__ import annotations
