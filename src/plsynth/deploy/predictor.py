@@ -207,12 +207,10 @@ class Predictor:
 
     # ------------------------------------------------------------------ core
 
-    def probabilities(self, unit: np.ndarray, lung: np.ndarray, network: str = "model",
-                      slices: np.ndarray | None = None) -> np.ndarray:
+    def probabilities(self, unit: np.ndarray, lung: np.ndarray, network: str = "model") -> np.ndarray:
         """Infection probability (z, y, x) float32 on the input grid; 0 on slices without lung.
 
-        ``slices``: only these slice indices (default: every slice holding lung). With
-        ``lung_box`` set, each slice goes through the network as its lung box (`lung_boxes`)
+        With ``lung_box`` set, each slice goes through the network as its lung box (`lung_boxes`)
         cut from the resized frame; slices of similar box size share a batch, padded to the
         batch's largest box; the probability outside the box is 0.
         """
@@ -223,8 +221,6 @@ class Predictor:
         z, y, x = unit.shape
         prob = np.zeros((z, y, x), np.float32)
         todo = np.flatnonzero(lung.reshape(z, -1).any(axis=1))
-        if slices is not None:
-            todo = np.intersect1d(todo, slices)
         boxes = None
         if self.lung_box is not None and len(todo):
             boxes = lung_boxes(lung[todo], size, self.lung_box, self.size_multiple)
@@ -254,7 +250,11 @@ class Predictor:
         return post.remove_small_components(mask, post.min_voxels(self.min_size_mm3, spacing, self.min_size_px))
 
     def predict(self, image: Any, lung: np.ndarray) -> Prediction:
-        """Infection mask for one CTImage given its lung labels (z, y, x), on the input's grid."""
+        """Infection mask for one CTImage given its lung labels (z, y, x), on the input's grid.
+
+        With a peer network: ``peer_infection`` holds its mask on the sampled slices (`agreement_slices`),
+        thresholded and clipped, empty elsewhere, and ``agreement`` the Dice of the two masks there.
+        """
         from plsynth.data.window import to_unit
 
         lung = np.asarray(lung)
@@ -266,12 +266,16 @@ class Predictor:
         result = Prediction(infection=infection, seconds_network=time.perf_counter() - started)
         if "peer" in self.engines:
             from plsynth.deploy import postprocess as post
+            from plsynth.metrics import dice
 
             started = time.perf_counter()
             sampled = agreement_slices(lung, self.agreement_every)
-            peer = self.probabilities(unit, lung, "peer", sampled)
-            result.peer_infection = post.keep_inside_lungs(post.threshold(peer, self.bundle.threshold), lung)
-            result.agreement = round(agreement_dice(infection, result.peer_infection, sampled), 4)
+            peer = post.keep_inside_lungs(post.threshold(self.probabilities(unit[sampled], lung[sampled], "peer"),
+                                                         self.bundle.threshold), lung[sampled])
+            # not cleaned of small components: on isolated slices that would judge 3D lesions by their 2D sections
+            result.agreement = round(float(dice(infection[sampled], peer)), 4)
+            result.peer_infection = np.zeros_like(infection)
+            result.peer_infection[sampled] = peer
             result.seconds_agreement = time.perf_counter() - started
         return result
 
@@ -436,18 +440,6 @@ def agreement_slices(lung: np.ndarray, every: int) -> np.ndarray:
     """Every ``every``-th slice holding lung (a systematic sample over the lung's extent)."""
     with_lung = np.flatnonzero(np.asarray(lung).reshape(len(lung), -1).any(axis=1))
     return with_lung[(len(with_lung) % every) // 2 :: every] if every > 1 else with_lung
-
-
-def agreement_dice(infection: np.ndarray, peer: np.ndarray, slices: np.ndarray) -> float:
-    """Dice of the two networks' masks over ``slices``: the agreement flag, estimated on a sample.
-
-    The peer's mask is thresholded and clipped to the lung field like the first network's, but
-    not cleaned of small components (on isolated slices that would judge 3D lesions by their 2D
-    cross-sections); 1.0 when both are empty there.
-    """
-    from plsynth.metrics import dice
-
-    return float(dice(infection[slices], peer[slices]))
 
 
 def _run_boxes(run: Callable[[np.ndarray], np.ndarray], frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
