@@ -379,7 +379,7 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300, help="slices of the end-to-end volume")
-    parser.add_argument("--side-by-side", type=int, default=16, help="slices in the torch vs ORT comparison")
+    parser.add_argument("--side-by-side", type=int, default=8, help="slices in the torch vs ORT comparison")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
