@@ -20,7 +20,8 @@ changed no review decision; BENCHMARKS.md).
 instead of the whole frame. It is exact for networks whose receptive field fits in the margin,
 but an instance-norm U-Net trained on whole frames normalises by the whole frame's statistics,
 and on its lung box it gives other masks (BENCHMARKS.md: Dice far below 0.99), so plsynth-infer
-runs whole frames; the option is there for networks trained on lung boxes and for the benchmark.
+runs whole frames; the option is there for networks trained on lung boxes and for the benchmark
+(it needs the torch engine or an ONNX exported with ``export_onnx(spatial=True)``).
 """
 
 from __future__ import annotations
