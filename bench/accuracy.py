@@ -73,14 +73,14 @@ def _mean_sd(values: list[float]) -> str:
 def train_row(base: dict, row: dict) -> dict:
     """Train one table row (``row``: method, seed, trained, teacher, run) and return its final scores."""
     from plsynth.config import config_from_dict
-    from plsynth.training.run import train
+    from plsynth.training.loop import run_training
 
     cfg = config_from_dict(base, where=base.get("source") or "<accuracy>")
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, method=row["trained"], seed=row["seed"],
                                                 teacher=row["teacher"]))
     run = Path(row["run"])
     tic = time.perf_counter()
-    train(cfg, run)
+    run_training(cfg, run)
     return {"seed": row["seed"], **_final_val(run), "seconds_per_iteration": _seconds_per_iteration(run),
             "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run)}
 

@@ -146,7 +146,7 @@ def dynamic_onnx(bundle, folder: Path, calib=None) -> dict[str, dict[str, Path]]
     """The bundle's networks re-exported with dynamic height/width (fp32), and quantised (int8) with ``calib``."""
     import torch
 
-    from plsynth.deploy.export import export_onnx
+    from plsynth.bundles.onnx_export import export_onnx
 
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, dict[str, Path]] = {"fp32": {}, "int8": {}}
@@ -178,7 +178,7 @@ def run_variant(args) -> None:
 
     torch.set_num_threads(args.threads)
     from plsynth.data.io import find_cases
-    from plsynth.deploy.bundle import load_bundle
+    from plsynth.bundles.segmenter import load_bundle
 
     work = args.work
     bundle = load_bundle(work / "bundle")
@@ -210,9 +210,9 @@ def speed_section(args, work: Path, lines: list[str]) -> None:
     from plsynth.data.phantom import _nifti, _save_nifti, make_phantom
     from plsynth.data.preprocess import to_model_input
     from plsynth.data.window import window_array
-    from plsynth.deploy.bundle import load_bundle, write_bundle
+    from plsynth.bundles.segmenter import load_bundle, write_bundle
     from plsynth.deploy.engines import OrtEngine, TorchEngine
-    from plsynth.deploy.predictor import AGREEMENT_EVERY
+    from plsynth.deploy.settings import AGREEMENT_EVERY
     from plsynth.metrics import dice
     from plsynth.models.unet import UNet
 
@@ -319,7 +319,7 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
     from plsynth.data.lungs import lung_field
     from plsynth.data.preprocess import to_model_input
     from plsynth.data.window import to_unit
-    from plsynth.deploy.bundle import load_bundle
+    from plsynth.bundles.segmenter import load_bundle
     from plsynth.metrics import dice
 
     bundle = load_bundle(args.parity_bundle)

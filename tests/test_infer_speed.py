@@ -14,9 +14,9 @@ from plsynth.data.image import CTImage
 from plsynth.data.lungs import lung_field, lung_mask
 from plsynth.data.phantom import make_phantom
 from plsynth.data.preprocess import lung_boxes
-from plsynth.deploy.bundle import Bundle
+from plsynth.bundles.segmenter import Bundle
 from plsynth.deploy.engines import TorchEngine
-from plsynth.deploy.export import export_onnx
+from plsynth.bundles.onnx_export import export_onnx
 from plsynth.deploy.predictor import Predictor, agreement_slices
 from plsynth.metrics import dice
 

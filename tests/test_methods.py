@@ -259,7 +259,6 @@ def test_semiseg_cpu_preset_is_small_and_capped():
 def test_train_entry_point_on_phantoms_leaves_a_bundle_that_plsynth_eval_scores(tmp_path):
     """The real path: build_splits on generated phantoms -> train -> DIR/bundle -> evaluate_bundle."""
     from plsynth.training.evaluate import evaluate_bundle
-    from plsynth.training.run import train
 
     cfg = Config(
         data=DataConfig(layout="phantom", phantom_n=3, phantom_shape=(8, 48, 48), image_size=32,
@@ -267,7 +266,7 @@ def test_train_entry_point_on_phantoms_leaves_a_bundle_that_plsynth_eval_scores(
         model=UNetConfig(width=4, depth=2),
         train=TrainConfig(method="baseline", epochs=2, batch_labeled=4, batch_unlabeled=4, threads=1),
     )
-    bundle = train(cfg, tmp_path / "run")
+    bundle = run_training(cfg, tmp_path / "run").bundle
     assert bundle == tmp_path / "run" / "bundle" and (bundle / "model.onnx").is_file()
     meta = json.loads((bundle / "meta.json").read_text())
     assert meta["method"] == "baseline" and meta["metrics"]["selected"] == "best"

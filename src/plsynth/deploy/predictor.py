@@ -12,7 +12,7 @@ One volume's path from disk to mask (each forward step has its inverse beside it
 Slices without any lung are not sent through the network: their mask is empty anyway, since
 infection is kept inside the lung field only. With a second network in the bundle (SA-CPS), the
 Dice between the two networks' masks is reported as a quality flag, estimated on every
-``AGREEMENT_EVERY``-th lung slice: the second network costs a quarter of the first (on 160-slice
+``settings.AGREEMENT_EVERY``-th lung slice: the second network costs a quarter of the first (on 160-slice
 phantoms the estimate was within 0.013 of the all-slice Dice on average, 0.08 at worst, and
 changed no review decision; BENCHMARKS.md).
 
@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 
 from plsynth.data.lungs import lung_field
-from plsynth.deploy.bundle import Bundle, load_bundle, versions
+from plsynth.bundles.files import versions
+from plsynth.bundles.segmenter import Bundle, load_bundle
+from plsynth.deploy import settings
 from plsynth.deploy.engines import Engine, available_ort_providers, open_engine, resolve_engine, wants_gpu
 from plsynth.errors import InputError
 
@@ -45,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 LUNGS_DIR = "lungs"
 OVERLAYS_DIR = "overlays"
-AGREEMENT_EVERY = 4  # the second network (agreement flag only) runs on every 4th lung slice
 
 
 @dataclass
@@ -118,14 +119,14 @@ class Predictor:
         self,
         bundle: Bundle,
         engines: dict[str, Engine],
-        batch_size: int = 8,
-        lung_backend: str = "bundle",
+        batch_size: int = settings.BATCH_SIZE,
+        lung_backend: str = settings.LUNG_BACKEND,
         lung_fn: Callable[[Any], np.ndarray] | None = None,
-        min_size_mm3: float = 10.0,
-        min_size_px: int = 10,
-        review_below: float = 0.8,
+        min_size_mm3: float = settings.MIN_SIZE_MM3,
+        min_size_px: int = settings.MIN_SIZE_PX,
+        review_below: float = settings.REVIEW_BELOW,
         lung_box: int | None = None,
-        agreement_every: int = AGREEMENT_EVERY,
+        agreement_every: int = settings.AGREEMENT_EVERY,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -152,9 +153,9 @@ class Predictor:
         path: str | Path,
         engine: str = "auto",
         device: str = "auto",
-        batch_size: int = 8,
+        batch_size: int = settings.BATCH_SIZE,
         allow_fallback: bool = False,
-        lung_backend: str = "bundle",
+        lung_backend: str = settings.LUNG_BACKEND,
         agreement: bool = True,
         threads: int | None = None,
         fp16: bool = False,
@@ -175,7 +176,7 @@ class Predictor:
             available_providers if available_providers is not None else available_ort_providers()
         )
         if resolved == "trt" or ort_trt:
-            from plsynth.deploy.tensorrt_engine import resolve_cache_dir
+            from plsynth.bundles.tensorrt_engine import resolve_cache_dir
 
             cache_dir = resolve_cache_dir(bundle.path)
         engines = {}
