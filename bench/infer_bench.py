@@ -40,6 +40,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -135,9 +136,10 @@ def quantize(onnx_path: Path, out: Path, calib) -> Path:
             return next(self.batches, None)
 
     pre = out.with_name(out.stem + "-pre.onnx")
-    quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)  # dynamic H/W: ONNX shape inference only
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    with contextlib.chdir(out.parent):  # ORT's quantisation tools leave temporaries in the working folder
+        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)  # dynamic H/W: ONNX shape inference only
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     pre.unlink()
     return out
 
