@@ -31,6 +31,7 @@ Also: torch eager vs ORT on the same prepared 512x512 slices (``--side-by-side``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -40,7 +41,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import contextlib
 import tempfile
 import time
 from pathlib import Path
