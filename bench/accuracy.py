@@ -10,7 +10,10 @@ teacher run must exist (list it first, or run it in an earlier call with the sam
 
 Every run uses ``train.bundle_from=last`` and reports the validation Dice / NSD of its *final*
 checkpoint (the last row of val.csv, at the fixed iteration count), so no run is picked by its
-validation score (no selection bias). Runs go to ``OUT/<method>-s<seed>/`` (each with its
+validation score (no selection bias); ``train.bundle_from=last`` is applied after ``--set``, so
+it cannot be overridden. With ``train.val_every_iters`` the runs leave a curve (val.csv,
+curves.png), and the table says which runs plateaued: validation Dice over the last quarter of
+the budget within ``PLATEAU_TOLERANCE`` of the final value. Runs go to ``OUT/<method>-s<seed>/`` (each with its
 bundle) and ``OUT/<method>/bundle`` links to the first seed's bundle. The SA-CPS synthesizer is
 the config's ``synth.bundle`` when it exists, else it is trained once into ``OUT/synthesizer``
 on the same split's labeled slices. All runs share one preprocessed slice cache
@@ -45,13 +48,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+PLATEAU_TOLERANCE = 0.02  # val Dice: the last quarter of a curve within this of its final value counts as a plateau
+
+
+def plateaued(curve: list[tuple[int, float]], tolerance: float = PLATEAU_TOLERANCE) -> bool | None:
+    """Whether every validation Dice of the last quarter of the run (``(step, dice)`` pairs, steps
+    >= 3/4 of the final step) lies within ``tolerance`` of the final one; None with fewer than
+    two points there (validate more often: ``train.val_every_iters``)."""
+    final_step, final = curve[-1]
+    tail = [dice for step, dice in curve if step >= 0.75 * final_step]
+    if len(tail) < 2:
+        return None
+    return max(abs(dice - final) for dice in tail) <= tolerance
+
+
 def _final_val(run: Path) -> dict:
+    """The final checkpoint's scores (the last row of val.csv: no selection) and the curve."""
     with open(run / "val.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
         raise RuntimeError(f"{run}/val.csv has no validation rows; the benchmark needs a validation split")
     last = rows[-1]
-    return {"step": int(last["step"]), "dice": float(last["dice"]), "nsd": float(last["nsd"]), "cases": int(last["cases"])}
+    curve = [(int(r["step"]), float(r["dice"])) for r in rows]
+    return {"step": int(last["step"]), "dice": float(last["dice"]), "nsd": float(last["nsd"]), "cases": int(last["cases"]),
+            "curve": curve, "plateaued": plateaued(curve)}
 
 
 def _seconds_per_iteration(run: Path) -> float:
@@ -73,7 +93,7 @@ def _mean_sd(values: list[float]) -> str:
 def train_row(base: dict, row: dict) -> dict:
     """Train one table row (``row``: method, seed, trained, teacher, run) and return its final scores."""
     from plsynth.config import config_from_dict
-    from plsynth.training.run import train
+    from plsynth.training.loop import train
 
     cfg = config_from_dict(base, where=base.get("source") or "<accuracy>")
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, method=row["trained"], seed=row["seed"],
@@ -110,7 +130,7 @@ def tune_rows(base, rows: list[dict], out: Path, name: str, cpus: float) -> list
     grid = tuner.fit()
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} Tune trial(s) of {name} failed; first: {grid.errors[0]}")
-    by_run = {r.metrics["run"]: {k: r.metrics[k] for k in ("seed", "step", "dice", "nsd", "cases",
+    by_run = {r.metrics["run"]: {k: r.metrics[k] for k in ("seed", "step", "dice", "nsd", "cases", "curve", "plateaued",
                                                             "seconds_per_iteration", "wall_seconds", "run")}
               for r in grid}
     return [by_run[row["run"]] for row in rows]
@@ -135,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    overrides = [f"data.cache_dir={out / 'cache'}", "train.bundle_from=last", *args.overrides]
+    # bundle_from=last after the user's overrides: the bundle is the scored final checkpoint, never best.pt
+    overrides = [f"data.cache_dir={out / 'cache'}", *args.overrides, "train.bundle_from=last"]
     base = load_config(args.config, overrides)
     if any(m.startswith("sa-") for m in args.methods):
         synth_bundle = Path(base.synth.bundle) if base.synth.bundle else None
@@ -203,13 +224,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{base.train.tolerance_mm} {'mm' if base.data.layout not in ('semiseg',) else 'pixel'} "
         "(slices without spacing use pixels).",
         "",
-        "| method | seeds | val DSC (mean +- sd) | val NSD (mean +- sd) | s / iteration (median) |",
-        "|---|---|---|---|---|",
+        f"Plateaued: runs whose validation Dice over the last quarter of the budget stayed within "
+        f"{PLATEAU_TOLERANCE} of the final value (validation every {base.train.val_every_iters or 'epoch'} "
+        "iterations; `?`: fewer than two validations there).",
+        "",
+        "| method | seeds | val DSC (mean +- sd) | val NSD (mean +- sd) | plateaued | s / iteration (median) |",
+        "|---|---|---|---|---|---|",
     ]
     for method, rows in results.items():
+        flags = [r.get("plateaued") for r in rows]
+        plateau = "?" if None in flags else f"{sum(flags)}/{len(flags)}"
         lines.append(
             f"| {method} | {len(rows)} | {_mean_sd([r['dice'] for r in rows])} | {_mean_sd([r['nsd'] for r in rows])} "
-            f"| {statistics.median(r['seconds_per_iteration'] for r in rows):.3f} |"
+            f"| {plateau} | {statistics.median(r['seconds_per_iteration'] for r in rows):.3f} |"
         )
     if any(m in SELF_TRAINING for m in results):
         lines += ["", "Teachers: `st` and `sa-st` learn from the same seed's `baseline` run, `sa-st-cps` (the paper's "

@@ -2,7 +2,7 @@
 reported through Ray Train, and a worker that dies mid-run resuming from its checkpoint.
 
 The training function here is a tiny loop with the same contract as
-`plsynth.training.loop.run_training` (cfg, out, hooks) -- real DDP, real SGD on a real
+`plsynth.training.loop.train` (cfg, out, hooks) -- real DDP, real SGD on a real
 linear network -- so that the test takes seconds on 2 CPUs; the real loop runs end to end
 through the entry points in test_ray_jobs.py.
 """
@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("ray.train.torch")
 
 from plsynth.config import Config, RayConfig  # noqa: E402
-from plsynth.training.ray_train import fit  # noqa: E402
+from plsynth.training.ray_train import train_on_ray  # noqa: E402
 
 pytestmark = pytest.mark.ray
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -32,7 +32,7 @@ REPORT_EVERY = 2
 
 
 def tiny_loop(cfg, out, hooks):
-    """Same shape as run_training: resume from out/last.pt, checkpoint + report every REPORT_EVERY steps."""
+    """Same shape as train: resume from out/last.pt, checkpoint + report every REPORT_EVERY steps."""
     torch.set_num_threads(1)
     torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -75,7 +75,7 @@ def ddp_run_with_one_crash(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("ray-train")
     cfg = Config(name="tiny", ray=RayConfig(num_workers=2, cpus_per_worker=0.5, max_failures=2))
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, method="cps"))
-    result = fit(cfg, out, loop_fn=tiny_loop, fail_after_reports=1, fail_marker=str(out / "crashed"))
+    result = train_on_ray(cfg, out, loop_fn=tiny_loop, fail_after_reports=1, fail_marker=str(out / "crashed"))
     return out, result
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from plsynth.training.methods import pseudo_label
-from plsynth.training.schedule import step_seed
+from plsynth.training.schedule import Stream, step_seed
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def make_offline_set(
 
     teacher: a U-Net (logits); put in eval mode here. unlabeled: a dataset of slice items
     ("image" (1,S,S), "lung" (S,S)). synth_client: a `SynthesisClient` or None (plain ST).
-    Synthesis of batch b uses seed ``step_seed(seed, b, 5)``, so the set is reproducible and a
-    resumed build gives the same files. Returns the `OfflineSet` reading the stored shards.
+    Synthesis of batch b uses seed ``step_seed(seed, b, Stream.OFFLINE_SYNTHESIS)``, so the set is
+    reproducible and a resumed build gives the same files. Returns the `OfflineSet` reading the stored shards.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,8 @@ def make_offline_set(
             with torch.no_grad():
                 pseudo = pseudo_label(teacher(image), tau, lung if pseudo_in_lung else None)
                 if synth_client is not None:
-                    drawn = synth_client.synthesize(pseudo, lung, images=image, seed=step_seed(seed, b0 // batch_size, 5))
+                    seed_b = step_seed(seed, b0 // batch_size, Stream.OFFLINE_SYNTHESIS)
+                    drawn = synth_client.synthesize(pseudo, lung, images=image, seed=seed_b)
                     synthetic_parts.append(drawn[:, 0].float().clamp(0, 1).cpu().numpy().astype(np.float16))
             pseudo_parts.append(pseudo[:, 0].cpu().numpy().astype(np.uint8))
         pseudo_array = np.concatenate(pseudo_parts)
