@@ -3,6 +3,8 @@
     python bench/accuracy.py --out runs/bench-accuracy                     # semiseg-cpu, baseline/cps/sa-cps, seeds 0 1 2
     python bench/accuracy.py --out /tmp/b --config configs/phantom-smoke.yaml --seeds 0 1
     python bench/accuracy.py --out runs/bench-accuracy --methods st sa-st sa-st-cps --seeds 0
+    python bench/accuracy.py --out runs/bench-gpu --preset gpu     # semiseg-gpu: CUDA, AMP, 256 px, 4000 iterations
+    python bench/accuracy.py --out runs/bench-gpu --preset gpu --dry-run   # the plan as JSON, nothing trained
 
 Self-training rows take their teacher from the same seed's run in OUT: ``st`` and ``sa-st`` from
 ``baseline-s<seed>``, ``sa-st-cps`` (the paper's "SA-ST (+SA-CPS)") from ``sa-cps-s<seed>``; the
@@ -46,6 +48,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PRESETS = {"cpu": REPO / "configs" / "semiseg-cpu.yaml", "gpu": REPO / "configs" / "semiseg-gpu.yaml"}
 
 
 PLATEAU_TOLERANCE = 0.02  # val Dice: the last quarter of a curve within this of its final value counts as a plateau
@@ -139,16 +142,24 @@ def tune_rows(base, rows: list[dict], out: Path, name: str, cpus: float) -> list
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "semiseg-cpu.yaml")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="cpu: configs/semiseg-cpu.yaml; gpu: configs/semiseg-gpu.yaml (CUDA, AMP, 256 px)")
+    parser.add_argument("--config", type=Path, default=None, help="a config instead of the preset's")
     parser.add_argument("--methods", nargs="+", default=["baseline", "cps", "sa-cps"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override, repeatable")
-    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "accuracy.md")
+    parser.add_argument("--results", type=Path, default=None, help="default bench/results/accuracy.md "
+                        "(--preset gpu: accuracy-gpu.md)")
     parser.add_argument("--tune", action="store_true", help="run the runs as Ray Tune trials (see the docstring)")
     parser.add_argument("--address", default="", help="with --tune: the Ray cluster to join")
     parser.add_argument("--trial-cpus", type=float, default=0.0, help="with --tune: CPUs per trial "
                         "(default train.threads or 1)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (config, device, rows) as JSON "
+                        "and exit without training")
     args = parser.parse_args(argv)
+    args.config = args.config or PRESETS[args.preset]
+    args.results = args.results or REPO / "bench" / "results" / ("accuracy.md" if args.preset == "cpu" else
+                                                                   f"accuracy-{args.preset}.md")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from plsynth.config import load_config
@@ -158,18 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     # bundle_from=last after the user's overrides: the bundle is the scored final checkpoint, never best.pt
     overrides = [f"data.cache_dir={out / 'cache'}", *args.overrides, "train.bundle_from=last"]
     base = load_config(args.config, overrides)
-    if any(m.startswith("sa-") for m in args.methods):
-        synth_bundle = Path(base.synth.bundle) if base.synth.bundle else None
-        if synth_bundle is None or not (synth_bundle / "meta.json").is_file():
-            from plsynth.training.synthesizer import train_synthesizer
-
-            synth_out = out / "synthesizer"
-            if not (synth_out / "bundle" / "meta.json").is_file():
-                logging.info("training the synthesizer once for all SA-CPS runs: %s", synth_out)
-                train_synthesizer(base, synth_out)
-            synth_bundle = synth_out / "bundle"
-        base = base.replace(synth=dataclasses.replace(base.synth, bundle=str(synth_bundle)))
-
     command = (f"python bench/accuracy.py --out {args.out} --config {args.config} --methods {' '.join(args.methods)} "
                f"--seeds {' '.join(map(str, args.seeds))}" + "".join(f" --set {o}" for o in args.overrides)
                + (" --tune" if args.tune else ""))
@@ -190,6 +189,30 @@ def main(argv: list[str] | None = None) -> int:
                 and not (Path(row["teacher"]) / "meta.json").is_file():
             parser.error(f"{row['method']} needs its teacher {row['teacher']}: run {row['teacher_row']} with seed "
                          f"{row['seed']} first")
+    synth_bundle = Path(base.synth.bundle) if base.synth.bundle else None
+    train_synth = any(m.startswith("sa-") for m in args.methods) and not (synth_bundle and
+                                                                          (synth_bundle / "meta.json").is_file())
+    if args.dry_run:
+        t = base.train
+        print(json.dumps({
+            "config": str(args.config), "command": command, "device": t.device, "amp": t.amp,
+            "image_size": base.data.image_size, "model_width": base.model.width,
+            "batch": [t.batch_labeled, t.batch_unlabeled], "epochs": t.epochs, "max_iters": t.max_iters,
+            "val_every_iters": t.val_every_iters, "bundle_from": t.bundle_from, "cache_dir": base.data.cache_dir,
+            "synthesizer": str(out / "synthesizer") if train_synth else (str(synth_bundle) if synth_bundle else None),
+            "train_synthesizer": train_synth, "rows": rows, "results": str(args.results),
+        }, indent=2))
+        return 0
+    if any(m.startswith("sa-") for m in args.methods):
+        if train_synth:
+            from plsynth.training.synthesizer import train_synthesizer
+
+            synth_out = out / "synthesizer"
+            if not (synth_out / "bundle" / "meta.json").is_file():
+                logging.info("training the synthesizer once for all SA-CPS runs: %s", synth_out)
+                train_synthesizer(base, synth_out)
+            synth_bundle = synth_out / "bundle"
+        base = base.replace(synth=dataclasses.replace(base.synth, bundle=str(synth_bundle)))
     if args.tune:
         from plsynth.training.ray_entry import connect_ray
 

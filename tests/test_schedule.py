@@ -51,3 +51,14 @@ def test_validation_every_n_iterations_ends_with_the_final_one():
     assert [d for d in range(1, 26) if validates_after(d, 25, 10, 4)] == [4, 8, 12, 16, 20, 24, 25]
     # 0: at the end of every epoch, and the last (short) epoch's end
     assert [d for d in range(1, 26) if validates_after(d, 25, 10, 0)] == [10, 20, 25]
+
+
+def test_seed_streams_are_named_distinct_and_keep_their_values():
+    from plsynth.training.schedule import Order, Stream, step_seed
+
+    # the values are part of every run's numbers: changing one changes the losses of every run
+    assert {s.name: int(s) for s in Stream} == {"AUGMENT": 0, "SYNTHESIS": 1, "NETWORK_INIT": 3,
+                                                "OFFLINE_SYNTHESIS": 5}
+    assert {s.name: int(s) for s in Order} == {"LABELED": 1, "UNLABELED": 2}
+    seeds = {step_seed(7, 4, s) for s in Stream}
+    assert len(seeds) == len(Stream)  # one step, four different draws

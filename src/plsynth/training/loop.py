@@ -9,7 +9,7 @@
                      backward, SGD step on every network, log.csv row
         _after_step: every train.val_every_iters validate (DSC, NSD; val.csv, curves.png), best.pt;
                      last.pt every train.checkpoint_every and at each epoch's end (then report)
-    finish: write DIR/bundle from best.pt (or last.pt) with deploy.bundle.write_bundle
+    then (train): write DIR/bundle from best.pt (or last.pt) with deploy.bundle.write_bundle
 
 Under Ray Train only the hooks differ (`TrainHooks`: device, prepare_model, report, is_main,
 broadcast). Data parallel: each of N workers takes its 1/N share of every global batch
@@ -19,9 +19,10 @@ same parameters within float tolerance) doing 1/N of the work each. Rank 0 reads
 and broadcasts it, so a run started with N workers resumes with any M.
 
 Every random choice of a step (batch order, flips, angles, the synthesizer's pool draw and
-noise) is derived from (seed, step) through the named streams of `schedule.Stream`, and the global RNG states are checkpointed too, so a run
-killed after step t and resumed from its last checkpoint reproduces the losses of a run that
-was never interrupted (same machine, same thread count).
+noise) is derived from (seed, step) through the named streams of `schedule.Stream`, and the
+global RNG states are checkpointed too, so a run killed after step t and resumed from its last
+checkpoint reproduces the losses of a run that was never interrupted (same machine, same thread
+count).
 """
 
 from __future__ import annotations
