@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers:
         result = scaling(cfg, out, args.workers, args.method, args.iters)
         lines = write_scaling(result, cfg, "python bench/ray_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-        return _write_results("ray_scaling", lines, result)
+        return write_results("ray_scaling", lines, result)
     bundle = untrained_bundle(cfg, out / "synth")
     cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, bundle=str(bundle)))
     data = build_splits(cfg, out / "data-run")
@@ -271,12 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Actor counters: {a and results['actor_stats']['requests']} requests, {results['actor_stats']['slices']} slices, "
         f"{results['actor_stats']['decode_calls']} decoder calls, mean batch {results['actor_stats']['mean_batch']:.1f}.",
     ]
-    return _write_results("ray_bench", lines, results)
+    return write_results("ray_bench", lines, results)
 
 
-def _write_results(name: str, lines: list[str], data: dict) -> int:
-    """bench/results/<name>.md (the table) and .json (everything), and the table on stdout."""
-    target = REPO / "bench" / "results"
+def write_results(name: str, lines: list[str], data: dict, target: Path = REPO / "bench" / "results") -> int:
+    """<target>/<name>.md (the table) and .json (everything), and the table on stdout."""
     target.mkdir(parents=True, exist_ok=True)
     (target / f"{name}.md").write_text("\n".join(lines) + "\n")
     (target / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))

@@ -45,6 +45,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+from ray_bench import write_results  # noqa: E402
 VARIANTS = ("default", "threads-2", "channels-last", "compile")
 
 
@@ -240,12 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         i = results["interop"]
         lines.append(f"- inter-op threads 1 vs torch's default ({i['default_interop_threads']}), baseline, separate "
                      f"processes alternating: wall ratio {i['wall_ratio_interop1_to_default']:.2f}.")
-    lines.append("")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text("\n".join(lines))
-    args.results.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print("\n".join(lines))
-    return 0
+    return write_results(args.results.stem, lines, record, args.results.parent)
 
 
 if __name__ == "__main__":
