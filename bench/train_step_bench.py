@@ -85,10 +85,11 @@ def time_steps(run, first: int, n: int, threads: int) -> list[tuple[float, float
     return times
 
 
-def bench_method(cfg, method: str, out: Path, data, synth, rounds: int, steps: int) -> dict:
+def bench_method(cfg, method: str, out: Path, data, synth, rounds: int, steps: int,
+                 variants: tuple[str, ...] = VARIANTS) -> dict:
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, method=method, threads=1, max_iters=10**6, epochs=100))
     runs, compile_s, step = {}, None, 0
-    for variant in VARIANTS:
+    for variant in variants:
         runs[variant] = make_run(cfg, out / f"{method}-{variant}", data, synth if method != "baseline" else None,
                                  variant)
     # one warm-up step each (allocator, ORT session); for compile this is the compilation
@@ -110,14 +111,14 @@ def bench_method(cfg, method: str, out: Path, data, synth, rounds: int, steps: i
     for run in runs.values():
         run.close()
     result = {"compile_s": compile_s, "steps_per_round": steps, "rounds": rounds, "variants": {}}
-    for variant in VARIANTS:
+    for variant in variants:
         walls = [w for times in per_round for w, _ in times[variant]]
         cpus = [c for times in per_round for _, c in times[variant]]
         ratios = [statistics.median(w for w, _ in times[variant]) / statistics.median(w for w, _ in times["default"])
                   for times in per_round]
         result["variants"][variant] = {"wall_s_median": statistics.median(walls), "cpu_s_median": statistics.median(cpus),
                                        "wall_ratio_to_default": statistics.median(ratios), "ratios_by_round": ratios}
-    result["compile_break_even_steps"] = _break_even(result)
+    result["compile_break_even_steps"] = _break_even(result) if compile_s is not None else None
     return result
 
 
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["baseline", "sa-cps"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", nargs="+", default=["baseline=6", "sa-cps=2"], help="METHOD=steps per round")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="default is always measured (the ratios' reference)")
     parser.add_argument("--interop", action="store_true", help="also compare inter-op threads 1 vs default")
     parser.add_argument("--synth-bundle", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "train_step_bench")
@@ -197,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, bundle=str(bundle)))
         synth = make_synthesis_client(cfg)
     steps = dict(s.split("=") for s in args.steps)
-    results = {m: bench_method(cfg, m, out, data, synth, args.rounds, int(steps.get(m, 2))) for m in args.methods}
+    variants = ("default", *[v for v in args.variants if v != "default"])
+    results = {m: bench_method(cfg, m, out, data, synth, args.rounds, int(steps.get(m, 2)), variants)
+               for m in args.methods}
     if args.interop:
         child_argv = [a for a in argv if a != "--interop"]
         results["interop"] = bench_interop(child_argv, args.rounds, int(steps.get("baseline", 6)))
@@ -233,10 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     for method in args.methods:
         r = results[method]
-        lines.append(f"- {method}: compilation (first compiled step) {r['compile_s']:.1f} s; "
-                     + (f"pays back after ~{r['compile_break_even_steps']} steps"
-                        if r["compile_break_even_steps"] is not None else "a compiled step is not faster")
-                     + f"; {r['rounds']} rounds x {r['steps_per_round']} steps per variant.")
+        compiled = "" if r["compile_s"] is None else (
+            f"compilation (first compiled step) {r['compile_s']:.1f} s, "
+            + (f"pays back after ~{r['compile_break_even_steps']} steps; " if r["compile_break_even_steps"] is not None
+               else "a compiled step is not faster; "))
+        lines.append(f"- {method}: {compiled}{r['rounds']} rounds x {r['steps_per_round']} steps per variant.")
     if "interop" in results:
         i = results["interop"]
         lines.append(f"- inter-op threads 1 vs torch's default ({i['default_interop_threads']}), baseline, separate "

@@ -287,3 +287,17 @@ def test_validation_every_n_iterations_makes_a_curve_in_val_csv_and_curves_png(t
     rows = (tmp_path / "val.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["step", "4", "8", "9"]
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_compiled_steps_follow_the_eager_losses_and_checkpoints_hold_the_plain_networks(tmp_path):
+    def losses(out):
+        return [float(r.split(",")[3]) for r in (out / "log.csv").read_text().splitlines()[1:]]
+
+    eager = train(_cfg("cps", epochs=1), tmp_path / "eager", data=tiny_splits(), write_bundle=False)
+    compiled = train(_cfg("cps", epochs=1, compile=True), tmp_path / "compiled", data=tiny_splits(), write_bundle=False)
+    assert len(losses(tmp_path / "compiled")) == 3
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+    assert compiled.last_val["dice"] == pytest.approx(eager.last_val["dice"], abs=1e-3)
+    state = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)
+    assert not any("_orig_mod" in k for net in state["networks"].values() for k in net)

@@ -182,6 +182,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0  # DataLoader workers
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # torch.compile the networks of the step (inductor): 0.5-0.65x the step time at the CPU preset,
+    # after a compilation of ~3 min on a loaded 2-core machine (BENCHMARKS.md), so it pays for long
+    # runs only; checkpoints and bundles hold the plain networks either way.
+    compile: bool = False
     pseudo_in_lung: bool = True  # zero pseudo-infection outside the lung mask (cps, sa-cps, st, sa-st)
     checkpoint_every: int = 0  # iterations between last.pt saves; 0 saves at the end of each epoch only
     bundle_from: Literal["best", "last"] = "best"  # which checkpoint becomes DIR/bundle ("last": benchmarks)

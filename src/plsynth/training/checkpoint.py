@@ -33,7 +33,7 @@ from plsynth.errors import InputError
 # Keys whose change does not alter the optimisation of a resumed run (``train.val_every``: the
 # name of ``train.val_every_iters`` in checkpoints written before 2026-12-02).
 RESUME_IGNORED = {"source", "name", "train.val_every", "train.val_every_iters", "train.threads", "train.num_workers",
-                  "train.bundle_from", "train.checkpoint_every", "train.device", "ray"}
+                  "train.bundle_from", "train.checkpoint_every", "train.device", "train.compile", "ray"}
 
 
 def rng_state() -> dict[str, Any]:

@@ -413,6 +413,8 @@ def _setup(cfg: Config, out: Path, hooks: TrainHooks, data: Any, synth: Any, tea
                best={"dice": -1.0, "step": -1}, last_val={})
     _resume(run)
     run.prepared = {k: hooks.prepare_model(v) for k, v in nets.items()}
+    if t.compile:  # only what the step runs; validation and checkpoints use the plain networks
+        run.prepared = {k: torch.compile(v) for k, v in run.prepared.items()}
     run.step_fn = step_function(t)
     run.make_batch = BatchMaker(cfg, data.labeled, unlabeled, plan, device, rank=hooks.rank,
                                 world_size=hooks.world_size)
