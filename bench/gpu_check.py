@@ -77,7 +77,7 @@ def preset(cpu_smoke: bool) -> Config:
 
 def environment() -> dict[str, Any]:
     from plsynth.deploy.engines import available_ort_providers
-    from plsynth.deploy.tensorrt_engine import tensorrt_status
+    from plsynth.bundles.tensorrt_engine import tensorrt_status
 
     cuda = torch.cuda.is_available()
     trt_ok, trt_reason = tensorrt_status()
@@ -137,7 +137,7 @@ def train_methods(cfg: Config, out: Path, device: str, data, synth_bundle: Path,
 
 def throughput(cfg: Config, device: str, synth_bundle: Path, amps: list[str]) -> dict:
     from plsynth.models.unet import UNet
-    from plsynth.synth_service.decoder_bundle import load_decoder_bundle, parity_inputs
+    from plsynth.bundles.synthesizer import load_decoder_bundle, parity_inputs
 
     s, batch = cfg.data.image_size, 16
     net = UNet(cfg.model).to(device).eval()
@@ -170,19 +170,20 @@ def _engines(onnx: Path, env: dict) -> list[tuple[str, Callable[[], Any]]]:
         found.append(("ort-cuda", lambda: OrtEngine(onnx, ["CUDAExecutionProvider"], gpu_required=True,
                                                     allow_fallback=False)))
     if env["tensorrt"] and torch.cuda.is_available():
-        from plsynth.deploy.tensorrt_engine import open_trt_engine
+        from plsynth.bundles.tensorrt_engine import open_trt_engine
 
         found.append(("tensorrt-fp32", lambda: open_trt_engine(onnx, batch_size=8, fp16=False)))
     return found
 
 
 def segmenter_parity(bundle_path: str, device: str, env: dict) -> dict:
-    from plsynth.deploy.bundle import load_bundle
-    from plsynth.deploy.export import mask_dice, phantom_slices
+    from plsynth.bundles.onnx_export import parity_slices
+    from plsynth.bundles.segmenter import load_bundle
+    from plsynth.metrics import dice
 
     bundle = load_bundle(bundle_path)
     net = bundle.torch_networks(device)["model"]
-    x = phantom_slices(bundle.image_size, count=8).astype(np.float32)
+    x = parity_slices(bundle.image_size, bundle.window_hu, bundle.lung_handling).astype(np.float32)
     with torch.inference_mode():
         expected = net(torch.from_numpy(x).to(device)).float().cpu().numpy()
     rows = {}
@@ -191,7 +192,7 @@ def segmenter_parity(bundle_path: str, device: str, env: dict) -> dict:
             engine = opener()
             got = np.asarray(engine.run(x), dtype=np.float32)
             rows[name] = {"max_abs_logit_diff": float(np.abs(got - expected).max()),
-                          "mask_dice_vs_torch": float(mask_dice(got > 0, expected > 0)),
+                          "mask_dice_vs_torch": float(dice(got[:, 0] > 0, expected[:, 0] > 0)),
                           "slices_per_s": len(x) / _timed(lambda: engine.run(x), "cpu", repeats=3)}
         except Exception as exc:  # noqa: BLE001 - a check reports, it does not stop
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -199,7 +200,7 @@ def segmenter_parity(bundle_path: str, device: str, env: dict) -> dict:
 
 
 def decoder_parity(synth_bundle: Path, device: str, env: dict) -> dict:
-    from plsynth.synth_service.decoder_bundle import load_decoder_bundle, parity_inputs
+    from plsynth.bundles.synthesizer import load_decoder_bundle, parity_inputs
 
     bundle = load_decoder_bundle(synth_bundle, device=device)
     decoder = bundle.decoder.eval()

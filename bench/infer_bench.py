@@ -44,7 +44,7 @@ def main() -> None:
     from plsynth.data.phantom import _nifti, _save_nifti, make_phantom
     from plsynth.data.preprocess import to_model_input
     from plsynth.data.window import window_array
-    from plsynth.deploy.bundle import load_bundle, write_bundle
+    from plsynth.bundles.segmenter import load_bundle, write_bundle
     from plsynth.deploy.engines import OrtEngine, TorchEngine
     from plsynth.deploy.predictor import Predictor
     from plsynth.models.unet import UNet

@@ -69,8 +69,8 @@ class StepTimer(TrainHooks):
 
 def untrained_bundle(cfg, path: Path) -> Path:
     from plsynth.models.sean import build_synthesizer
-    from plsynth.synth_service.decoder_bundle import write_decoder_bundle
-    from plsynth.synth_service.style_pool import StylePool
+    from plsynth.bundles.synthesizer import write_decoder_bundle
+    from plsynth.bundles.style_pool import StylePool
 
     if (path / "meta.json").is_file():
         return path

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from plsynth.config import load_config
     from plsynth.data.datasets import build_splits
-    from plsynth.deploy.bundle import load_bundle
+    from plsynth.bundles.segmenter import load_bundle
     from plsynth.synth_service.local import LocalSynthesizer
     from plsynth.training.methods import pseudo_label
 

@@ -64,7 +64,7 @@ def main() -> None:
 
     from plsynth.config import Config, SynthConfig, load_config
     from plsynth.models.sean import build_synthesizer, fold_spectral_norm
-    from plsynth.synth_service.decoder_bundle import export_decoder_onnx, ort_session, parity_inputs
+    from plsynth.bundles.synthesizer import export_decoder_onnx, ort_session, parity_inputs
     from plsynth.torch_setup import flush_denormals
 
     flush_denormals()  # as every plsynth entry point that runs networks does

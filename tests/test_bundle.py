@@ -10,28 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from plsynth.config import Config, DataConfig, UNetConfig, config_from_dict
-from plsynth.deploy.bundle import load_bundle, sha256_file, write_bundle
+from _fixtures import tiny_config, tiny_unet, write_tiny_bundle
+from plsynth.bundles.files import sha256_file
+from plsynth.bundles.segmenter import load_bundle, write_bundle
+from plsynth.config import config_from_dict
 from plsynth.errors import BundleError
-from plsynth.models.unet import UNet
-
-
-def tiny_config(size: int = 32) -> Config:
-    return Config(data=DataConfig(image_size=size), model=UNetConfig(width=4, depth=2))
-
-
-def tiny_net(cfg: Config, seed: int) -> UNet:
-    torch.manual_seed(seed)
-    return UNet(cfg.model).eval()
 
 
 @pytest.fixture(scope="module")
 def two_net_bundle(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
-    cfg = tiny_config()
-    out = tmp_path_factory.mktemp("b") / "bundle"
-    write_bundle(out, {"model": tiny_net(cfg, 0), "peer": tiny_net(cfg, 1)}, cfg, {"val_dice": 0.5}, {"note": "t"})
-    return out
+    return write_tiny_bundle(tmp_path_factory.mktemp("b") / "bundle", metrics={"val_dice": 0.5}, extra={"note": "t"})
 
 
 def test_bundle_lists_sha256_of_every_file_and_records_parity(two_net_bundle: Path):
@@ -49,13 +38,12 @@ def test_bundle_lists_sha256_of_every_file_and_records_parity(two_net_bundle: Pa
 
 
 def test_loaded_torch_networks_reproduce_the_written_ones(two_net_bundle: Path):
-    cfg = tiny_config()
     bundle = load_bundle(two_net_bundle)
     nets = bundle.torch_networks()
     x = torch.rand(2, 1, 32, 32)
     for name, seed in (("model", 0), ("peer", 1)):
         with torch.inference_mode():
-            assert torch.allclose(nets[name](x), tiny_net(cfg, seed)(x), atol=1e-6)
+            assert torch.allclose(nets[name](x), tiny_unet(seed)(x), atol=1e-6)
     assert bundle.network_names == ["model", "peer"]
 
 
@@ -106,8 +94,8 @@ def test_cache_folder_inside_bundle_is_not_hashed(two_net_bundle: Path, tmp_path
 def test_rewriting_a_bundle_replaces_it_whole_and_leaves_no_temporaries(tmp_path: Path):
     cfg = tiny_config()
     out = tmp_path / "bundle"
-    write_bundle(out, {"model": tiny_net(cfg, 0), "peer": tiny_net(cfg, 1)}, cfg, {})
-    write_bundle(out, {"model": tiny_net(cfg, 2)}, cfg, {"epoch": 3})
+    write_tiny_bundle(out, cfg, seeds=(0, 1))
+    write_tiny_bundle(out, cfg, seeds=(2,), metrics={"epoch": 3})
     bundle = load_bundle(out)
     assert bundle.network_names == ["model"]
     assert not (out / "peer.onnx").exists()
@@ -117,14 +105,14 @@ def test_rewriting_a_bundle_replaces_it_whole_and_leaves_no_temporaries(tmp_path
 def test_failed_write_keeps_the_old_bundle(tmp_path: Path):
     cfg = tiny_config()
     out = tmp_path / "bundle"
-    write_bundle(out, {"model": tiny_net(cfg, 0)}, cfg, {})
+    write_tiny_bundle(out, cfg, seeds=(0,))
     before = (out / "meta.json").read_text()
     class Broken(torch.nn.Module):
         def forward(self, x):
             raise RuntimeError("broken network")
 
     with pytest.raises(Exception):
-        write_bundle(out, {"model": tiny_net(cfg, 1), "peer": Broken()}, cfg, {})
+        write_bundle(out, {"model": tiny_unet(1), "peer": Broken()}, cfg, {})
     assert (out / "meta.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
 

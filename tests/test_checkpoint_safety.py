@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from plsynth.deploy.bundle import load_bundle
+from plsynth.bundles.segmenter import load_bundle
 from plsynth.errors import ExitCode, InputError
 from plsynth.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 

@@ -3,43 +3,25 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from _fixtures import TINY_SYNTH as TINY
+from _fixtures import write_synth_bundle
+from plsynth.bundles.onnx_export import ort_session
+from plsynth.bundles.synthesizer import bundle_sha256, load_decoder_bundle, parity_inputs
 from plsynth.config import Config, SynthConfig
 from plsynth.errors import BundleError
-from plsynth.models.sean import build_synthesizer
-from plsynth.synth_service.decoder_bundle import (
-    bundle_sha256,
-    load_decoder_bundle,
-    ort_session,
-    parity_inputs,
-    write_decoder_bundle,
-)
 from plsynth.synth_service.protocol import SynthesisClient
-from plsynth.synth_service.style_pool import StylePool
 
 torch.set_num_threads(1)
-TINY = SynthConfig(image_size=32, width=4, style_dim=8, num_up=3, pool_k=2)
 
 
 def _bundle(path, synth: SynthConfig = TINY):
-    torch.manual_seed(0)
-    decoder, encoder = build_synthesizer(synth)
-    with torch.no_grad():  # non-trivial noise weights and blends, so parity covers them
-        for name, p in decoder.named_parameters():
-            if "noise_weight" in name or "blend" in name:
-                p.normal_()
-    rng = np.random.default_rng(0)
-    pool = StylePool(
-        codes=rng.uniform(-1, 1, (6, 4, synth.style_dim)).astype(np.float32),
-        present=np.ones((6, 4), bool),
-        has_infection=np.array([1, 1, 0, 1, 0, 0], bool),
-    )
-    cfg = Config(synth=synth)
-    return write_decoder_bundle(path, decoder, encoder, pool, cfg), decoder
+    return write_synth_bundle(path, Config(synth=synth), has_infection=(1, 1, 0, 1, 0, 0), varied=True)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +120,7 @@ def test_local_synthesizer_self_mode_needs_images_and_trt_is_refused(bundle):
     images = torch.rand(2, 1, 32, 32)
     out = synth.synthesize(infection, lung, images=images, seed=0)
     assert out.shape == (2, 1, 32, 32)
-    with pytest.raises(ValueError, match="deploy engine builder"):
+    with pytest.raises(ValueError, match="TensorRT engine cache"):
         LocalSynthesizer(path, backend="trt")
 
 
@@ -152,3 +134,28 @@ def test_decode_takes_onehot_and_style_directly(bundle):
     assert out.shape == (2, 1, 32, 32) and torch.equal(out, synth.decode(inputs["onehot"], inputs["style"], noise_seed=1))
     with pytest.raises(ValueError, match="expected onehot"):
         synth.decode(inputs["onehot"][:, :3], inputs["style"])
+
+
+def test_a_rewrite_that_fails_at_the_final_rename_keeps_the_old_bundle(bundle, tmp_path, monkeypatch):
+    """The old bundle is moved aside, never deleted, until the new one is in place (was: rmtree, then rename)."""
+    import os
+    import shutil
+
+    path = shutil.copytree(bundle[0], tmp_path / "bundle")
+    before = (path / "meta.json").read_text()
+    real_replace, failed = os.replace, []
+
+    def failing_replace(src, dst):
+        if Path(dst) == path and Path(src).is_dir() and not failed:
+            failed.append(src)  # the new folder's rename fails; putting the old one back must work
+            raise OSError("disk failure during the final rename (injected)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    monkeypatch.setattr(Path, "rename", lambda self, target: failing_replace(self, target))
+    with pytest.raises(OSError, match="injected"):
+        _bundle(path)
+    monkeypatch.undo()
+    assert (path / "meta.json").read_text() == before
+    assert load_decoder_bundle(path).sha256 == bundle_sha256(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temporary left behind

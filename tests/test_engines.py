@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from plsynth.config import Config, DataConfig, UNetConfig
+from _fixtures import tiny_unet
 from plsynth.deploy.engines import (
     EngineUnavailable,
     OrtEngine,
@@ -24,8 +24,8 @@ from plsynth.deploy.engines import (
     ort_providers,
     resolve_engine,
 )
-from plsynth.deploy.export import export_onnx
-from plsynth.deploy.tensorrt_engine import DeviceInfo, Profile, cache_key, cached_engine, resolve_cache_dir, tensorrt_status
+from plsynth.bundles.onnx_export import export_onnx
+from plsynth.bundles.tensorrt_engine import DeviceInfo, Profile, cache_key, cached_engine, resolve_cache_dir, tensorrt_status
 from plsynth.models.unet import UNet
 
 GPU_LIST = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -70,8 +70,7 @@ def test_engine_choice_on_faked_machines():
 
 @pytest.fixture(scope="module")
 def onnx_unet(tmp_path_factory) -> tuple[Path, UNet]:
-    torch.manual_seed(0)
-    net = UNet(UNetConfig(width=4, depth=2)).eval()
+    net = tiny_unet(0)
     path = tmp_path_factory.mktemp("e") / "model.onnx"
     export_onnx(net, path, {"x": torch.zeros(1, 1, 32, 32)}, ["logits"])
     return path, net

@@ -13,25 +13,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from _fixtures import tiny_config, tiny_unet
+from plsynth.bundles.onnx_export import check_parity, export_onnx, parity_slices
+from plsynth.bundles.segmenter import load_bundle
 from plsynth.cli import app
-from plsynth.config import Config, DataConfig, UNetConfig
-from plsynth.deploy.bundle import load_bundle
-from plsynth.deploy.export import check_parity, export_onnx, mask_dice, phantom_slices
 from plsynth.errors import BundleError, ExitCode
 from plsynth.models.unet import UNet
 
-CFG = Config(data=DataConfig(image_size=32), model=UNetConfig(width=4, depth=2))
+CFG = tiny_config()
 
 
 def net(seed: int) -> UNet:
-    torch.manual_seed(seed)
-    model = UNet(CFG.model)
-    with torch.no_grad():  # non-trivial norm parameters so masks are neither empty nor full
-        for m in model.modules():
-            if isinstance(m, torch.nn.InstanceNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval()
+    return tiny_unet(seed, varied_norm=True)  # masks neither empty nor full
+
+
+def phantom_slices(count: int) -> np.ndarray:
+    return parity_slices(32, CFG.data.window_hu, CFG.data.lung_handling)[:count]
 
 
 def write_run(run: Path, names=("model", "peer")) -> Path:
@@ -58,7 +55,7 @@ def test_export_writes_a_bundle_with_parity_from_the_best_checkpoint(tmp_path: P
     for name in ("model", "peer"):
         parity = meta["parity"][name]
         assert parity["mask_dice"] >= 0.99 and parity["max_abs_diff"] < 1e-4 and parity["inputs"] == "phantom chest slices"
-    x = torch.from_numpy(phantom_slices(32, 3))
+    x = torch.from_numpy(phantom_slices(3))
     with torch.inference_mode():
         logits = bundle.torch_networks()["peer"](x)
         np.testing.assert_allclose(logits.numpy(), net(1)(x).numpy(), atol=1e-6)
@@ -74,16 +71,10 @@ def shifted(seed: int, bias: float) -> UNet:
 
 def test_parity_gate_refuses_an_onnx_that_disagrees_with_its_network(tmp_path: Path):
     onnx = export_onnx(shifted(5, 10.0), tmp_path / "m.onnx", {"x": torch.zeros(1, 1, 32, 32)}, ["logits"])
-    slices = phantom_slices(32, 4)
+    slices = phantom_slices(4)
     assert check_parity(shifted(5, 10.0), onnx, slices, 0.5)["mask_dice"] == 1.0
     with pytest.raises(BundleError, match="mask Dice 0.0000 < 0.99"):
         check_parity(shifted(5, -10.0), onnx, slices, 0.5)
-
-
-def test_mask_dice_conventions():
-    empty = np.zeros((4, 4), bool)
-    full = np.ones((4, 4), bool)
-    assert mask_dice(empty, empty) == 1.0 and mask_dice(empty, full) == 0.0 and mask_dice(full, full) == 1.0
 
 
 def _plsynth(*args: str) -> subprocess.CompletedProcess:
@@ -97,7 +88,7 @@ def test_export_without_checkpoint_or_with_trt_on_cpu_fails_clearly(tmp_path: Pa
     (tmp_path / "empty").mkdir()
     result = _plsynth("export", "--run", str(tmp_path / "empty"))
     assert result.returncode == ExitCode.NO_INPUT and "best.pt" in result.stderr and "Traceback" not in result.stderr
-    from plsynth.deploy.tensorrt_engine import tensorrt_status
+    from plsynth.bundles.tensorrt_engine import tensorrt_status
 
     if tensorrt_status()[0] and torch.cuda.is_available():
         pytest.skip("TensorRT and a GPU are here: --trt would succeed")

@@ -29,7 +29,7 @@ from plsynth.config import Config, DataConfig, UNetConfig
 from plsynth.data.phantom import _nifti, make_phantom
 from plsynth.data.preprocess import resize_labels, to_model_input
 from plsynth.data.window import window_array
-from plsynth.deploy.bundle import write_bundle
+from plsynth.bundles.segmenter import write_bundle
 from plsynth.errors import ExitCode
 
 EXIT_BUNDLE, EXIT_CASES_FAILED, EXIT_ENGINE = ExitCode.BUNDLE, ExitCode.FAILED, ExitCode.ENGINE

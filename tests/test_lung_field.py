@@ -136,7 +136,7 @@ def test_plsynth_infer_dice_equals_the_raw_network_dice_on_real_slices(semiseg_r
 
     from plsynth.config import Config, DataConfig, UNetConfig
     from plsynth.data.preprocess import resize_labels, to_input_grid, to_model_input
-    from plsynth.deploy.bundle import write_bundle
+    from plsynth.bundles.segmenter import write_bundle
     from plsynth.metrics import dice as dice_metric
     from plsynth.models.unet import UNet
 

@@ -102,20 +102,11 @@ def ray_head(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def synth_bundle(tmp_path_factory):
+    from _fixtures import write_synth_bundle
     from plsynth.config import load_config
-    from plsynth.models.sean import build_synthesizer
-    from plsynth.synth_service.decoder_bundle import write_decoder_bundle
-    from plsynth.synth_service.style_pool import StylePool
-
-    import torch
 
     cfg = load_config(REPO / "configs" / "phantom-smoke.yaml")
-    torch.manual_seed(0)
-    decoder, encoder = build_synthesizer(cfg.synth)
-    rng = np.random.default_rng(0)
-    pool = StylePool(codes=rng.uniform(-1, 1, (4, 4, cfg.synth.style_dim)).astype(np.float32),
-                     present=np.ones((4, 4), bool), has_infection=np.ones(4, bool))
-    return write_decoder_bundle(tmp_path_factory.mktemp("synth") / "bundle", decoder, encoder, pool, cfg)
+    return write_synth_bundle(tmp_path_factory.mktemp("synth") / "bundle", cfg)[0]
 
 
 def _submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:

@@ -1,18 +1,15 @@
-"""The TorchTrainer wrapper on a real local Ray cluster: DDP across two workers, checkpoints
-reported through Ray Train, and a worker that dies mid-run resuming from its checkpoint.
+"""The TorchTrainer wrapper on a real local Ray cluster, running the real loop (`loop.train`):
+DDP across two workers, checkpoints reported through Ray Train, and a worker that dies mid-run
+restarted by Ray Train (``ray.max_failures``) and resuming from its checkpoint, not from step 0.
 
-The training function here is a tiny loop with the same contract as
-`plsynth.training.loop.train` (cfg, out, hooks) -- real DDP, real SGD on a real
-linear network -- so that the test takes seconds on 2 CPUs; the real loop runs end to end
-through the entry points in test_ray_jobs.py.
+Baseline on the phantom-smoke preset, so it takes well under a minute of training on 2 CPUs;
+test_data_parallel.py compares 1- and 2-worker runs of CPS, test_ray_jobs.py the entry points.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,82 +18,57 @@ ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 pytest.importorskip("ray.train.torch")
 
-from plsynth.config import Config, RayConfig  # noqa: E402
+from plsynth.config import load_config  # noqa: E402
+from plsynth.data.datasets import build_splits  # noqa: E402
+from plsynth.training.checkpoint import load_checkpoint  # noqa: E402
+from plsynth.training.loop import build_networks  # noqa: E402
 from plsynth.training.ray_train import train_on_ray  # noqa: E402
+from plsynth.training.schedule import BatchPlan, total_iterations  # noqa: E402
 
 pytestmark = pytest.mark.ray
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-TOTAL_STEPS = 6
-REPORT_EVERY = 2
+REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_loop(cfg, out, hooks):
-    """Same shape as train: resume from out/last.pt, checkpoint + report every REPORT_EVERY steps."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    last = Path(out) / "last.pt"
-    start = 0
-    if last.is_file():
-        state = torch.load(last, weights_only=False)
-        net.load_state_dict(state["networks"]["model"])
-        opt.load_state_dict(state["optimizers"]["model"])
-        start = state["step"]
-    elif hooks.is_main:
-        torch.save(torch.nn.utils.parameters_to_vector(net.parameters()).detach(), Path(out) / "params_step0.pt")
-    model = hooks.prepare_model(net)
-    steps = []
-    for step in range(start, TOTAL_STEPS):
-        g = torch.Generator().manual_seed(1000 * hooks.rank + step)  # every rank sees different data
-        x = torch.randn(16, 4, generator=g)
-        y = x.sum(1, keepdim=True) * (1 + hooks.rank)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps.append(step)
-        done = step + 1
-        if done % REPORT_EVERY == 0:
-            if hooks.is_main:
-                tmp = last.with_suffix(".tmp")
-                torch.save({"step": done, "networks": {"model": net.state_dict()},
-                            "optimizers": {"model": opt.state_dict()}}, tmp)
-                os.replace(tmp, last)
-            hooks.report({"step": done, "loss": float(loss)}, last)
-    params = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
-    torch.save({"params": params, "steps": steps}, Path(out) / f"params_rank{hooks.rank}.pt")
+def _cfg():
+    cfg = load_config(REPO / "configs" / "phantom-smoke.yaml",
+                      ["train.method=baseline", "train.threads=1", "train.epochs=2", "train.device=cpu"])
+    return cfg.replace(ray=dataclasses.replace(cfg.ray, num_workers=2, cpus_per_worker=0.5, max_failures=2))
 
 
 @pytest.fixture(scope="module")
 def ddp_run_with_one_crash(ray_local, tmp_path_factory):
-    """Two workers (0.5 CPU each); rank 0 exits hard right after its first checkpointed report."""
+    """Two workers; rank 0 exits hard right after its first checkpointed report (end of epoch 1)."""
     out = tmp_path_factory.mktemp("ray-train")
-    cfg = Config(name="tiny", ray=RayConfig(num_workers=2, cpus_per_worker=0.5, max_failures=2))
-    cfg = cfg.replace(train=dataclasses.replace(cfg.train, method="cps"))
-    result = train_on_ray(cfg, out, loop_fn=tiny_loop, fail_after_reports=1, fail_marker=str(out / "crashed"))
-    return out, result
+    cfg = _cfg()
+    data = build_splits(cfg, out)  # in the driver, as the entry points do: workers only read the cache
+    plan = BatchPlan(len(data.labeled), len(data.unlabeled), cfg.train.batch_labeled, cfg.train.batch_unlabeled,
+                     cfg.train.seed)
+    result = train_on_ray(cfg, out, fail_after_reports=1, fail_marker=str(out / "crashed"))
+    return out, result, cfg, plan
 
 
-def test_after_n_steps_every_worker_holds_the_same_parameters_and_they_moved(ddp_run_with_one_crash):
-    out, _ = ddp_run_with_one_crash
-    rank0 = torch.load(out / "params_rank0.pt")
-    rank1 = torch.load(out / "params_rank1.pt")
-    step0 = torch.load(out / "params_step0.pt")
-    torch.testing.assert_close(rank0["params"], rank1["params"], rtol=0, atol=1e-6)
-    assert (rank0["params"] - step0).abs().max() > 1e-3
+def test_the_real_loop_trained_every_step_and_left_a_bundle(ddp_run_with_one_crash):
+    out, result, cfg, plan = ddp_run_with_one_crash
+    total = total_iterations(cfg.train.epochs, plan.iters_per_epoch, cfg.train.max_iters)
+    last = load_checkpoint(out / "last.pt")
+    assert last["step"] == total and result.metrics["step"] == total
+    initial = build_networks(cfg)["model"].state_dict()  # the seeded initialisation loop.train starts from
+    moved = max(float((last["networks"]["model"][k] - v).abs().max()) for k, v in initial.items()
+                if v.is_floating_point())
+    assert moved > 1e-3
+    assert (out / "bundle" / "meta.json").is_file()  # written by rank 0 through bundles.segmenter
 
 
 def test_a_crashed_worker_group_resumes_from_its_checkpoint_not_from_step_0(ddp_run_with_one_crash):
-    out, result = ddp_run_with_one_crash
+    out, result, cfg, plan = ddp_run_with_one_crash
     assert (out / "crashed").exists()  # the fault really happened
     attempts = [json.loads(line) for line in (out / "ray_attempts.jsonl").read_text().splitlines()]
     rank0 = [a for a in attempts if a["rank"] == 0]
-    assert [a["resume_step"] for a in rank0] == [0, REPORT_EVERY]
+    assert [a["resume_step"] for a in rank0] == [0, plan.iters_per_epoch]
     assert len({a["pid"] for a in rank0}) == 2  # a new process after the crash
-    # the resumed attempt ran only the remaining steps
-    assert torch.load(out / "params_rank0.pt")["steps"] == list(range(REPORT_EVERY, TOTAL_STEPS))
+    # only the restarted attempt finished; both of its ranks started at the checkpoint's step
+    work = [json.loads(line) for line in (out / "ray_work.jsonl").read_text().splitlines()]
+    assert sorted((w["rank"], w["start_step"]) for w in work) == [(0, plan.iters_per_epoch), (1, plan.iters_per_epoch)]
     # checkpoints went through Ray Train to the storage path, the last one at the final step
     assert result.checkpoint is not None and Path(result.checkpoint.path).is_relative_to(out / "ray")
-    assert result.metrics["step"] == TOTAL_STEPS
+

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from plsynth.models.sean import StyleEncoder
-from plsynth.synth_service.style_pool import StylePool, build_style_pool
+from plsynth.bundles.style_pool import StylePool, build_style_pool
 
 torch.set_num_threads(1)
 

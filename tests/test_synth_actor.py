@@ -17,6 +17,7 @@ import pytest
 ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 
+from _fixtures import write_synth_bundle  # noqa: E402
 from plsynth.synth_service.actor import (  # noqa: E402
     ActorSynthesisClient,
     SynthesisActor,
@@ -181,17 +182,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def write_untrained_synth_bundle(path, cfg):
-    """A real synthesizer bundle (SEAN decoder + encoder + pool, ONNX, meta) with untrained weights."""
-    from plsynth.models.sean import build_synthesizer
-    from plsynth.synth_service.decoder_bundle import write_decoder_bundle
-    from plsynth.synth_service.style_pool import StylePool
-
-    torch.manual_seed(0)
-    decoder, encoder = build_synthesizer(cfg.synth)
-    rng = np.random.default_rng(0)
-    pool = StylePool(codes=rng.uniform(-1, 1, (4, 4, cfg.synth.style_dim)).astype(np.float32),
-                     present=np.ones((4, 4), bool), has_infection=np.ones(4, bool))
-    return write_decoder_bundle(path, decoder, encoder, pool, cfg)
+    return write_synth_bundle(path, cfg)[0]
 
 
 def test_bundle_actor_serves_the_real_decoder_and_reports_its_backend(ray_local, tmp_path):

@@ -70,7 +70,7 @@ def test_lr_schedule_is_constant_then_decays_linearly():
 
 
 def test_training_run_leaves_checkpoint_grids_and_a_bundle_and_resumes(smoke, tmp_path):
-    from plsynth.synth_service.decoder_bundle import load_decoder_bundle
+    from plsynth.bundles.synthesizer import load_decoder_bundle
     from plsynth.training.synthesizer import train_synthesizer
 
     cfg, splits, _ = smoke

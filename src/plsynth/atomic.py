@@ -1,7 +1,8 @@
 """Atomic writes: an output file (or folder) is either the old one, the complete new one, or absent.
 
-Everything plsynth writes (masks, reports, checkpoints, shards, bundles) goes through
-:func:`atomic_write`, so an interrupted run (Ctrl-C, OOM kill, full disk, a crash inside a
+Everything plsynth writes (masks, reports, checkpoints, shards, engines, plots) goes through
+:func:`atomic_write`, and every folder handed between stages (bundles) through
+:func:`atomic_folder`, so an interrupted run (Ctrl-C, OOM kill, full disk, a crash inside a
 writer) never leaves a half-written file under the final name. The writer writes to a
 temporary name in the *same folder* (so the final ``os.replace`` is a rename on one file
 system, which POSIX and Windows make atomic) and the rename happens only when the ``with``
@@ -96,6 +97,33 @@ def _commit(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield a fresh, empty temporary folder beside ``path``; on success it replaces ``path``.
+
+    The one way a folder (a model or synthesizer bundle) is committed: its files are flushed to
+    disk, then the folder is renamed into place (an existing ``path`` is replaced only once the
+    new folder is complete; see :func:`atomic_write`). On any exception nothing changes at ``path``.
+    """
+    with atomic_write(path) as tmp:
+        tmp.mkdir()
+        yield tmp
+        for entry in tmp.rglob("*"):
+            if entry.is_file() and not entry.is_symlink():
+                with open(entry, "rb") as handle:
+                    os.fsync(handle.fileno())
+
+
+def atomic_write_npy(path: Path, array) -> Path:
+    """``np.save`` to ``path`` atomically (cached slices, offline shards); returns ``path``."""
+    import numpy as np
+
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+    return Path(path)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (flushed to disk before the rename); returns ``path``."""
     with atomic_write(path) as tmp:
@@ -156,4 +184,4 @@ def folder_lock(folder: Path, command: str) -> Iterator[Path]:
         os.close(fd)
 
 
-__all__ = ["atomic_write", "folder_lock", "atomic_write_bytes", "atomic_write_text", "temp_path_for", "TEMP_PREFIX"]
+__all__ = ["atomic_write", "atomic_folder", "atomic_write_npy", "folder_lock", "atomic_write_bytes", "atomic_write_text", "temp_path_for", "TEMP_PREFIX"]

@@ -21,6 +21,9 @@ from typing import Any, Literal
 import yaml
 
 
+PAPER_WINDOW_HU: tuple[float, float] = (-1250.0, 250.0)  # Zhang et al., section IV-A: HU clipped and mapped to [0, 1]
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names file and key."""
 
@@ -46,7 +49,7 @@ class DataConfig:
     split_seed: int = 0  # seeded splits use this, not train.seed, so runs with several seeds share one split
     test_split: str = ""  # file in splits_dir with rows `volume` (test volumes, scored by `plsynth eval --split test`)
     image_size: int = 512  # slices are resized to image_size x image_size (paper: 512)
-    window_hu: tuple[float, float] = (-1250.0, 250.0)  # paper's HU window, mapped linearly to [0, 1]
+    window_hu: tuple[float, float] = PAPER_WINDOW_HU
     lung_backend: Literal["classical", "lungmask"] = "classical"
     lungmask_model: Literal["R231", "R231CovidWeb"] = "R231"
     lungmask_weights: str = ""  # local .pth; "" looks in the torch hub cache

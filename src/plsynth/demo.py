@@ -78,8 +78,8 @@ def run_demo(out: Path, config: Path | None = None, sa_st: bool = True) -> dict:
 
     if sa_st:
         t = _stage("4/6 SA-ST: student of the SA-CPS teacher on real + pseudo + synthetic pairs")
-        bundles["sa-st"] = train(_with_method(cfg, "sa-st", teacher=str(bundles["sa-cps"].resolve())),
-                                 out / "sa-st").bundle
+        teacher = str(bundles["sa-cps"].resolve())
+        bundles["sa-st"] = train(_with_method(cfg, "sa-st", teacher=teacher), out / "sa-st").bundle
         _done(t, f"bundle {bundles['sa-st']}")
     else:
         _stage("4/6 SA-ST: skipped (--no-sa-st)")

@@ -188,13 +188,17 @@ def read_dicom_series(folder: Path, series_uid: str | None = None, max_voxels: i
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        # ITK's message names files and the failure, never tag values; keep its last line (the description).
-        lines = str(error).strip().splitlines()
-        reason = lines[-1].strip() if lines else type(error).__name__
-        raise InputError(folder, f"cannot read DICOM series {uid}: {reason}") from None
+        raise InputError(folder, f"cannot read DICOM series {uid}: {itk_reason(error)}") from None
     array, itk = oriented_lps(folder, image)
     geometry = DicomGeometry(**vars(itk), series_uid=uid, files=tuple(series[uid]))
     return array, geometry
+
+
+def itk_reason(error: Exception) -> str:
+    """The last line of a SimpleITK error: its description. ITK's message names files and the
+    failure, never tag values, so it may go into logs and reports."""
+    lines = str(error).strip().splitlines()
+    return lines[-1].strip() if lines else f"SimpleITK {type(error).__name__}"
 
 
 def oriented_lps(path: Path, image) -> tuple[np.ndarray, ItkGeometry]:
@@ -224,16 +228,23 @@ def write_itk_mask(mask: np.ndarray, like: CTImage, path: Path) -> Path:
     """
     import SimpleITK as sitk
 
-    geometry: ItkGeometry = like.geometry
-    image = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
-    image.SetOrigin(geometry.origin)
-    image.SetSpacing(geometry.spacing)
-    image.SetDirection(geometry.direction)
-    image = sitk.DICOMOrient(image, geometry.original_orientation)
+    image = in_original_orientation(mask, like.geometry)
     with atomic_write(path) as tmp:
         sitk.WriteImage(image, str(tmp))
     return Path(path)
 
 
-__all__ = ["DicomGeometry", "ItkGeometry", "check_series_headers", "choose_series", "is_dicom_file", "list_series",
-           "oriented_lps", "read_dicom_series", "write_itk_mask"]
+def in_original_orientation(mask: np.ndarray, geometry: ItkGeometry):
+    """A (z, y, x) LPS uint8 mask as a SimpleITK image in the input's own voxel order and world geometry
+    (the inverse of :func:`oriented_lps`)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
+    image.SetOrigin(geometry.origin)
+    image.SetSpacing(geometry.spacing)
+    image.SetDirection(geometry.direction)
+    return sitk.DICOMOrient(image, geometry.original_orientation)
+
+
+__all__ = ["DicomGeometry", "ItkGeometry", "check_series_headers", "choose_series", "in_original_orientation",
+           "is_dicom_file", "itk_reason", "list_series", "oriented_lps", "read_dicom_series", "write_itk_mask"]

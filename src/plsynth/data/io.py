@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from plsynth.atomic import atomic_write
-from plsynth.data.dicom import ItkGeometry, is_dicom_file, oriented_lps, read_dicom_series, write_itk_mask
+from plsynth.data.dicom import ItkGeometry, is_dicom_file, itk_reason, oriented_lps, read_dicom_series, write_itk_mask
 from plsynth.data.image import CTImage
 from plsynth.errors import InputError
 
@@ -238,14 +238,12 @@ def _read_itk(path: Path, max_voxels: int) -> CTImage:
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
-        lines = str(error).strip().splitlines()
-        raise InputError(path, f"unreadable image header ({lines[-1].strip() if lines else 'SimpleITK error'})") from None
+        raise InputError(path, f"unreadable image header ({itk_reason(error)})") from None
     _check_voxels(path, reader.GetSize(), max_voxels)
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        lines = str(error).strip().splitlines()
-        raise InputError(path, f"unreadable or truncated image ({lines[-1].strip() if lines else 'SimpleITK error'})") from None
+        raise InputError(path, f"unreadable or truncated image ({itk_reason(error)})") from None
     array, geometry = oriented_lps(path, image)
     return _volume(path, array, tuple(float(v) for v in geometry.spacing[::-1]), geometry)
 

@@ -26,6 +26,7 @@ import logging
 import numpy as np
 from scipy import ndimage
 
+from plsynth.config import PAPER_WINDOW_HU
 from plsynth.data.image import CTImage
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ UINT8_AIR = 12.0  # 8-bit grey below this is air or export padding (black), neve
 DOWNSAMPLE_FROM = 384  # HU volumes this wide (in-plane, pixels) or wider are labelled at half resolution
 CLOSING_MM = 4.0  # smooths vessel notches at the pleura
 # lung field (:func:`lung_field`): the thoracic cavity's lung regions, aerated or not
-FIELD_GREY_HU = (-1250.0, 250.0)  # HU volumes are judged on the paper's lung window mapped to 0..255
+FIELD_GREY_HU = PAPER_WINDOW_HU  # HU volumes are judged on the paper's lung window mapped to 0..255
 FIELD_SOLID_STD = 6.0  # grey levels: local s.d. below this (and brighter than lung) is solid organ, not lung
 FIELD_BONE = 250.0  # grey level of bone (saturated on a lung window): not tissue, not lung
 FIELD_WINDOW = 0.03  # local-statistics window, as a fraction of the slice width

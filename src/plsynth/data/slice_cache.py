@@ -27,13 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from plsynth.atomic import atomic_write_npy, atomic_write_text
 from plsynth.config import DataConfig
 from plsynth.data.layouts import VolumeRecord
 from plsynth.data.lungs import lung_record
@@ -106,27 +105,6 @@ class CachedVolume:
         if mode not in ("r", "c"):
             raise ValueError(f"mode must be 'r' or 'c', got {mode!r}")
         return np.load(self.folder / f"{array}.npy", mmap_mode=mode)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _save_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_label(path: Path, like_shape: tuple[int, ...]) -> np.ndarray:
@@ -247,8 +225,8 @@ class SliceCache:
         folder.mkdir(parents=True, exist_ok=True)
         for name in ARRAYS:
             if arrays[name] is not None:
-                _save_npy(folder / f"{name}.npy", arrays[name])
-        _save_json(meta_path, arrays["meta"])
+                atomic_write_npy(folder / f"{name}.npy", arrays[name])
+        atomic_write_text(meta_path, json.dumps(arrays["meta"], indent=1) + "\n")
         self.prepared += 1
         log.debug("prepared %s -> %s", record.image, folder)
         return _from_meta(folder, arrays["meta"])

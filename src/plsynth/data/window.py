@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from plsynth.config import PAPER_WINDOW_HU
 from plsynth.data.image import CTImage
-
-PAPER_WINDOW_HU: tuple[float, float] = (-1250.0, 250.0)  # Zhang et al., section IV-A (implementation)
 INTENSITIES = ("window", "calibrate")
 # "calibrate": an 8-bit slice is put back on the HU window from two tissues every chest slice shows
 REFERENCE_HU = (-850.0, 40.0)  # aerated lung parenchyma, soft tissue (muscle, blood)

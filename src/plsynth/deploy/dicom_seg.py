@@ -48,12 +48,9 @@ def _in_series_order(mask: np.ndarray, like) -> np.ndarray:
     """A (z, y, x) LPS mask back in the series' own order: (slice as in ``geometry.files``, row, column)."""
     import SimpleITK as sitk
 
-    geometry = like.geometry
-    image = sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
-    image.SetOrigin(geometry.origin)
-    image.SetSpacing(geometry.spacing)
-    image.SetDirection(geometry.direction)
-    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, geometry.original_orientation))
+    from plsynth.data.dicom import in_original_orientation
+
+    return sitk.GetArrayFromImage(in_original_orientation(mask, like.geometry))
 
 
 def write_dicom_seg(infection: np.ndarray, lung: np.ndarray, like, path: Path, algorithm_version: str = "unknown") -> Path:

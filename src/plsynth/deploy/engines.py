@@ -21,6 +21,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from plsynth.bundles.tensorrt_engine import tensorrt_status, torch_cuda_available
 from plsynth.errors import BundleError, EngineUnavailable  # EngineUnavailable: re-exported (exit code 5)
 
 logger = logging.getLogger(__name__)
@@ -86,14 +87,6 @@ def available_ort_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def torch_cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
 def resolve_engine(
     engine: str,
     device: str,
@@ -109,8 +102,6 @@ def resolve_engine(
     EngineUnavailable, or falls back to ``ort`` with ``allow_fallback``. The environment probes
     are parameters so tests can fake machines.
     """
-    from plsynth.deploy.tensorrt_engine import tensorrt_status
-
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if device not in DEVICES:
@@ -246,7 +237,7 @@ def open_engine(
     if not isinstance(source, (str, Path)):
         raise ValueError(f"engine {engine!r} needs an ONNX file, got {type(source).__name__}")
     if engine == "trt":
-        from plsynth.deploy.tensorrt_engine import open_trt_engine
+        from plsynth.bundles.tensorrt_engine import open_trt_engine
 
         return open_trt_engine(Path(source), batch_size=batch_size, fp16=fp16, cache_dir=cache_dir, onnx_sha256=onnx_sha256)
     available = available_ort_providers() if available_providers is None else list(available_providers)

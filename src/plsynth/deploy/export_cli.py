@@ -19,8 +19,11 @@ def export_command(
 
     Example: plsynth export --run runs/sa-cps --trt --fp16
     """
-    from plsynth.deploy.export import export_run
+    from plsynth.bundles.segmenter import export_run
+    from plsynth.bundles.tensorrt_engine import build_trt_engines
 
     # BundleError -> 4, EngineUnavailable (--trt without TensorRT or a GPU) -> 5: plsynth.errors.run_app
-    bundle = export_run(run, out, trt=trt, fp16=fp16, batch_size=batch_size)
+    bundle = export_run(run, out)
+    if trt:
+        build_trt_engines(bundle, fp16=fp16, batch_size=batch_size)
     typer.echo(f"bundle: {bundle}")

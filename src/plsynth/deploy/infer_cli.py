@@ -18,6 +18,8 @@ from typing import Annotated, Optional
 import typer
 
 from plsynth.data.io import DEFAULT_MAX_VOXELS
+from plsynth.deploy import settings
+from plsynth.deploy.engines import DEVICES, ENGINES
 from plsynth.errors import ExitCode
 
 app = typer.Typer(name="plsynth-infer", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -30,21 +32,21 @@ def infer(
     inputs: Annotated[list[Path], typer.Argument(help="NIfTI files, DICOM series folders, PNG/JPG slices, or folders of them.", show_default=False)],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = DEFAULT_OUT,
     model: Annotated[Optional[Path], typer.Option("--model", envvar="PLSYNTH_MODEL", help="Model bundle folder [env: PLSYNTH_MODEL].")] = None,
-    engine: Annotated[str, typer.Option("--engine", help="auto | trt | ort | torch.")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto | cuda | cpu.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per engine call.")] = 8,
-    lung_backend: Annotated[str, typer.Option("--lung-backend", help="bundle (the back-end the model was trained with) | auto (lungmask when its weights are present, else classical) | lungmask | classical.")] = "bundle",
+    engine: Annotated[str, typer.Option("--engine", help=" | ".join(ENGINES) + ".")] = ENGINES[0],
+    device: Annotated[str, typer.Option("--device", help=" | ".join(DEVICES) + ".")] = DEVICES[0],
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Slices per engine call.")] = settings.BATCH_SIZE,
+    lung_backend: Annotated[str, typer.Option("--lung-backend", help="bundle (the back-end the model was trained with) | auto (lungmask when its weights are present, else classical) | lungmask | classical.")] = settings.LUNG_BACKEND,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write QA overlay PNGs to OUT/overlays.")] = False,
     resume: Annotated[bool, typer.Option("--continue", help="Skip cases a previous run into OUT finished.")] = False,
     allow_fallback: Annotated[bool, typer.Option("--allow-fallback", help="Run on the CPU when the GPU engine asked for is unavailable.")] = False,
     agreement: Annotated[bool, typer.Option("--agreement/--no-agreement", help="With two networks in the bundle, report their mask Dice per case.")] = True,
-    review_below: Annotated[float, typer.Option("--review-below", help="Mark cases whose two-network Dice is below this for review.")] = 0.8,
-    min_size_mm3: Annotated[float, typer.Option("--min-size-mm3", min=0.0, help="Drop infection components smaller than this (volumes).")] = 10.0,
-    min_size_px: Annotated[int, typer.Option("--min-size-px", min=0, help="Drop infection components smaller than this (2D slices).")] = 10,
+    review_below: Annotated[float, typer.Option("--review-below", help="Mark cases whose two-network Dice is below this for review.")] = settings.REVIEW_BELOW,
+    min_size_mm3: Annotated[float, typer.Option("--min-size-mm3", min=0.0, help="Drop infection components smaller than this (volumes).")] = settings.MIN_SIZE_MM3,
+    min_size_px: Annotated[int, typer.Option("--min-size-px", min=0, help="Drop infection components smaller than this (2D slices).")] = settings.MIN_SIZE_PX,
     fp16: Annotated[bool, typer.Option("--fp16", help="TensorRT: build/use an FP16 engine.")] = False,
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads for the engine (0: library default).")] = 0,
     series_uid: Annotated[Optional[str], typer.Option("--series-uid", help="DICOM series to use when a folder holds several.")] = None,
-    output_format: Annotated[str, typer.Option("--format", help="DICOM inputs: nifti | dicom-seg | both (SEG: infection and lungs, referencing the series).")] = "nifti",
+    output_format: Annotated[str, typer.Option("--format", help="DICOM inputs: nifti | dicom-seg | both (SEG: infection and lungs, referencing the series).")] = settings.OUTPUT_FORMATS[0],
     max_voxels: Annotated[int, typer.Option("--max-voxels", min=1, envvar="PLSYNTH_MAX_VOXELS", help="Refuse volumes with more voxels than this, from the header, before reading [env: PLSYNTH_MAX_VOXELS].")] = DEFAULT_MAX_VOXELS,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log engine and case details.")] = False,
 ) -> None:
@@ -53,9 +55,9 @@ def infer(
     Example: plsynth-infer volumes/ -o results --engine ort --overlays
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name, value, allowed in (("--engine", engine, ("auto", "trt", "ort", "torch")), ("--device", device, ("auto", "cuda", "cpu")),
-                                 ("--lung-backend", lung_backend, ("bundle", "auto", "lungmask", "classical")),
-                                 ("--format", output_format, ("nifti", "dicom-seg", "both"))):
+    for name, value, allowed in (("--engine", engine, ENGINES), ("--device", device, DEVICES),
+                                 ("--lung-backend", lung_backend, settings.LUNG_BACKENDS),
+                                 ("--format", output_format, settings.OUTPUT_FORMATS)):
         if value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=name)
     if model is None:

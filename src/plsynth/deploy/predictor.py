@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from plsynth.data.lungs import lung_field
-from plsynth.deploy.bundle import Bundle, load_bundle, versions
+from plsynth.bundles.files import versions
+from plsynth.bundles.segmenter import Bundle, load_bundle
+from plsynth.deploy import settings
 from plsynth.deploy.engines import Engine, available_ort_providers, open_engine, resolve_engine, wants_gpu
 from plsynth.errors import InputError
 
@@ -107,12 +109,12 @@ class Predictor:
         self,
         bundle: Bundle,
         engines: dict[str, Engine],
-        batch_size: int = 8,
-        lung_backend: str = "bundle",
+        batch_size: int = settings.BATCH_SIZE,
+        lung_backend: str = settings.LUNG_BACKEND,
         lung_fn: Callable[[Any], np.ndarray] | None = None,
-        min_size_mm3: float = 10.0,
-        min_size_px: int = 10,
-        review_below: float = 0.8,
+        min_size_mm3: float = settings.MIN_SIZE_MM3,
+        min_size_px: int = settings.MIN_SIZE_PX,
+        review_below: float = settings.REVIEW_BELOW,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -134,9 +136,9 @@ class Predictor:
         path: str | Path,
         engine: str = "auto",
         device: str = "auto",
-        batch_size: int = 8,
+        batch_size: int = settings.BATCH_SIZE,
         allow_fallback: bool = False,
-        lung_backend: str = "bundle",
+        lung_backend: str = settings.LUNG_BACKEND,
         agreement: bool = True,
         threads: int | None = None,
         fp16: bool = False,
@@ -157,7 +159,7 @@ class Predictor:
             available_providers if available_providers is not None else available_ort_providers()
         )
         if resolved == "trt" or ort_trt:
-            from plsynth.deploy.tensorrt_engine import resolve_cache_dir
+            from plsynth.bundles.tensorrt_engine import resolve_cache_dir
 
             cache_dir = resolve_cache_dir(bundle.path)
         engines = {}

@@ -66,3 +66,16 @@ class UNet(nn.Module):
         for up in self.ups:
             h = up(h, skips.pop())
         return self.head(h)
+
+
+def unets_from_states(config: UNetConfig, states: dict[str, dict], device: str = "cpu") -> dict[str, UNet]:
+    """The named U-Nets of a checkpoint or bundle, rebuilt from ``config`` and their state dicts, in eval mode.
+
+    The one place a U-Net is rebuilt from saved weights (bundle writing, export, teachers, inference).
+    """
+    nets = {}
+    for name, state in states.items():
+        net = UNet(config)
+        net.load_state_dict(state)
+        nets[name] = net.to(device).eval()
+    return nets

@@ -33,6 +33,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from plsynth.config import RayConfig
+
 log = logging.getLogger(__name__)
 
 ACTOR_NAME = "plsynth-synth"
@@ -90,16 +92,16 @@ def choose_backend(requested: str = "auto") -> str:
 class BundleDecoderFactory:
     """Picklable recipe that loads a synthesizer bundle inside the actor process.
 
-    ``trt``: the decoder ONNX is built into a TensorRT engine by the deploy engine builder
-    (``plsynth.deploy.tensorrt_engine.open_trt_engine``, cached by GPU, TensorRT version, ONNX
+    ``trt``: the decoder ONNX is built into a TensorRT engine by the engine cache
+    (``plsynth.bundles.tensorrt_engine.open_trt_engine``, cached by GPU, TensorRT version, ONNX
     hash and precision); ``ort``: ONNX Runtime with CUDA when available, else CPU; ``torch``:
     the reference, on CUDA when available.
     """
 
     bundle: str
-    backend: str = "auto"  # auto | trt | ort | torch
+    backend: str = RayConfig.synth_backend  # auto | trt | ort | torch
     seed: int = 0
-    max_batch: int = 32  # TensorRT profile maximum
+    max_batch: int = RayConfig.synth_max_batch  # TensorRT profile maximum
     fp16: bool = False
 
     def __call__(self) -> BatchDecoder:
@@ -119,7 +121,7 @@ class BundleDecoderFactory:
         local = LocalSynthesizer(self.bundle, backend="torch", seed=self.seed,
                                  device=device if backend == "torch" else "cpu")
         if backend == "trt":  # NEVER RUN HERE (no TensorRT on the CPU machines)
-            from plsynth.deploy.tensorrt_engine import open_trt_engine
+            from plsynth.bundles.tensorrt_engine import open_trt_engine
 
             engine = open_trt_engine(local.bundle.onnx_path, batch_size=self.max_batch, fp16=self.fp16)
             return LocalDecoderAdapter(local, trt_engine=engine, backend=f"trt:{'fp16' if self.fp16 else 'fp32'}")
@@ -197,7 +199,8 @@ class SynthesisActor:
     Public methods (all ``.remote()``): ``synthesize``, ``info``, ``stats``, ``reset_stats``, ``ping``.
     """
 
-    def __init__(self, factory: Callable[[], BatchDecoder], max_batch: int = 32, gather_ms: float = 5.0) -> None:
+    def __init__(self, factory: Callable[[], BatchDecoder], max_batch: int = RayConfig.synth_max_batch,
+                 gather_ms: float = RayConfig.synth_gather_ms) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(torch.get_num_threads())))
@@ -314,8 +317,9 @@ class SynthesisActor:
 
 
 def get_or_create_actor(factory: Callable[[], BatchDecoder], *, name: str = ACTOR_NAME, namespace: str = NAMESPACE,
-                        num_cpus: float = 0.5, num_gpus: float = 0.0, max_batch: int = 32, gather_ms: float = 5.0,
-                        max_restarts: int = 3, detached: bool = False):
+                        num_cpus: float = RayConfig.synth_actor_cpus, num_gpus: float = 0.0,
+                        max_batch: int = RayConfig.synth_max_batch, gather_ms: float = RayConfig.synth_gather_ms,
+                        max_restarts: int = RayConfig.synth_max_restarts, detached: bool = False):
     """Return the handle of the named synthesis actor, creating it if no live one has that name.
 
     Not detached by default, so it ends with the driver that made it (no leftovers after a
@@ -363,6 +367,12 @@ def start_synthesis_actors(cfg: Any, bundle: str, count: int | None = None, *, b
 # the client
 
 
+def _request_arrays(infection: Any, lung: Any, images: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A request's tensors as the numpy arrays the actor receives."""
+    image_array = None if images is None else images.detach().cpu().numpy().astype(np.float32, copy=False)
+    return infection.detach().cpu().numpy().astype(np.float32, copy=False), lung.detach().cpu().numpy(), image_array
+
+
 class ActorSynthesisClient:
     """:class:`plsynth.synth_service.protocol.SynthesisClient` backed by the named actor.
 
@@ -372,8 +382,8 @@ class ActorSynthesisClient:
     that the last error is raised as RuntimeError naming the actor.
     """
 
-    def __init__(self, name: str = ACTOR_NAME, namespace: str = NAMESPACE, retries: int = 5, backoff_s: float = 0.5,
-                 timeout_s: float = 600.0) -> None:
+    def __init__(self, name: str = ACTOR_NAME, namespace: str = NAMESPACE, retries: int = RayConfig.synth_retries,
+                 backoff_s: float = 0.5, timeout_s: float = 600.0) -> None:
         self.name, self.namespace = name, namespace
         self.retries, self.backoff_s, self.timeout_s = int(retries), float(backoff_s), float(timeout_s)
         self._handle = None
@@ -420,10 +430,8 @@ class ActorSynthesisClient:
     def synthesize(self, infection, lung, images=None, seed=None):
         import torch
 
-        inf = infection.detach().cpu().numpy().astype(np.float32, copy=False)
-        lng = lung.detach().cpu().numpy()
-        img = None if images is None else images.detach().cpu().numpy().astype(np.float32, copy=False)
-        out = self._call(lambda h: h.synthesize.remote(inf, lng, img, seed))
+        arrays = _request_arrays(infection, lung, images)
+        out = self._call(lambda h: h.synthesize.remote(*arrays, seed))
         return torch.from_numpy(np.array(out, dtype=np.float32, copy=True)).to(infection.device)
 
     def stats(self) -> dict[str, Any]:
@@ -431,6 +439,41 @@ class ActorSynthesisClient:
 
     def reset_stats(self) -> None:
         self._call(lambda h: h.reset_stats.remote())
+
+
+class ActorPool:
+    """Several synthesis actors behind one `SynthesisClient`, for drawing many batches at once.
+
+    ``synthesize_many`` sends every request to the actors round-robin, all in flight together, so
+    N actors decode N batches in parallel (and each actor batches what it receives); SA-ST's
+    offline set (``training.self_training.make_offline_set``) uses it. ``backend`` and
+    ``bundle_sha256`` are those of the first actor (all serve one bundle).
+    """
+
+    def __init__(self, actors: list, name: str = ACTOR_NAME, namespace: str = NAMESPACE,
+                 retries: int = RayConfig.synth_retries) -> None:
+        if not actors:
+            raise ValueError("ActorPool: no synthesis actors given")
+        self.actors = list(actors)
+        self.client = ActorSynthesisClient(name, namespace, retries=retries)
+        self.backend, self.bundle_sha256 = self.client.backend, self.client.bundle_sha256
+
+    def synthesize(self, infection, lung, images=None, seed=None):
+        return self.client.synthesize(infection, lung, images, seed)
+
+    def synthesize_many(self, requests: list[dict[str, Any]]) -> list[Any]:
+        """``synthesize(**request)`` for every request, spread over the actors; results in order."""
+        import ray
+        import torch
+
+        refs = [self.actors[turn % len(self.actors)].synthesize.remote(
+                    *_request_arrays(r["infection"], r["lung"], r.get("images")), r.get("seed"))
+                for turn, r in enumerate(requests)]
+        return [torch.from_numpy(np.asarray(out, dtype=np.float32)).to(r["infection"].device)
+                for out, r in zip(ray.get(refs), requests)]
+
+    def stats(self) -> dict[str, Any]:
+        return self.client.stats()
 
 
 def connect_service(cfg: Any, seed: int | None = None, name: str = ACTOR_NAME) -> ActorSynthesisClient:

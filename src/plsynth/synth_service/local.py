@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from plsynth.synth_service.decoder_bundle import load_decoder_bundle, ort_session
-from plsynth.synth_service.style_pool import PoolMode
+from plsynth.bundles.onnx_export import ort_session
+from plsynth.bundles.style_pool import PoolMode
+from plsynth.bundles.synthesizer import load_decoder_bundle
 from plsynth.torch_setup import flush_denormals
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class LocalSynthesizer:
     """Runs a synthesizer bundle in this process.
 
     backend: ``torch`` (the reference) or ``ort`` (ONNX Runtime on its CPU provider, or the
-    providers given); ``trt`` belongs to the deploy engine builder and is refused here.
+    providers given); ``trt`` belongs to the engine cache (bundles.tensorrt_engine) and is refused here.
     pool_mode / k default to the bundle's (``synth.pool_mode`` / ``synth.pool_k``).
     seed: seeds the generator used by calls without their own ``seed``, so a sequence of calls
     is reproducible; a call's ``seed`` fixes its pool draw and noise on its own.
@@ -50,7 +51,7 @@ class LocalSynthesizer:
     ) -> None:
         if backend == "trt":
             raise ValueError(
-                "backend 'trt' is built by the deploy engine builder (plsynth.deploy.engines); "
+                "backend 'trt' is built by the TensorRT engine cache (plsynth.bundles.tensorrt_engine); "
                 "LocalSynthesizer runs 'torch' or 'ort'"
             )
         if backend not in ("torch", "ort"):

@@ -19,15 +19,14 @@ user-writable, and a pickle placed there must not run (this is also what ``plsyn
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from plsynth.atomic import atomic_write
 from plsynth.errors import InputError
 
 # Keys whose change does not alter the optimisation of a resumed run (``train.val_every``: the
@@ -63,24 +62,9 @@ def unwrap(net: torch.nn.Module) -> torch.nn.Module:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` to ``path`` (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the usual file mode
-    try:
+    with atomic_write(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return Path(path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

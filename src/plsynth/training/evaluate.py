@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from plsynth.config import Config
+from plsynth.config import Config, TrainConfig
 from plsynth.data.lungs import inside_lungs
 from plsynth.metrics import score_case, score_slices
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predict_slices(net: torch.nn.Module, images: Any, threshold: float = 0.5, batch_size: int = 16) -> np.ndarray:
+def predict_slices(net: torch.nn.Module, images: Any, threshold: float = TrainConfig.tau, batch_size: int = 16) -> np.ndarray:
     """Binary masks (Z, S, S) uint8 for images (Z, 1, S, S) in [0, 1]; the net is put in eval mode."""
     was_training = net.training
     net.eval()
@@ -46,7 +46,7 @@ def predict_slices(net: torch.nn.Module, images: Any, threshold: float = 0.5, ba
 
 
 def score_cases(
-    net: torch.nn.Module, cases: Iterable[Any], tolerance_mm: float = 1.0, threshold: float = 0.5, batch_size: int = 16
+    net: torch.nn.Module, cases: Iterable[Any], tolerance_mm: float = TrainConfig.tolerance_mm, threshold: float = TrainConfig.tau, batch_size: int = 16
 ) -> list[dict[str, Any]]:
     """One row per scored unit: {"case", "dice", "nsd", "unit", "spacing"}.
 
@@ -81,7 +81,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def validate(
-    net: torch.nn.Module, cases: Iterable[Any], tolerance_mm: float = 1.0, threshold: float = 0.5, batch_size: int = 16
+    net: torch.nn.Module, cases: Iterable[Any], tolerance_mm: float = TrainConfig.tolerance_mm, threshold: float = TrainConfig.tau, batch_size: int = 16
 ) -> dict[str, Any]:
     """Score ``net`` on held-out cases: ``{"dice", "nsd", "cases", "per_case": rows}``."""
     rows = score_cases(net, cases, tolerance_mm, threshold, batch_size)
@@ -96,7 +96,7 @@ def evaluate_bundle(model: Path, cfg: Config, split: str = "val", out: Path | No
     bundle's run folder when ``out`` is None).
     """
     from plsynth.data.datasets import build_splits
-    from plsynth.deploy.bundle import load_bundle
+    from plsynth.bundles.segmenter import load_bundle
 
     model = Path(model)
     bundle = load_bundle(model)

@@ -9,7 +9,7 @@
                      backward, SGD step on every network, log.csv row
         _after_step: every train.val_every_iters validate (DSC, NSD; val.csv, curves.png), best.pt;
                      last.pt every train.checkpoint_every and at each epoch's end (then report)
-    then (train): write DIR/bundle from best.pt (or last.pt) with deploy.bundle.write_bundle
+    then (train): write DIR/bundle from best.pt (or last.pt) with bundles.segmenter.write_bundle
 
 Under Ray Train only the hooks differ (`TrainHooks`: device, prepare_model, report, is_main,
 broadcast). Data parallel: each of N workers takes its 1/N share of every global batch
@@ -277,17 +277,7 @@ def _unlabeled_source(cfg: Config, data: Any, out: Path, synth: Any, teacher: An
     else:
         fingerprint = {"teacher": {"module": type(teacher).__name__}}
     def offline_set():
-        return make_offline_set(
-            teacher,
-            data.unlabeled,
-            synth,
-            out / "offline",
-            tau=cfg.train.tau,
-            pseudo_in_lung=cfg.train.pseudo_in_lung,
-            batch_size=cfg.train.offline_batch,
-            seed=cfg.train.seed,
-            fingerprint=fingerprint,
-        )
+        return make_offline_set(teacher, data.unlabeled, synth, out / "offline", cfg.train, fingerprint=fingerprint)
 
     offline = offline_set() if hooks.is_main else None
     hooks.broadcast(None)  # a barrier: rank 0 has written the set
@@ -523,16 +513,12 @@ def _after_step(run: _Run, step: int, loss: float, terms: dict[str, float]) -> N
 
 def _write_run_bundle(cfg: Config, out: Path, synth: Any, teacher_info: dict, total: int) -> Path:
     """Write ``out/bundle`` from best.pt (``train.bundle_from: best``, when validation ran) or last.pt."""
-    from plsynth.deploy.bundle import write_bundle
-    from plsynth.models.unet import UNet
+    from plsynth.bundles.segmenter import write_bundle
+    from plsynth.models.unet import unets_from_states
 
     source = out / "best.pt" if cfg.train.bundle_from == "best" and (out / "best.pt").is_file() else out / "last.pt"
     state = ckpt.load_checkpoint(source)
-    nets = {}
-    for name, weights in state["networks"].items():
-        net = UNet(cfg.model)
-        net.load_state_dict(weights)
-        nets[name] = net.eval()
+    nets = unets_from_states(cfg.model, state["networks"])
     metrics = {
         "val_dice": state["val"].get("dice"),
         "val_nsd": state["val"].get("nsd"),

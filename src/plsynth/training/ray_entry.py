@@ -42,10 +42,13 @@ import typer
 log = logging.getLogger("plsynth.training.ray_entry")
 
 
-def connect_ray(address: str = "", namespace: str = "plsynth") -> str:
+def connect_ray(address: str = "", namespace: str | None = None) -> str:
     """Join or start Ray; returns ``"cluster"`` or ``"local"`` (which one is also logged)."""
     import ray
 
+    from plsynth.synth_service.actor import NAMESPACE
+
+    namespace = namespace or NAMESPACE
     if ray.is_initialized():
         return "existing"
     target = address or os.environ.get("RAY_ADDRESS", "")
@@ -92,7 +95,8 @@ def train_with_synthesis_service(cfg, out: Path) -> dict:
     actors; returns the summary also written to OUT/ray_summary.json."""
     import ray
 
-    from plsynth.synth_service.actor import ActorSynthesisClient, kill_actor, start_synthesis_actors
+    from plsynth.atomic import atomic_write_text
+    from plsynth.synth_service.actor import ActorPool, kill_actor, start_synthesis_actors
     from plsynth.training.ray_train import train_on_ray
 
     t0 = time.perf_counter()
@@ -119,21 +123,18 @@ def train_with_synthesis_service(cfg, out: Path) -> dict:
             cfg = cfg.replace(train=dataclasses.replace(cfg.train, teacher=str(out / "teacher" / "bundle")))
         actors = start_synthesis_actors(cfg, cfg.synth.bundle)
         names = _actor_names(len(actors))
-        client = ActorSynthesisClient(names[0], retries=cfg.ray.synth_retries)
+        pool = ActorPool(actors, names[0], retries=cfg.ray.synth_retries)
+        client = pool.client
         summary["synth"] = {"bundle": cfg.synth.bundle, "backend": client.backend, "actors": len(actors),
                             "bundle_sha256": client.bundle_sha256}
         log.info("synthesis: %d actor(s), back-end %s", len(actors), client.backend)
         if cfg.train.method == "sa-st":
-            from plsynth.synth_service.offline import synthesize_offline_set
-            from plsynth.training.self_training import load_teacher
+            from plsynth.training.self_training import load_teacher, make_offline_set
 
             teacher, fingerprint = load_teacher(cfg.train.teacher)
-            manifest = synthesize_offline_set(
-                teacher, data.unlabeled, actors, out / "offline",
-                synthesizer={"sha256": client.bundle_sha256, "backend": client.backend},
-                tau=cfg.train.tau, pseudo_in_lung=cfg.train.pseudo_in_lung, batch_size=cfg.train.offline_batch,
-                seed=cfg.train.seed, fingerprint=fingerprint)
-            summary["offline"] = {"shards": len(manifest["shards"]), "timing": manifest.get("timing", {})}
+            t_offline = time.perf_counter()
+            offline = make_offline_set(teacher, data.unlabeled, pool, out / "offline", cfg.train, fingerprint=fingerprint)
+            summary["offline"] = {"shards": len(offline.manifest["shards"]), "seconds": time.perf_counter() - t_offline}
         t_train = time.perf_counter()
         result = train_on_ray(cfg, out, synth=client)
         summary["train_s"] = time.perf_counter() - t_train
@@ -147,7 +148,7 @@ def train_with_synthesis_service(cfg, out: Path) -> dict:
         for name in names:
             kill_actor(name)
         summary["seconds"] = time.perf_counter() - t0
-        (out / "ray_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        atomic_write_text(out / "ray_summary.json", json.dumps(summary, indent=2, default=str))
         if mode == "local":
             ray.shutdown()
     return summary
@@ -215,6 +216,8 @@ def train_sa_st() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in ("sa-cps", "sa-st"):
+        from plsynth.errors import ExitCode
+
         sys.stderr.write("usage: python -m plsynth.training.ray_entry {sa-cps,sa-st} --config FILE [--out DIR]\n")
-        sys.exit(2)
+        sys.exit(ExitCode.USAGE)
     sys.exit(main(sys.argv[1], sys.argv[2:]))

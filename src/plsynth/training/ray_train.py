@@ -97,6 +97,7 @@ def restore_from_ray_checkpoint(out: Path) -> int:
     """Copy ``last.pt`` from Ray Train's latest checkpoint into ``out`` when it is newer; return its step (0: none)."""
     import ray.train
 
+    from plsynth.atomic import atomic_write
     from plsynth.training.checkpoint import load_checkpoint
 
     checkpoint = ray.train.get_checkpoint()
@@ -110,9 +111,8 @@ def restore_from_ray_checkpoint(out: Path) -> int:
         target = Path(out) / CHECKPOINT_FILE
         current = int(load_checkpoint(target).get("step", -1)) if target.is_file() else -1
         if step > current:
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            shutil.copy2(source, tmp)
-            os.replace(tmp, target)
+            with atomic_write(target) as tmp:
+                shutil.copy2(source, tmp)
     return step
 
 
@@ -179,7 +179,7 @@ def make_trainer(cfg: Config, out: Path, *, synth: Any = None, loop_fn: Callable
     """Build the TorchTrainer for ``cfg`` writing into ``out`` (not started).
 
     synth: a picklable SynthesisClient (the actor client) handed to every worker.
-    loop_fn: ``(cfg, out, hooks, **kw) -> result`` (default ``train``; tests pass a tiny loop).
+    loop_fn: ``(cfg, out, hooks, **kw) -> result`` (default ``train``; the synthesizer passes its own).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from plsynth.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 TRAIN_FIELDS = ["step", "epoch", "lr", "loss", "loss_s", "loss_pseudo", "loss_synthetic", "seconds"]
@@ -31,7 +33,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def _truncate(path: Path, fields: list[str], keep_below_step: int) -> None:
     rows = [r for r in read_rows(path) if int(r["step"]) < keep_below_step]
-    with open(path, "w", newline="") as handle:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -118,8 +120,7 @@ def plot_curves(out: Path, title: str = "") -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     path = out / "curves.png"
-    tmp = out / ".curves.png.tmp.png"
-    fig.savefig(tmp, dpi=80)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

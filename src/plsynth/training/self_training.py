@@ -9,8 +9,8 @@ Layout of the offline folder (each file written atomically, the manifest last)::
 
 Shards follow the unlabeled dataset's order. A run killed while labeling resumes at the first
 missing shard; a manifest whose fingerprint differs (other teacher, tau, synthesizer) is rebuilt.
-`make_offline_set` is the one function that does the work, so Ray actors can take over the
-synthesis by producing the same files.
+`make_offline_set` is the one function that does the work; under Ray its client is the pool of
+synthesis actors (``synth_service.actor.ActorPool``), which draws a shard's batches in parallel.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from plsynth.config import TrainConfig
 from plsynth.training.methods import pseudo_label
 from plsynth.training.schedule import Stream, step_seed
 
@@ -36,12 +37,13 @@ def _stack(items: list[dict], key: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([torch.as_tensor(np.asarray(it[key])) for it in items]).to(dtype)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    from plsynth.atomic import atomic_write
-
-    with atomic_write(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
+def _draw(synth_client: Any, requests: list[dict]) -> list[torch.Tensor]:
+    """Synthesize every request of a shard: at once when the client serves several in parallel
+    (``synthesize_many``: the Ray actor pool), else one after the other."""
+    many = getattr(synth_client, "synthesize_many", None)
+    if many is not None:
+        return many(requests)
+    return [synth_client.synthesize(**request) for request in requests]
 
 
 def make_offline_set(
@@ -49,21 +51,24 @@ def make_offline_set(
     unlabeled: Any,
     synth_client: Any,
     out_dir: Path,
+    train: TrainConfig,
     *,
-    tau: float = 0.5,
-    pseudo_in_lung: bool = True,
-    batch_size: int = 16,
-    seed: int = 0,
     fingerprint: dict | None = None,
     shard_size: int = SHARD_SIZE,
 ) -> "OfflineSet":
     """Label every unlabeled slice with ``teacher`` and, when ``synth_client``, synthesize its twin.
 
     teacher: a U-Net (logits); put in eval mode here. unlabeled: a dataset of slice items
-    ("image" (1,S,S), "lung" (S,S)). synth_client: a `SynthesisClient` or None (plain ST).
+    ("image" (1,S,S), "lung" (S,S)). synth_client: a `SynthesisClient` or None (plain ST); one
+    with ``synthesize_many`` (``synth_service.actor.ActorPool``) draws a shard's batches in parallel.
+    train: the run's ``train`` section (``tau``, ``pseudo_in_lung``, ``offline_batch``, ``seed``).
     Synthesis of batch b uses seed ``step_seed(seed, b, Stream.OFFLINE_SYNTHESIS)``, so the set is
-    reproducible and a resumed build gives the same files. Returns the `OfflineSet` reading the stored shards.
+    reproducible and a resumed build gives the same files. Returns the `OfflineSet` reading the
+    stored shards.
     """
+    from plsynth.atomic import atomic_write_npy, atomic_write_text
+
+    tau, pseudo_in_lung, batch_size, seed = train.tau, train.pseudo_in_lung, train.offline_batch, train.seed
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(unlabeled)
@@ -105,29 +110,28 @@ def make_offline_set(
         if all((out_dir / f).is_file() for f in names.values()):
             positive += int(np.load(out_dir / names["pseudo"], mmap_mode="r").sum())
             continue
-        pseudo_parts, synthetic_parts = [], []
+        pseudo_parts, requests = [], []
         for b0 in range(start, stop, batch_size):
             items = [unlabeled[i] for i in range(b0, min(stop, b0 + batch_size))]
             image = _stack(items, "image", torch.float32).to(device)
             lung = _stack(items, "lung", torch.long).to(device)
             with torch.no_grad():
                 pseudo = pseudo_label(teacher(image), tau, lung if pseudo_in_lung else None)
-                if synth_client is not None:
-                    seed_b = step_seed(seed, b0 // batch_size, Stream.OFFLINE_SYNTHESIS)
-                    drawn = synth_client.synthesize(pseudo, lung, images=image, seed=seed_b)
-                    synthetic_parts.append(drawn[:, 0].float().clamp(0, 1).cpu().numpy().astype(np.float16))
             pseudo_parts.append(pseudo[:, 0].cpu().numpy().astype(np.uint8))
+            requests.append({"infection": pseudo, "lung": lung, "images": image,
+                             "seed": step_seed(seed, b0 // batch_size, Stream.OFFLINE_SYNTHESIS)})
         pseudo_array = np.concatenate(pseudo_parts)
         positive += int(pseudo_array.sum())
         if synth_client is not None:
-            _save_npy(out_dir / names["synthetic"], np.concatenate(synthetic_parts))
-        _save_npy(out_dir / names["pseudo"], pseudo_array)
-        logger.info("offline set: %d / %d slices labeled", stop, n)
+            with torch.no_grad():
+                drawn = _draw(synth_client, requests)
+            synthetic = [d[:, 0].float().clamp(0, 1).cpu().numpy().astype(np.float16) for d in drawn]
+            atomic_write_npy(out_dir / names["synthetic"], np.concatenate(synthetic))
+        atomic_write_npy(out_dir / names["pseudo"], pseudo_array)
+        logger.info("offline set: %d / %d slices labeled%s", stop, n, " and drawn" if synth_client is not None else "")
     teacher.train(was_training)
     size = int(np.asarray(unlabeled[0]["image"]).shape[-1])
     manifest = {"key": key, "shards": shards, "image_size": size, "pseudo_positive_fraction": positive / (n * size * size)}
-    from plsynth.atomic import atomic_write_text
-
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     logger.info("offline set: %s, %.1f %% of pixels pseudo-infection", out_dir, 100 * manifest["pseudo_positive_fraction"])
     return OfflineSet(unlabeled, out_dir)
@@ -175,19 +179,18 @@ def load_teacher(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module
     """
     path = Path(path)
     if path.is_dir():
-        from plsynth.deploy.bundle import load_bundle
+        from plsynth.bundles.segmenter import load_bundle
 
         bundle = load_bundle(path)
         net = bundle.torch_networks(device)["model"]
         return net, {"teacher": {"bundle": str(path), "sha256": bundle.meta_sha256(), "method": bundle.meta.get("method")}}
     if path.is_file():
         from plsynth.config import saved_config
-        from plsynth.models.unet import UNet
+        from plsynth.models.unet import unets_from_states
         from plsynth.training.checkpoint import load_checkpoint
 
         state = load_checkpoint(path)
         cfg = saved_config(state["config"], where=str(path))
-        net = UNet(cfg.model)
-        net.load_state_dict(state["networks"]["model"])
-        return net.to(device).eval(), {"teacher": {"checkpoint": str(path), "step": state["step"], "method": state["method"]}}
+        net = unets_from_states(cfg.model, {"model": state["networks"]["model"]}, device)["model"]
+        return net, {"teacher": {"checkpoint": str(path), "step": state["step"], "method": state["method"]}}
     raise ValueError(f"{path}: train.teacher must be a segmenter bundle folder or a run checkpoint (.pt); not found")

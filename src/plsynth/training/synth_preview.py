@@ -1,4 +1,4 @@
-"""Pictures of what the synthesizer draws: the per-epoch training grid and the preview gallery.
+"""Pictures of what the synthesizer draws: the preview gallery and the tiles of the training grid.
 
 Gallery (``plsynth synth preview``, the paper's Fig. 7 idea): one row per labeled slice,
 columns: map | drawn image | map with the infection removed | its image | map with the
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plsynth.atomic import atomic_write
 from plsynth.config import Config
 
 log = logging.getLogger(__name__)
@@ -44,54 +45,9 @@ def save_grid(rows: list[list[np.ndarray]], path: Path, gap: int = 2) -> Path:
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
             canvas[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = tile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(canvas).save(tmp)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
     return path
-
-
-@torch.no_grad()
-@torch.no_grad()
-def write_training_grid(decoder, encoder, preview, cfg: Config, path: Path) -> Path | None:
-    """real | map | reconstruction | synthesis with a pool style, for ``grid_samples`` slices.
-
-    The pool style is drawn from the codes of the preview slices (positive ones when any).
-    """
-    from plsynth.synth_service.style_pool import build_style_pool
-    from plsynth.training.synthesizer import pool_batches, prepare_batch
-
-    s = cfg.synth
-    if len(preview) == 0 or s.grid_samples < 1:
-        return None
-    batch = next(iter(torch.utils.data.DataLoader(preview, batch_size=s.grid_samples, shuffle=False)))
-    device = next(decoder.parameters()).device
-    image, onehot = prepare_batch(batch, s.image_size)
-    image, onehot = image.to(device), onehot.to(device)
-    modes = decoder.training, encoder.training
-    decoder.eval(), encoder.eval()
-    try:
-        generator = torch.Generator().manual_seed(s.seed)
-        noise = decoder.make_noise(len(image), generator)
-        noise = None if noise is None else noise.to(device)
-        recon = decoder(onehot, encoder(image, onehot), noise)
-        pool = build_style_pool(encoder, pool_batches(preview, s.image_size, s.batch_size), device=device)
-        mode = "positive" if pool.n_positive else "all"
-        style = pool.draw(len(image), s.pool_k, generator, mode=mode).to(device)
-        drawn = decoder(onehot, style, noise)
-    finally:
-        decoder.train(modes[0]), encoder.train(modes[1])
-    semantic = onehot.argmax(1).cpu().numpy()
-    rows = [
-        [
-            gray_to_rgb((image[i, 0].cpu().numpy() + 1) / 2),
-            colorize_map(semantic[i]),
-            gray_to_rgb((recon[i, 0].cpu().numpy() + 1) / 2),
-            gray_to_rgb((drawn[i, 0].cpu().numpy() + 1) / 2),
-        ]
-        for i in range(len(image))
-    ]
-    return save_grid(rows, path)
 
 
 def move_infection(infection: np.ndarray, lung: np.ndarray, rng: np.random.Generator) -> np.ndarray:

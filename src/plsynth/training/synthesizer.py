@@ -19,14 +19,13 @@ first half of the epochs then linearly decayed (SEAN: 50 + 50 epochs).
 
 The run folder holds ``last.pt`` (nets, optimizers, epoch, config; a rerun resumes from it),
 ``grids/epoch_XXX.png`` (real | map | reconstruction | synthesis with a pool style) and, at
-the end, ``bundle/`` (``plsynth.synth_service.decoder_bundle``) with the pool built once from
+the end, ``bundle/`` (``plsynth.bundles.synthesizer``) with the pool built once from
 all labeled slices.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plsynth.atomic import atomic_write
 from plsynth.config import Config
 from plsynth.models.discriminator import (
     MultiScaleDiscriminator,
@@ -238,6 +238,48 @@ def reconstruction_l1(decoder: SEANDecoder, encoder: StyleEncoder, image: torch.
         decoder.train(modes[0]), encoder.train(modes[1])
 
 
+@torch.no_grad()
+def write_training_grid(decoder, encoder, preview, cfg: Config, path: Path) -> Path | None:
+    """real | map | reconstruction | synthesis with a pool style, for ``grid_samples`` slices.
+
+    The pool style is drawn from the codes of the preview slices (positive ones when any).
+    """
+    from plsynth.bundles.style_pool import build_style_pool
+    from plsynth.training.synth_preview import colorize_map, gray_to_rgb, save_grid
+
+    s = cfg.synth
+    if len(preview) == 0 or s.grid_samples < 1:
+        return None
+    batch = next(iter(torch.utils.data.DataLoader(preview, batch_size=s.grid_samples, shuffle=False)))
+    device = next(decoder.parameters()).device
+    image, onehot = prepare_batch(batch, s.image_size)
+    image, onehot = image.to(device), onehot.to(device)
+    modes = decoder.training, encoder.training
+    decoder.eval(), encoder.eval()
+    try:
+        generator = torch.Generator().manual_seed(s.seed)
+        noise = decoder.make_noise(len(image), generator)
+        noise = None if noise is None else noise.to(device)
+        recon = decoder(onehot, encoder(image, onehot), noise)
+        pool = build_style_pool(encoder, pool_batches(preview, s.image_size, s.batch_size), device=device)
+        mode = "positive" if pool.n_positive else "all"
+        style = pool.draw(len(image), s.pool_k, generator, mode=mode).to(device)
+        drawn = decoder(onehot, style, noise)
+    finally:
+        decoder.train(modes[0]), encoder.train(modes[1])
+    semantic = onehot.argmax(1).cpu().numpy()
+    rows = [
+        [
+            gray_to_rgb((image[i, 0].cpu().numpy() + 1) / 2),
+            colorize_map(semantic[i]),
+            gray_to_rgb((recon[i, 0].cpu().numpy() + 1) / 2),
+            gray_to_rgb((drawn[i, 0].cpu().numpy() + 1) / 2),
+        ]
+        for i in range(len(image))
+    ]
+    return save_grid(rows, path)
+
+
 def lr_factor(epoch: int, epochs: int) -> float:
     """SEAN's schedule scaled to ``epochs``: 1 for the first half, then linear decay (never 0)."""
     half = epochs // 2
@@ -258,9 +300,8 @@ def _save_last(path: Path, nets: SynthNets, epoch: int, cfg: Config, history: li
         "config": cfg.to_dict(),
         "history": history,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _resume(path: Path, nets: SynthNets, cfg: Config) -> tuple[int, list[dict]]:
@@ -294,10 +335,9 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
 
     device: default ``train.device`` (a Ray Train worker passes the device Ray gave it).
     """
-    from plsynth.synth_service.decoder_bundle import write_decoder_bundle
-    from plsynth.synth_service.style_pool import build_style_pool
+    from plsynth.bundles.style_pool import build_style_pool
+    from plsynth.bundles.synthesizer import write_decoder_bundle
     from plsynth.training.loop import select_device
-    from plsynth.training.synth_preview import write_training_grid
     from plsynth.torch_setup import flush_denormals
 
     if cfg.train.threads:

@@ -1,14 +1,15 @@
 """TensorRT: build an engine from a bundle's ONNX, cache it by machine, run it.
 
-Serialized engines are not portable across GPUs or TensorRT versions (field-anchors.md
-section 3), so bundles ship ONNX only and engines are built on the target and cached *outside*
+Serialized engines are not portable across GPUs or TensorRT versions, so bundles ship ONNX only and engines are built on the target and cached *outside*
 the bundle's hashed files: in ``<bundle>/cache/`` when the bundle folder is writable, else in
 ``$PLSYNTH_CACHE_DIR``, else in ``<tmp>/plsynth-cache``. The cache key is GPU model, compute
 capability, TensorRT version, ONNX sha256, precision and the batch profile; an engine whose key
 differs is never used (a new one is built beside it and stale ones for the same ONNX removed).
 
-``tensorrt`` is imported lazily: it cannot be installed on the CPU development machines
-(environment-notes.md section 5). NEVER RUN HERE: `build_engine`, `TrtEngine`, `device_info`
+The cache is an on-disk format derived from a bundle, used by both plsynth-infer (deploy) and
+the synthesis actor (synth_service), hence its place here.
+
+``tensorrt`` is imported lazily: it cannot be installed on CPU-only machines. NEVER RUN HERE: `build_engine`, `TrtEngine`, `device_info`
 and the TensorRT branch of `open_trt_engine` have not run on a real TensorRT; the cache
 logic around them is tested with a fake builder and fake device info.
 """
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from plsynth.atomic import atomic_write, atomic_write_text
+from plsynth.errors import EngineUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,14 @@ def tensorrt_status() -> tuple[bool, str]:
     except Exception as exc:  # noqa: BLE001 - ImportError or a missing shared library (OSError)
         return False, f"TensorRT is not installed ({type(exc).__name__}: {exc})"
     return True, str(trt.__version__)
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def device_info() -> DeviceInfo:  # NEVER RUN HERE (needs a GPU and TensorRT)
@@ -123,15 +135,9 @@ def cached_engine(
         except ValueError:
             pass
     logger.info("building TensorRT engine %s (this can take minutes)", engine_path.name)
-    tmp = engine_path.with_name(f".{engine_path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(engine_path) as tmp:
         builder(Path(onnx_path), tmp, precision == "fp16", profile)
-        os.replace(tmp, engine_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    tmp_side = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
-    tmp_side.write_text(json.dumps(fields, indent=2))
-    os.replace(tmp_side, sidecar)
+    atomic_write_text(sidecar, json.dumps(fields, indent=2))
     for stale in Path(cache_dir).glob(f"{onnx_sha256[:12]}_*.plan"):
         if stale != engine_path:
             logger.info("removing stale TensorRT engine %s", stale.name)
@@ -227,18 +233,39 @@ def open_trt_engine(
 
     Raises `EngineUnavailable` with the reason when TensorRT or a GPU is missing.
     """
-    from plsynth.deploy.engines import EngineUnavailable, torch_cuda_available
+    from plsynth.bundles.files import sha256_file
 
     ok, reason = tensorrt_status()
     if not ok:
         raise EngineUnavailable(f"{onnx_path}: --engine trt: {reason}")
     if not torch_cuda_available():
         raise EngineUnavailable(f"{onnx_path}: --engine trt: no CUDA device is visible")
-    from plsynth.deploy.bundle import sha256_file
-
     digest = onnx_sha256 or sha256_file(onnx_path)
     folder = cache_dir or resolve_cache_dir(Path(onnx_path).parent)
     precision = "fp16" if fp16 else "fp32"
     profile = Profile.for_batch_size(batch_size)
     engine_path, _ = cached_engine(onnx_path, digest, folder, device_info(), precision, profile)
     return TrtEngine(engine_path, precision, profile.max_batch)
+
+
+def build_trt_engines(bundle_dir: Path, fp16: bool = False, batch_size: int = 8) -> dict[str, dict]:  # NEVER RUN HERE
+    """Build (or reuse) the TensorRT engine of every network of a segmenter bundle and check it
+    against ONNX Runtime CPU on phantom slices (mask Dice >= 0.99, else BundleError).
+
+    Returns the parity per network. Raises `EngineUnavailable` without TensorRT or a GPU.
+    """
+    from plsynth.bundles.onnx_export import compare_masks, ort_session, parity_slices
+    from plsynth.bundles.segmenter import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    cache = resolve_cache_dir(bundle.path)
+    slices = parity_slices(bundle.image_size, bundle.window_hu, bundle.lung_handling)[:batch_size]
+    report = {}
+    for name in bundle.network_names:
+        onnx_path = bundle.onnx_path(name)
+        engine = open_trt_engine(onnx_path, batch_size, fp16, cache, bundle.onnx_sha256(name))
+        ref = ort_session(onnx_path).run(None, {bundle.input_name: slices})[0]
+        report[name] = {**compare_masks(ref, engine.run(slices), bundle.threshold, "TensorRT/ONNX", onnx_path),
+                        "precision": "fp16" if fp16 else "fp32", "provider": engine.provider}
+        logger.info("TensorRT parity %s: %s", name, report[name])
+    return report

@@ -11,8 +11,8 @@ A folder with
   abs difference torch vs ONNX Runtime CPU with fixed noise, gated at 1e-4), versions, the
   resolved synth/data config and the sha256 of every other file.
 
-Loading needs only this module, the networks in ``plsynth.models.sean`` and the pool class,
-never the training code. ``bundle_sha256`` (the sha256 of meta.json, which lists every
+Loading needs only this package and the networks in ``plsynth.models.sean``, never the
+training code. ``bundle_sha256`` (the sha256 of meta.json, which lists every
 file's hash) identifies a bundle in trainer bundles and logs.
 """
 
@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from plsynth.atomic import atomic_folder
+from plsynth.bundles.files import sha256_file, versions
+from plsynth.bundles.onnx_export import OPSET, export_onnx, ort_session
+from plsynth.bundles.style_pool import StylePool
 from plsynth.config import Config, SynthConfig
 from plsynth.errors import BundleError
 from plsynth.models.sean import (
@@ -43,7 +44,6 @@ from plsynth.models.sean import (
     fold_spectral_norm,
     hidden_width,
 )
-from plsynth.synth_service.style_pool import StylePool
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,6 @@ FORMAT_VERSION = 1
 PARITY_TOLERANCE = 1e-4
 CLASSES = ["background", "left lung", "right lung", "infection"]
 FILES = ("decoder.pt", "encoder.pt", "decoder.onnx", "pool.npz")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def bundle_sha256(path: str | Path) -> str:
@@ -71,51 +63,27 @@ def bundle_sha256(path: str | Path) -> str:
 
 
 def export_decoder_onnx(decoder: SEANDecoder, path: Path) -> list[str]:
-    """Export a copy of ``decoder`` (spectral norm folded, eval) to ONNX; returns the input names.
-
-    Legacy TorchScript exporter, opset 18, one file, dynamic batch (environment-notes.md s. 3, 6).
-    """
-    import warnings
-
+    """Export a copy of ``decoder`` (spectral norm folded, eval) to ONNX; returns the input names."""
     model = fold_spectral_norm(copy.deepcopy(decoder).cpu().eval())
     s, d = decoder.image_size, decoder.config.style_dim
-    args: tuple[torch.Tensor, ...] = (torch.zeros(2, NUM_CLASSES, s, s), torch.zeros(2, NUM_CLASSES, d))
-    names = ["onehot", "style"]
+    inputs = {"onehot": torch.zeros(2, NUM_CLASSES, s, s), "style": torch.zeros(2, NUM_CLASSES, d)}
     if decoder.uses_noise:
-        args = (*args, torch.zeros(2, 1, s, s))
-        names.append("noise")
-    axes = {name: {0: "batch"} for name in [*names, "image"]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=DeprecationWarning)  # legacy exporter notice
-        # shape checks in resize_nearest are constant for the fixed S x S input the decoder takes
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            model, args, str(path), input_names=names, output_names=["image"],
-            dynamic_axes=axes, opset_version=18, dynamo=False,
-        )
-    return names
-
-
-def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None):
-    """An ONNX Runtime session for the decoder (CPU unless other providers are asked for)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        inputs["noise"] = torch.zeros(2, 1, s, s)
+    export_onnx(model, path, inputs, ["image"])
+    return list(inputs)
 
 
 def parity_inputs(config: SynthConfig, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A fixed test input: a map with two lungs and an infection blob, random styles, fixed noise."""
+    """A fixed test input: the map of a phantom chest slice (two lungs, lesions), random styles, fixed noise."""
+    from plsynth.data.phantom import make_phantom
+    from plsynth.data.semantic import one_hot, semantic_map
+
     g = torch.Generator().manual_seed(seed)
     s = config.image_size
-    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-    semantic = torch.zeros(s, s, dtype=torch.long)
-    semantic[((yy - s / 2) / (0.35 * s)) ** 2 + ((xx - 0.7 * s) / (0.18 * s)) ** 2 < 1] = 1
-    semantic[((yy - s / 2) / (0.35 * s)) ** 2 + ((xx - 0.3 * s) / (0.18 * s)) ** 2 < 1] = 2
-    semantic[((yy - 0.45 * s) ** 2 + (xx - 0.7 * s) ** 2) < (0.08 * s) ** 2] = 3
-    onehot = torch.nn.functional.one_hot(semantic, NUM_CLASSES).permute(2, 0, 1).float()
+    phantom = make_phantom(1234, (12, s, s), lesions=True, name="parity")
+    middle = phantom.lung.shape[0] // 2  # the lowest slices show only the costophrenic rim
+    onehot = one_hot(semantic_map(torch.from_numpy(phantom.lung[middle]).long(),
+                                  torch.from_numpy(phantom.infection[middle]).long()))
     inputs = {
         "onehot": onehot.expand(batch, -1, -1, -1).contiguous(),
         "style": torch.rand(batch, NUM_CLASSES, config.style_dim, generator=g) * 2 - 1,
@@ -141,19 +109,6 @@ def measure_parity(decoder: SEANDecoder, onnx_path: Path) -> float:
     return float(np.abs(got - expected).max())
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-    import platform
-
-    versions = {"python": platform.python_version()}
-    for name in ("plsynth", "torch", "onnx", "onnxruntime", "numpy"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
-
-
 def write_decoder_bundle(
     out: str | Path,
     decoder: SEANDecoder,
@@ -169,12 +124,9 @@ def write_decoder_bundle(
     torch by more than 1e-4. ``extra`` (e.g. training figures) is stored under meta["training"].
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if pool.style_dim != cfg.synth.style_dim:
         raise ValueError(f"pool style_dim {pool.style_dim} != synth.style_dim {cfg.synth.style_dim}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(out) as tmp:
         torch.save({k: v.detach().cpu() for k, v in decoder.state_dict().items()}, tmp / "decoder.pt")
         torch.save({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, tmp / "encoder.pt")
         inputs = export_decoder_onnx(decoder, tmp / "decoder.onnx")
@@ -196,7 +148,7 @@ def write_decoder_bundle(
             "norm_hidden": hidden_width(synth),
             "encoder_width": encoder.features[1].out_channels,
             "noise": synth.noise,
-            "onnx": {"inputs": inputs, "outputs": ["image"], "opset": 18, "dynamic_axes": "batch"},
+            "onnx": {"inputs": inputs, "outputs": ["image"], "opset": OPSET, "dynamic_axes": "batch"},
             "export_parity_max_abs": parity,
             "export_parity_tolerance": PARITY_TOLERANCE,
             "pool": {
@@ -211,16 +163,10 @@ def write_decoder_bundle(
             "config_name": cfg.name,
             "config_source": cfg.source,
             "training": extra or {},
-            "versions": _versions(),
+            "versions": versions(),
             "files": {name: sha256_file(tmp / name) for name in FILES},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("synthesizer bundle %s (parity %.2e, pool %d / N+ %d)", out, parity, len(pool), pool.n_positive)
     return out
 

@@ -18,17 +18,13 @@ with a BundleError naming the file.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
-import os
-import platform
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from plsynth.bundles.files import jsonable, sha256_file, versions
 from plsynth.data.lungs import lung_record
 from plsynth.errors import BundleError
 
@@ -41,39 +37,6 @@ INPUT_NAME = "x"
 OUTPUT_NAME = "logits"
 NETWORK_NAMES = ("model", "peer")
 CLASSES = {"0": "background", "1": "infection"}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def versions() -> dict[str, str]:
-    """Versions of everything that shapes a bundle's numbers (recorded in meta.json and reports)."""
-    out = {"python": platform.python_version()}
-    for name in ("plsynth", "torch", "onnx", "onnxruntime", "numpy"):
-        try:
-            from importlib.metadata import version
-
-            out[name] = version(name if name != "onnxruntime" else _ort_dist())
-        except Exception:  # noqa: BLE001 - a missing optional package is recorded, not fatal
-            out[name] = "absent"
-    return out
-
-
-def _ort_dist() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("onnxruntime", "onnxruntime-gpu"):
-        try:
-            version(dist)
-            return dist
-        except PackageNotFoundError:
-            continue
-    return "onnxruntime"
 
 
 def write_bundle(
@@ -89,23 +52,19 @@ def write_bundle(
     ``cfg.model``. Each is exported to ONNX (dynamic batch, fixed S = cfg.data.image_size),
     checked against PyTorch on phantom slices (mask Dice >= 0.99, else BundleError), and saved
     as a state dict. The bundle is built in a temporary folder beside ``out_dir`` and renamed
-    into place; an existing bundle at ``out_dir`` is replaced only after the new one is complete.
+    into place (``atomic_folder``); an existing bundle is replaced only once the new one is complete.
     """
     import torch
 
-    from plsynth.deploy.export import check_parity, export_onnx, phantom_slices
+    from plsynth.atomic import atomic_folder
+    from plsynth.bundles.onnx_export import check_parity, export_onnx, parity_slices
 
     out_dir = Path(out_dir)
     if "model" not in networks or set(networks) - set(NETWORK_NAMES):
         raise ValueError(f"networks must be {{'model'}} or {{'model', 'peer'}}, got {sorted(networks)}")
     size = int(cfg.data.image_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a bundle is read by the service user too
-    try:
-        slices = _parity_inputs(size, cfg, phantom_slices)
+    with atomic_folder(out_dir) as tmp:
+        slices = parity_slices(size, cfg.data.window_hu, cfg.data.lung_handling)
         parity: dict[str, dict] = {}
         entries: dict[str, dict] = {}
         for name, net in networks.items():
@@ -134,68 +93,48 @@ def write_bundle(
             "classes": CLASSES,
             "method": cfg.train.method,
             "config": cfg.to_dict(),
-            "metrics": _jsonable(metrics),
+            "metrics": jsonable(metrics),
             "versions": versions(),
             "parity": parity,
             "files": files,
         }
         if extra_meta:
-            meta.update(_jsonable(extra_meta))
+            meta.update(jsonable(extra_meta))
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("bundle written: %s (%s)", out_dir, ", ".join(files))
     return out_dir
 
 
-def _parity_inputs(size: int, cfg: Any, fallback) -> Any:
-    """Phantom chest slices (B, 1, S, S) at the bundle's input size, prepared as at inference.
+def export_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Re-export a training run's checkpoint (``best.pt``, else ``last.pt``) as a bundle.
 
-    Uses the project's phantoms (``plsynth.data.phantom``: lesions forced on, windowed with the
-    bundle's window, lung handling applied); the local ellipse drawing is the fallback.
+    The checkpoint is ``{"networks": {"model": state_dict[, "peer": ...]}, "config": cfg.to_dict(),
+    "val": {...}, ...}`` (written by ``plsynth.training.checkpoint``), read with ``weights_only=True``.
+    The bundle goes to ``out`` (default ``run_dir/bundle``) through `write_bundle`, the same code
+    training ends with.
     """
+    import torch
+
+    from plsynth.config import saved_config
+    from plsynth.errors import InputError
+    from plsynth.models.unet import unets_from_states
+
+    run_dir = Path(run_dir)
+    source = next((run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).is_file()), None)
+    if source is None:
+        raise InputError(run_dir, "no best.pt or last.pt here; is this a training run folder?")
     try:
-        from plsynth.data.phantom import make_phantom
-        from plsynth.data.preprocess import to_model_input
-        from plsynth.data.window import window_array
-    except ImportError:
-        return fallback(size)
-    phantom = make_phantom(1234, (12, size, size), lesions=True, name="parity")
-    middle = slice(3, 9)  # the lowest slices show only the costophrenic rim
-    unit = window_array(phantom.hu[middle], tuple(cfg.data.window_hu))
-    return to_model_input(unit, phantom.lung[middle], size, cfg.data.lung_handling)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, then removed."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(source, f"cannot read the checkpoint with weights_only=True: {exc}") from exc
+    weights = state.get("networks") or state.get("models")
+    if not isinstance(weights, dict) or "config" not in state:
+        raise InputError(source, "checkpoint lacks 'networks' (or 'models') and 'config'")
+    cfg = saved_config(state["config"], where=str(source))
+    nets = unets_from_states(cfg.model, weights)
+    val = state.get("val") or {}
+    metrics = {"val_dice": val.get("dice"), "val_nsd": val.get("nsd"), "step": state.get("step"), "epoch": state.get("epoch")}
+    return write_bundle(Path(out) if out else run_dir / "bundle", nets, cfg, metrics, {"exported_from": source.name})
 
 
 @dataclass(frozen=True)
@@ -255,7 +194,7 @@ class Bundle:
         """The U-Nets, rebuilt from the stored config and loaded with weights_only=True, in eval mode."""
         import torch
 
-        from plsynth.models.unet import UNet
+        from plsynth.models.unet import unets_from_states
 
         cfg = self.config()
         nets = {}
@@ -265,11 +204,9 @@ class Bundle:
                 raise BundleError(f"{self.path}: network {name!r} has no PyTorch weights (model.pt); use --engine ort")
             try:
                 state = torch.load(weights, map_location=device, weights_only=True)
-                net = UNet(cfg.model)
-                net.load_state_dict(state)
+                nets.update(unets_from_states(cfg.model, {name: state}, device))
             except Exception as exc:  # noqa: BLE001 - any load failure is a bundle problem
                 raise BundleError(f"{weights}: cannot load state dict: {exc}") from exc
-            nets[name] = net.to(device).eval()
         return nets
 
 
