@@ -1,70 +1,242 @@
-"""Inference benchmark: torch vs ONNX Runtime side by side, and one 512x512xN volume end to end.
+"""Inference benchmark: full frame vs lung box, fp32 vs INT8, torch vs ONNX Runtime, side by side.
 
-    .venv/bin/python bench/infer_bench.py --slices 300 --side-by-side 64 --threads 2 --out bench/results/infer_bench.md
+    .venv/bin/python bench/infer_bench.py --slices 300 --threads 2 --out bench/results/infer_bench.md
 
-Model: the CPU preset U-Net (width 16, depth 4, 1.94 M parameters; environment-notes.md
-section 3), untrained (speed does not depend on the weights), bundle written with the real
-`write_bundle` at 512 px. Volumes are phantoms (plsynth.data.phantom) saved as int16 NIfTI.
+Speed (always): an untrained 512 px two-network bundle (U-Net width 16, depth 4, instance norm:
+the CPU preset's network; speed does not depend on the weights) written with the real
+`write_bundle`, and one 512x512xN phantom saved as int16 NIfTI. Each variant runs
+`Predictor.run` end to end (read, classical lungs, lung field, network, second network for the
+agreement flag on every `AGREEMENT_EVERY`-th lung slice, post-processing, writes) in its own
+process, so its peak RSS is its own:
 
-1. Side by side: the same prepared (N, 1, 512, 512) inputs through TorchEngine (eval(),
-   inference_mode) and OrtEngine (CPU), same threads and batch size; median of `--repeats`.
-2. End to end: `Predictor.run` on the NIfTI (read, classical lungs, window, resize, engine,
-   inverse resize, post-processing, mask + lungs written, report row) with one network, then
-   the extra cost of the second network (SA-CPS agreement) measured on its own.
+- ``full``: every lung slice as the whole 512x512 frame, fp32 (what plsynth-infer does);
+- ``box``: the lung box (`lung_boxes`, ``--margin`` model pixels) cut from the same frame, fp32;
+- ``box-int8``: the same on statically quantised INT8 networks (QDQ, per channel, calibrated
+  on phantom slices): measured, NOT used by plsynth-infer (see the parity section).
+
+The lung-box variants run ONNX files re-exported from the bundle's weights with dynamic height
+and width. GFLOP/s = the U-Net's FLOPs (counted per pixel on the torch module) over the seconds
+inside the engine, as a fraction of the fp32 peak of a convolution probe on the same threads.
+Dice of each variant's mask against the full-frame fp32 mask is on this untrained network, so
+it only shows the mechanics; accuracy parity needs a trained bundle:
+
+Parity (``--parity-bundle B --parity-inputs FILES``): a trained bundle on real inputs (the
+COVID-SemiSeg validation slices, or phantom volumes); per input, Dice of the lung-box masks
+(each margin in ``--margins``) and of the INT8 mask (calibrated on ``--parity-calib`` files)
+against the full-frame fp32 mask, all through `Predictor.predict` on the input's grid.
+
+Also: torch eager vs ORT on the same prepared 512x512 slices (``--side-by-side`` slices).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import json
 import os
 import platform
+import resource
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+VARIANTS = ("full", "box", "box-int8")
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=300, help="slices of the end-to-end volume")
-    parser.add_argument("--side-by-side", type=int, default=64, help="slices per side-by-side volume")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/infer_bench.md"))
-    args = parser.parse_args()
 
+class Timed:
+    """An engine wrapper that adds up the seconds and the pixels it ran."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.name, self.provider = engine, engine.name, engine.provider
+        self.seconds, self.pixels = 0.0, 0
+
+    def run(self, x):
+        started = time.perf_counter()
+        out = self.engine.run(x)
+        self.seconds += time.perf_counter() - started
+        self.pixels += int(x.shape[0] * x.shape[2] * x.shape[3])
+        return out
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory: VmHWM (ru_maxrss would include the parent's peak, which
+    Linux carries across fork and exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def flops_per_pixel(net) -> float:
+    """FLOPs (2 x multiply-adds of every convolution) per input pixel; a U-Net's cost is linear in pixels."""
+    import torch
+
+    total = [0]
+
+    def hook(module, inputs, output):
+        kernel = module.weight.shape[2] * module.weight.shape[3]
+        cin = module.in_channels // module.groups
+        where = output if isinstance(module, torch.nn.Conv2d) else inputs[0]  # transposed: per input position
+        total[0] += 2 * where.shape[2] * where.shape[3] * kernel * cin * module.out_channels
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    with torch.inference_mode():
+        net(torch.zeros(1, 1, 64, 64))
+    for h in handles:
+        h.remove()
+    return total[0] / (64 * 64)
+
+
+def peak_gflops(threads: int, seconds: float = 3.0) -> float:
+    """fp32 GFLOP/s of one 3x3 convolution (64 -> 64 channels, 128x128) in ONNX Runtime on ``threads``
+    threads, best of ``seconds``: the peak probe. ORT's own kernels (MLAS) pick the CPU's widest
+    vector unit on any vendor, where torch's MKL matmul runs far below peak on AMD CPUs."""
     import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((64, 64, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 128, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 128, 128])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).random((1, 64, 128, 128), dtype=np.float32)
+    session.run(None, {"x": x})
+    flops, best, end = 2 * 64 * 64 * 9 * 128 * 128, 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        session.run(None, {"x": x})
+        best = max(best, flops / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def quantize(onnx_path: Path, out: Path, calib) -> Path:
+    """Static INT8 (QDQ, per-channel int8 weights, uint8 activations, min-max) calibrated on ``calib`` (N, 1, H, W)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": calib[i : i + 4]} for i in range(0, len(calib), 4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = out.with_name(out.stem + "-pre.onnx")
+    with contextlib.chdir(out.parent):  # ORT's quantisation tools leave temporaries in the working folder
+        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)  # dynamic H/W: ONNX shape inference only
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    pre.unlink()
+    return out
+
+
+def dynamic_onnx(bundle, folder: Path, calib=None) -> dict[str, dict[str, Path]]:
+    """The bundle's networks re-exported with dynamic height/width (fp32), and quantised (int8) with ``calib``."""
+    import torch
+
+    from plsynth.bundles.onnx_export import export_onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, dict[str, Path]] = {"fp32": {}, "int8": {}}
+    for name, net in bundle.torch_networks().items():
+        size = bundle.image_size
+        out["fp32"][name] = export_onnx(net, folder / f"{name}.onnx", {"x": torch.zeros(1, 1, size, size)}, ["logits"], spatial=True)
+        if calib is not None:
+            out["int8"][name] = quantize(out["fp32"][name], folder / f"{name}-int8.onnx", calib)
+    return out
+
+
+def predictor(bundle, files: dict[str, Path] | None, threads: int, batch_size: int, margin: int | None, torch_engine: bool = False):
+    """A Predictor over ``files`` (name -> ONNX) or the bundle's own ONNX, engines wrapped in `Timed`."""
+    from plsynth.deploy.engines import OrtEngine, TorchEngine
+    from plsynth.deploy.predictor import Predictor
+
+    if torch_engine:
+        engines = {n: TorchEngine(net) for n, net in bundle.torch_networks().items()}
+    else:
+        files = files or {n: bundle.onnx_path(n) for n in bundle.network_names}
+        engines = {n: OrtEngine(p, ["CPUExecutionProvider"], threads=threads) for n, p in files.items()}
+    return Predictor(bundle, {n: Timed(e) for n, e in engines.items()}, batch_size=batch_size,
+                     lung_backend="classical", lung_box=margin)
+
+
+def run_variant(args) -> None:
+    """Child process: one variant end to end on the phantom; prints one JSON line."""
     import torch
 
     torch.set_num_threads(args.threads)
-    from plsynth.config import Config, DataConfig, UNetConfig
     from plsynth.data.io import find_cases
+    from plsynth.bundles.segmenter import load_bundle
+
+    work = args.work
+    bundle = load_bundle(work / "bundle")
+    onnx = json.loads((work / "onnx.json").read_text())
+    files = None if args.variant == "full" else {n: Path(p) for n, p in onnx["int8" if args.variant.endswith("int8") else "fp32"].items()}
+    margin = None if args.variant == "full" else args.margin
+    pred = predictor(bundle, files, args.threads, args.batch_size, margin)
+    started = time.perf_counter()
+    result = next(pred.run(find_cases([work / "in" / "phantom.nii.gz"]), work / f"out-{args.variant}"))
+    seconds = time.perf_counter() - started
+    if result.status != "ok":
+        raise SystemExit(f"{args.variant}: {result.error}")
+    row = result.row
+    print(json.dumps({
+        "variant": args.variant, "seconds": seconds, "seconds_lungs": row["seconds_lungs"],
+        "seconds_network": row["seconds_network"], "seconds_agreement": row.get("seconds_agreement"),
+        "agreement": row.get("agreement_dice"),
+        "engine": {n: {"seconds": e.seconds, "pixels": e.pixels} for n, e in pred.engines.items()},
+        "peak_rss_gb": peak_rss_gb(),
+        "mask": str(work / f"out-{args.variant}" / row["mask"]),
+    }))
+
+
+def speed_section(args, work: Path, lines: list[str]) -> None:
+    import numpy as np
+    import torch
+
+    from plsynth.config import Config, DataConfig, UNetConfig
     from plsynth.data.phantom import _nifti, _save_nifti, make_phantom
     from plsynth.data.preprocess import to_model_input
     from plsynth.data.window import window_array
     from plsynth.bundles.segmenter import load_bundle, write_bundle
     from plsynth.deploy.engines import OrtEngine, TorchEngine
-    from plsynth.deploy.predictor import Predictor
+    from plsynth.deploy.settings import AGREEMENT_EVERY
+    from plsynth.metrics import dice
     from plsynth.models.unet import UNet
 
-    work = Path(tempfile.mkdtemp(prefix="plsynth-bench-"))
     cfg = Config(data=DataConfig(image_size=512), model=UNetConfig(width=16, depth=4))
     torch.manual_seed(0)
     nets = {"model": UNet(cfg.model).eval()}
     torch.manual_seed(1)
     nets["peer"] = UNet(cfg.model).eval()
-    t0 = time.perf_counter()
-    bundle_dir = write_bundle(work / "bundle", nets, cfg, {})
-    export_s = time.perf_counter() - t0
-    bundle = load_bundle(bundle_dir)
+    flops = flops_per_pixel(nets["model"])
+    write_bundle(work / "bundle", nets, cfg, {})
+    bundle = load_bundle(work / "bundle")
+    calib_ph = make_phantom(5, (16, 512, 512), lesions=True)
+    calib = to_model_input(window_array(calib_ph.hu), calib_ph.lung, 512, "none")[2:14:2]
+    onnx = dynamic_onnx(bundle, work / "dyn", calib)
+    (work / "onnx.json").write_text(json.dumps({k: {n: str(p) for n, p in v.items()} for k, v in onnx.items()}))
+    peak = peak_gflops(args.threads)
 
-    # 1. side by side on the same inputs
-    p = make_phantom(7, (args.side_by_side, 512, 512), lesions=True)
-    x = to_model_input(window_array(p.hu), p.lung, 512, "none")
-    torch_engine = TorchEngine(bundle.torch_networks()["model"], "cpu")
-    ort_engine = OrtEngine(bundle.onnx_path("model"), ["CPUExecutionProvider"], threads=args.threads)
+    # torch vs ORT on the same prepared slices (interleaved so load hits both alike)
+    x = to_model_input(window_array(calib_ph.hu), calib_ph.lung, 512, "none")[: args.side_by_side]
+    del calib_ph
+    engines = {"torch": TorchEngine(bundle.torch_networks()["model"], "cpu"),
+               "ort": OrtEngine(bundle.onnx_path("model"), ["CPUExecutionProvider"], threads=args.threads)}
 
     def through(engine) -> float:
         started = time.perf_counter()
@@ -72,76 +244,185 @@ def main() -> None:
             engine.run(x[i : i + args.batch_size])
         return time.perf_counter() - started
 
-    through(torch_engine), through(ort_engine)  # warm-up
-    side: dict[str, list[float]] = {"torch": [], "ort": []}
-    for _ in range(args.repeats):  # interleaved so that background load hits both alike
-        side["torch"].append(through(torch_engine))
-        side["ort"].append(through(ort_engine))
+    for engine in engines.values():
+        through(engine)  # warm-up
+    side: dict[str, list[float]] = {k: [] for k in engines}
+    for _ in range(args.repeats):
+        for name, engine in engines.items():
+            side[name].append(through(engine))
     med = {k: statistics.median(v) for k, v in side.items()}
-    diff = float(np.max(np.abs(torch_engine.run(x[:4]) - ort_engine.run(x[:4]))))
+    diff = float(np.max(np.abs(engines["torch"].run(x[:2]) - engines["ort"].run(x[:2]))))
+    del engines, x
 
-    # 2. end to end
-    t0 = time.perf_counter()
+    # end to end, one process per variant
     big = make_phantom(11, (args.slices, 512, 512), lesions=True)
-    volume = work / "in" / f"phantom-{args.slices}.nii.gz"
-    _save_nifti(_nifti(big.hu, big.spacing, np.int16), volume)
-    make_s = time.perf_counter() - t0
+    (work / "in").mkdir(exist_ok=True)
+    _save_nifti(_nifti(big.hu, big.spacing, np.int16), work / "in" / "phantom.nii.gz")
     lung_slices = int(big.lung.reshape(args.slices, -1).any(1).sum())
-    del big, p, x
-    one = Predictor.from_bundle(bundle_dir, engine="ort", device="cpu", batch_size=args.batch_size,
-                                lung_backend="classical", agreement=False, threads=args.threads)
-    started = time.perf_counter()
-    row = next(one.run(find_cases([volume]), work / "out1")).row
-    e2e = time.perf_counter() - started
-    two = Predictor.from_bundle(bundle_dir, engine="ort", device="cpu", batch_size=args.batch_size,
-                                lung_backend="classical", agreement=True, threads=args.threads)
-    row2 = next(two.run(find_cases([volume]), work / "out2")).row
+    del big
+    runs = {}
+    for variant in VARIANTS:
+        command = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--threads", str(args.threads),
+                   "--batch-size", str(args.batch_size), "--margin", str(args.margin)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise SystemExit(f"variant {variant} failed:\n{done.stderr[-3000:]}")
+        runs[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    import nibabel as nib
 
-    cpu = _cpu_name()
+    masks = {v: np.asarray(nib.load(r["mask"]).dataobj) > 0 for v, r in runs.items()}
+
+    lines += [
+        f"Model: U-Net width 16, depth 4, {cfg.model.norm} norm, untrained (speed only); {flops * 512 * 512 / 1e9:.1f} GFLOP "
+        f"per 512x512 slice (counted). fp32 peak of the convolution probe on {args.threads} threads: **{peak:.0f} GFLOP/s**.",
+        "",
+        f"## 1. End to end, one 512x512x{args.slices} phantom NIfTI (int16), classical lungs, ORT CPU, batch {args.batch_size}",
+        "",
+        f"{lung_slices} of {args.slices} slices hold lung. Default bundle = two networks, the second one (agreement "
+        f"flag) on every {AGREEMENT_EVERY}th lung slice. Lung box margin {args.margin} model pixels. "
+        "One network = end to end minus the second network's share.",
+        "",
+        "| variant | one network, end to end (s) | default two-network bundle, end to end (s) | lungs + field (s) | "
+        "network path, first net (s) | second net (s) | engine GFLOP/s (share of peak) | first net's pixels vs full frame | "
+        "peak RSS (GB) | Dice vs full-frame fp32 (untrained net) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, r in runs.items():
+        engine_s = sum(e["seconds"] for e in r["engine"].values())
+        pixels = sum(e["pixels"] for e in r["engine"].values())
+        gflops = flops * pixels / engine_s / 1e9
+        share = r["engine"]["model"]["pixels"] / runs["full"]["engine"]["model"]["pixels"]
+        lines.append(
+            f"| {variant} | {r['seconds'] - (r['seconds_agreement'] or 0):.1f} | **{r['seconds']:.1f}** | {r['seconds_lungs']:.1f} | "
+            f"{r['seconds_network']:.1f} | {r['seconds_agreement'] or 0:.1f} | {gflops:.0f} ({gflops / peak:.0%}) | "
+            f"{share:.2f} | {r['peak_rss_gb']:.2f} | {dice(masks[variant], masks['full']):.4f} |")
+    lines += [
+        "",
+        "Target: the default two-network bundle <= 30 s, peak RSS <= 3 GB, masks at Dice >= 0.99 against full-frame fp32 "
+        "(on trained networks: section 3).",
+        "",
+        f"## 2. torch vs ONNX Runtime (CPU), {args.side_by_side} slices of 512x512, batch {args.batch_size}, median of {args.repeats}",
+        "",
+        "| engine | seconds | slices / s | all runs (s) |",
+        "|---|---|---|---|",
+    ]
+    for name in side:
+        lines.append(f"| {name} | {med[name]:.2f} | {args.side_by_side / med[name]:.2f} | {', '.join(f'{v:.2f}' for v in side[name])} |")
+    lines += ["", f"ORT speed-up over torch: **{med['torch'] / med['ort']:.2f}x**. Max abs logit difference {diff:.2g}.", ""]
+
+
+def parity_section(args, work: Path, lines: list[str]) -> None:
+    """Dice of lung-box (per margin) and INT8 masks against full-frame fp32, trained bundle, real inputs."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from plsynth.data.io import find_cases, read_image
+    from plsynth.data.lungs import lung_field
+    from plsynth.data.preprocess import to_model_input
+    from plsynth.data.window import to_unit
+    from plsynth.bundles.segmenter import load_bundle
+    from plsynth.metrics import dice
+
+    bundle = load_bundle(args.parity_bundle)
+    base = predictor(bundle, None, args.threads, args.batch_size, None)
+
+    def prepared(path: Path):
+        image = read_image(path)
+        lungs = np.asarray(base.lung_fn(image)).astype(np.uint8)
+        return image, lung_field(image, lungs) if lungs.any() else None
+
+    calib = []
+    for case in find_cases(args.parity_calib)[:32] if args.parity_calib else []:
+        image, region = prepared(Path(case.path))
+        if region is not None:
+            unit = to_unit(image, bundle.window_hu, bundle.intensity, region)
+            calib.append(to_model_input(unit, region, bundle.image_size, bundle.lung_handling))
+    onnx = dynamic_onnx(bundle, work / "parity-onnx", np.concatenate(calib) if calib else None)
+    variants = {f"box, margin {m}": predictor(bundle, onnx["fp32"], args.threads, args.batch_size, m) for m in args.margins}
+    if onnx["int8"]:
+        variants["int8, full frame"] = predictor(bundle, onnx["int8"], args.threads, args.batch_size, None)
+    variants["torch eager, full frame"] = predictor(bundle, None, args.threads, args.batch_size, None, torch_engine=True)
+    scores: dict[str, list[float]] = {k: [] for k in variants}
+    peer: dict[str, list[float]] = {k: [] for k in variants}
+    box_share: dict[str, list[float]] = {k: [] for k in variants}
+    cases = find_cases(args.parity_inputs)
+    for case in cases:
+        image, region = prepared(Path(case.path))
+        if region is None:
+            continue
+        ref = base.predict(image, region)
+        for name, pred in variants.items():
+            got = pred.predict(image, region)
+            scores[name].append(dice(got.infection, ref.infection))
+            if ref.peer_infection is not None:
+                peer[name].append(dice(got.peer_infection, ref.peer_infection))
+            box_share[name].append(pred.engines["model"].pixels / max(1, base.engines["model"].pixels))
+            pred.engines["model"].pixels = 0
+        base.engines["model"].pixels = 0
+    lines += [
+        f"## 3. Parity on a trained bundle: Dice against full-frame fp32 ORT, on each input's grid",
+        "",
+        f"Bundle `{Path(args.parity_bundle).name}` ({bundle.meta.get('method')}, {bundle.image_size} px, "
+        f"{bundle.config().model.norm} norm, lung handling {bundle.lung_handling}); {len(scores[next(iter(scores))])} inputs "
+        f"with lung out of {len(cases)}; INT8 calibrated on {sum(len(c) for c in calib)} slices of other inputs.",
+        "",
+        "| variant | mean Dice (first network) | worst input | mean Dice (second network, its sampled slices) | "
+        "network pixels vs full frame |",
+        "|---|---|---|---|---|",
+    ]
+    for name in variants:
+        s = np.array(scores[name])
+        p = f"{np.mean(peer[name]):.4f}" if peer[name] else "-"
+        lines.append(f"| {name} | {s.mean():.4f} | {s.min():.4f} | {p} | {np.mean(box_share[name]):.2f} |")
+    lines += ["", "Gate: Dice >= 0.99 (mean and worst input).", ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300, help="slices of the end-to-end volume")
+    parser.add_argument("--side-by-side", type=int, default=8, help="slices in the torch vs ORT comparison")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--margin", type=int, default=16, help="lung box margin, model pixels (speed section)")
+    parser.add_argument("--margins", type=int, nargs="+", default=[8, 16, 32], help="lung box margins (parity section)")
+    parser.add_argument("--no-speed", action="store_true", help="skip the 512 px speed sections")
+    parser.add_argument("--parity-bundle", type=Path, help="a trained bundle for the parity section")
+    parser.add_argument("--parity-inputs", type=Path, nargs="*", default=[], help="inputs (files or folders) for parity")
+    parser.add_argument("--parity-calib", type=Path, nargs="*", default=[], help="INT8 calibration inputs (not the parity inputs)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/infer_bench.md"))
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        return run_variant(args)
+
+    import onnxruntime
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="plsynth-bench-"))
     lines = [
         "# plsynth-infer benchmark",
         "",
-        f"Command: `.venv/bin/python bench/infer_bench.py --slices {args.slices} --side-by-side {args.side_by_side} "
-        f"--threads {args.threads} --batch-size {args.batch_size} --repeats {args.repeats}`",
-        f"Date: {dt.datetime.now().isoformat(timespec='minutes')}; machine: {cpu}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, onnxruntime {_ort_version()}; "
-        f"{args.threads} threads; load average at the end {os.getloadavg()[0]:.2f}. torch and ORT are "
-        "interleaved, so load hits both alike.",
-        "",
-        f"Model: U-Net width 16, depth 4, {cfg.model.norm} norm (1.94 M parameters), untrained; input 512x512; bundle export + parity {export_s:.1f} s.",
-        "",
-        f"## 1. torch vs ONNX Runtime (CPU), {args.side_by_side} slices of 512x512, batch {args.batch_size}, median of {args.repeats}",
-        "",
-        "| engine | wall time per volume (s) | slices / s | all runs (s) |",
-        "|---|---|---|---|",
-    ]
-    for name in ("torch", "ort"):
-        lines.append(f"| {name} | {med[name]:.2f} | {args.side_by_side / med[name]:.2f} | "
-                     f"{', '.join(f'{v:.2f}' for v in side[name])} |")
-    lines += [
-        "",
-        f"ORT speed-up over torch: **{med['torch'] / med['ort']:.2f}x** (target >= 2x). Max abs logit difference {diff:.2g}.",
-        "",
-        f"## 2. End to end, one 512x512x{args.slices} phantom NIfTI (int16), classical lungs, ORT CPU",
-        "",
-        f"Phantom drawn and saved in {make_s:.1f} s (not part of the timing). {lung_slices} of {args.slices} slices hold lung "
-        "and go through the network.",
-        "",
-        "| measure | seconds |",
-        "|---|---|",
-        f"| end to end, one network (read, lungs, network, post-processing, writes) | **{e2e:.1f}** |",
-        f"| of which classical lung mask | {row['seconds_lungs']} |",
-        f"| of which network (preprocess + engine + inverse resize + post-processing) | {row['seconds_network']} |",
-        f"| second network for the SA-CPS agreement (extra, measured in a separate run) | {row2.get('seconds_agreement')} |",
-        f"| end to end with both networks | {row2['seconds']} |",
-        "",
-        f"Target: <= 60 s with the classical lungs and one network: **{'met' if e2e <= 60 else 'NOT met'}**.",
-        "lungmask was not timed: its weights cannot be downloaded here (environment-notes.md: lungmask with random "
-        "weights took 15 s for 16x256x256 on these 2 cores, so expect minutes for 300x512x512 on CPU).",
+        f"Command: `.venv/bin/python {' '.join(['bench/infer_bench.py', *sys.argv[1:]])}`",
+        f"Date: {dt.datetime.now().isoformat(timespec='minutes')}; machine: {_cpu_name()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
+        f"{args.threads} threads; load average at the start {os.getloadavg()[0]:.2f}.",
         "",
     ]
+    try:
+        if not args.no_speed:
+            speed_section(args, work, lines)
+        if args.parity_bundle:
+            parity_section(args, work, lines)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines.append(f"Benchmark wall time {time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.2f}.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -153,12 +434,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
 
 
 if __name__ == "__main__":

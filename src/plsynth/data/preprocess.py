@@ -122,3 +122,36 @@ def to_input_grid(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     for start in range(0, prob.shape[0], SLAB):
         out[start : start + SLAB] = _resize_bilinear(np.asarray(prob[start : start + SLAB], dtype=np.float32), shape)
     return out
+
+
+def lung_boxes(lung: np.ndarray, size: int, margin: int, multiple: int) -> np.ndarray:
+    """Per-slice lung bounding boxes on the model's ``size x size`` grid: ``(Z, 4)`` int (y0, y1, x0, x1).
+
+    The network is fully convolutional, so it can run on the box cut from the resized frame
+    instead of the whole frame: same pixel scale, fewer pixels. Each box covers the slice's
+    ``lung > 0`` (mapped through the same resize as ``to_model_input``) plus ``margin`` model
+    pixels, is grown to a multiple of ``multiple`` (the U-Net needs ``2**depth``) and kept inside
+    the frame. A slice without lung gets an empty box (y0 == y1).
+    """
+    lung = np.asarray(lung)
+    if lung.ndim != 3:
+        raise ValueError(f"lung must be (Z, Y, X), got shape {lung.shape}")
+    if size % multiple:
+        raise ValueError(f"size {size} is not a multiple of {multiple}")
+    z, ny, nx = lung.shape
+    boxes = np.zeros((z, 4), np.int64)
+    rows, cols = lung.any(axis=2), lung.any(axis=1)
+    for i in np.flatnonzero(rows.any(axis=1)):
+        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        for axis, (lo, hi, n) in enumerate(((ys[0], ys[-1] + 1, ny), (xs[0], xs[-1] + 1, nx))):
+            start = max(0, int(np.floor(lo * size / n)) - margin)
+            stop = min(size, int(np.ceil(hi * size / n)) + margin)
+            length = -(-(stop - start) // multiple) * multiple
+            boxes[i, 2 * axis : 2 * axis + 2] = grow_box(start, stop, size, length)
+    return boxes
+
+
+def grow_box(start: int, stop: int, size: int, length: int) -> tuple[int, int]:
+    """[start, stop) grown evenly on both sides to ``length`` (>= stop - start), kept in [0, size)."""
+    start = max(0, min(start - (length - (stop - start)) // 2, size - length))
+    return start, start + length

@@ -39,7 +39,7 @@ def infer(
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write QA overlay PNGs to OUT/overlays.")] = False,
     resume: Annotated[bool, typer.Option("--continue", help="Skip cases a previous run into OUT finished.")] = False,
     allow_fallback: Annotated[bool, typer.Option("--allow-fallback", help="Run on the CPU when the GPU engine asked for is unavailable.")] = False,
-    agreement: Annotated[bool, typer.Option("--agreement/--no-agreement", help="With two networks in the bundle, report their mask Dice per case.")] = True,
+    agreement: Annotated[bool, typer.Option("--agreement/--no-agreement", help=f"With two networks in the bundle, report their mask Dice per case (the second network runs on every {settings.AGREEMENT_EVERY}th lung slice).")] = True,
     review_below: Annotated[float, typer.Option("--review-below", help="Mark cases whose two-network Dice is below this for review.")] = settings.REVIEW_BELOW,
     min_size_mm3: Annotated[float, typer.Option("--min-size-mm3", min=0.0, help="Drop infection components smaller than this (volumes).")] = settings.MIN_SIZE_MM3,
     min_size_px: Annotated[int, typer.Option("--min-size-px", min=0, help="Drop infection components smaller than this (2D slices).")] = settings.MIN_SIZE_PX,

@@ -31,17 +31,25 @@ def min_voxels(min_size_mm3: float, spacing: tuple[float, float, float] | None, 
 
 
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop 3D 26-connected components with fewer than ``min_size`` voxels (2D: 8-connected)."""
+    """Drop 3D 26-connected components with fewer than ``min_size`` voxels (2D: 8-connected).
+
+    Labelled inside the mask's bounding box only (the lungs' share of the volume), which gives
+    the same components for a fraction of the work.
+    """
     from scipy import ndimage
 
     mask = np.asarray(mask).astype(bool)
     if min_size <= 1 or not mask.any():
         return mask.astype(np.uint8)
-    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    box = tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in (
+        np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)))
+    labels, count = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, bool))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     keep = sizes >= min_size
     keep[0] = False
-    return keep[labels].astype(np.uint8)
+    out = np.zeros(mask.shape, np.uint8)
+    out[box] = keep[labels]
+    return out
 
 
 def _percent(part: int, whole: int) -> float | None:

@@ -3,15 +3,25 @@
 One volume's path from disk to mask (each forward step has its inverse beside it)::
 
     read_image (io)            -> CTImage, (z, y, x) LPS   | write_mask puts the mask back in the input's geometry
-    lung labels (data.lungs)   -> (z, y, x) 0/1/2
+    lung labels (data.lungs)   -> (z, y, x) 0/1/2, grown to the lung field (lungs.lung_field)
     to_unit (window)           -> [0, 1]
     to_model_input (preprocess)-> (z, 1, S, S)             | to_input_grid: (z, S, S) -> (z, y, x)
     engine.run in batches      -> logits -> sigmoid
     threshold (bundle tau) -> keep inside lungs -> remove small components (postprocess)
 
 Slices without any lung are not sent through the network: their mask is empty anyway, since
-infection is kept inside the lungs only. With a second network in the bundle (SA-CPS), the
-Dice between the two networks' masks is reported as a quality flag.
+infection is kept inside the lung field only. With a second network in the bundle (SA-CPS), the
+Dice between the two networks' masks is reported as a quality flag, estimated on every
+``settings.AGREEMENT_EVERY``-th lung slice: the second network costs a quarter of the first (on 160-slice
+phantoms the estimate was within 0.013 of the all-slice Dice on average, 0.08 at worst, and
+changed no review decision; BENCHMARKS.md).
+
+``lung_box`` (a margin) runs the network on each slice's lung box cut from the resized frame
+instead of the whole frame. It is exact for networks whose receptive field fits in the margin,
+but an instance-norm U-Net trained on whole frames normalises by the whole frame's statistics,
+and on its lung box it gives other masks (BENCHMARKS.md: Dice far below 0.99), so plsynth-infer
+runs whole frames; the option is there for networks trained on lung boxes and for the benchmark
+(it needs the torch engine or an ONNX exported with ``export_onnx(spatial=True)``).
 """
 
 from __future__ import annotations
@@ -115,6 +125,8 @@ class Predictor:
         min_size_mm3: float = settings.MIN_SIZE_MM3,
         min_size_px: int = settings.MIN_SIZE_PX,
         review_below: float = settings.REVIEW_BELOW,
+        lung_box: int | None = None,
+        agreement_every: int = settings.AGREEMENT_EVERY,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -128,6 +140,11 @@ class Predictor:
         self.min_size_mm3 = float(min_size_mm3)
         self.min_size_px = int(min_size_px)
         self.review_below = float(review_below)
+        self.lung_box = None if lung_box is None else int(lung_box)  # margin (model pixels), None: full frame
+        if agreement_every < 1:
+            raise ValueError(f"agreement_every must be >= 1, got {agreement_every}")
+        self.agreement_every = int(agreement_every)
+        self.size_multiple = 2 ** int(bundle.meta.get("config", {}).get("model", {}).get("depth", 4))
         self.versions = versions()
 
     @classmethod
@@ -193,22 +210,40 @@ class Predictor:
     # ------------------------------------------------------------------ core
 
     def probabilities(self, unit: np.ndarray, lung: np.ndarray, network: str = "model") -> np.ndarray:
-        """Infection probability (z, y, x) float32 on the input grid; 0 on slices without lung."""
-        from plsynth.data.preprocess import to_input_grid, to_model_input
+        """Infection probability (z, y, x) float32 on the input grid; 0 on slices without lung.
+
+        With ``lung_box`` set, each slice goes through the network as its lung box (`lung_boxes`)
+        cut from the resized frame; slices of similar box size share a batch, padded to the
+        batch's largest box; the probability outside the box is 0.
+        """
+        from plsynth.data.preprocess import lung_boxes, to_input_grid, to_model_input
 
         size = self.bundle.image_size
         engine = self.engines[network]
         z, y, x = unit.shape
         prob = np.zeros((z, y, x), np.float32)
-        with_lung = np.flatnonzero(lung.reshape(z, -1).any(axis=1))
-        for start in range(0, len(with_lung), self.batch_size):
-            idx = with_lung[start : start + self.batch_size]
+        todo = np.flatnonzero(lung.reshape(z, -1).any(axis=1))
+        boxes = None
+        if self.lung_box is not None and len(todo):
+            boxes = lung_boxes(lung[todo], size, self.lung_box, self.size_multiple)
+            order = np.lexsort((boxes[:, 3] - boxes[:, 2], boxes[:, 1] - boxes[:, 0]))
+            todo, boxes = todo[order], boxes[order]
+        for start in range(0, len(todo), self.batch_size):
+            idx = todo[start : start + self.batch_size]
             batch = to_model_input(unit[idx], lung[idx], size, self.bundle.lung_handling)
-            logits = engine.run(batch)
-            if logits.shape != batch.shape:
-                raise RuntimeError(f"engine {engine.name} returned shape {logits.shape} for input {batch.shape}")
-            prob[idx] = to_input_grid(sigmoid(logits[:, 0]), (y, x))
+            if boxes is None:
+                out = sigmoid(self._run(engine, batch)[:, 0])
+            else:
+                out = _run_boxes(lambda crops: self._run(engine, crops), batch, boxes[start : start + self.batch_size], size)
+            prob[idx] = to_input_grid(out, (y, x))
         return prob
+
+    @staticmethod
+    def _run(engine: Engine, batch: np.ndarray) -> np.ndarray:
+        logits = engine.run(batch)
+        if logits.shape != batch.shape:
+            raise RuntimeError(f"engine {engine.name} returned shape {logits.shape} for input {batch.shape}")
+        return logits
 
     def _mask(self, prob: np.ndarray, lung: np.ndarray, spacing: Any) -> np.ndarray:
         from plsynth.deploy import postprocess as post
@@ -217,7 +252,11 @@ class Predictor:
         return post.remove_small_components(mask, post.min_voxels(self.min_size_mm3, spacing, self.min_size_px))
 
     def predict(self, image: Any, lung: np.ndarray) -> Prediction:
-        """Infection mask for one CTImage given its lung labels (z, y, x), on the input's grid."""
+        """Infection mask for one CTImage given its lung labels (z, y, x), on the input's grid.
+
+        With a peer network: ``peer_infection`` holds its mask on the sampled slices (`agreement_slices`),
+        thresholded and clipped, empty elsewhere, and ``agreement`` the Dice of the two masks there.
+        """
         from plsynth.data.window import to_unit
 
         lung = np.asarray(lung)
@@ -228,11 +267,17 @@ class Predictor:
         infection = self._mask(self.probabilities(unit, lung, "model"), lung, image.spacing)
         result = Prediction(infection=infection, seconds_network=time.perf_counter() - started)
         if "peer" in self.engines:
+            from plsynth.deploy import postprocess as post
             from plsynth.metrics import dice
 
             started = time.perf_counter()
-            result.peer_infection = self._mask(self.probabilities(unit, lung, "peer"), lung, image.spacing)
-            result.agreement = round(float(dice(infection, result.peer_infection)), 4)
+            sampled = agreement_slices(lung, self.agreement_every)
+            peer = post.keep_inside_lungs(post.threshold(self.probabilities(unit[sampled], lung[sampled], "peer"),
+                                                         self.bundle.threshold), lung[sampled])
+            # not cleaned of small components: on isolated slices that would judge 3D lesions by their 2D sections
+            result.agreement = round(float(dice(infection[sampled], peer)), 4)
+            result.peer_infection = np.zeros_like(infection)
+            result.peer_infection[sampled] = peer
             result.seconds_agreement = time.perf_counter() - started
         return result
 
@@ -391,6 +436,31 @@ class Predictor:
             written.append(write_mask(prediction.infection, image, final))
             info["mask"] = final.name
         return info
+
+
+def agreement_slices(lung: np.ndarray, every: int) -> np.ndarray:
+    """Every ``every``-th slice holding lung (a systematic sample over the lung's extent)."""
+    with_lung = np.flatnonzero(np.asarray(lung).reshape(len(lung), -1).any(axis=1))
+    return with_lung[(len(with_lung) % every) // 2 :: every] if every > 1 else with_lung
+
+
+def _run_boxes(run: Callable[[np.ndarray], np.ndarray], frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Probabilities (b, size, size) from running ``frames`` (b, 1, size, size) cut to ``boxes``.
+
+    Every box of the batch is grown to the batch's largest height and width (more context,
+    never less), kept inside the frame.
+    """
+    from plsynth.data.preprocess import grow_box
+
+    h = int((boxes[:, 1] - boxes[:, 0]).max())
+    w = int((boxes[:, 3] - boxes[:, 2]).max())
+    corners = [(grow_box(y0, y1, size, h)[0], grow_box(x0, x1, size, w)[0]) for y0, y1, x0, x1 in boxes]
+    crops = np.stack([frames[i, :, y0 : y0 + h, x0 : x0 + w] for i, (y0, x0) in enumerate(corners)])
+    logits = run(crops)
+    out = np.zeros((len(frames), size, size), np.float32)
+    for i, (y0, x0) in enumerate(corners):
+        out[i, y0 : y0 + h, x0 : x0 + w] = sigmoid(logits[i, 0])
+    return out
 
 
 def _message(exc: BaseException) -> str:

@@ -11,4 +11,5 @@ LUNG_BACKEND = "bundle"  # the back-end the model was trained with
 MIN_SIZE_MM3 = 10.0  # infection components smaller than this are dropped (volumes)
 MIN_SIZE_PX = 10  # the same for 2D slices, in pixels
 REVIEW_BELOW = 0.8  # two-network Dice below this marks a case for review
+AGREEMENT_EVERY = 4  # the second network (agreement flag only) runs on every 4th slice holding lung
 OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
