@@ -3,6 +3,8 @@
     python bench/accuracy.py --out runs/bench-accuracy                     # semiseg-cpu, baseline/cps/sa-cps, seeds 0 1 2
     python bench/accuracy.py --out /tmp/b --config configs/phantom-smoke.yaml --seeds 0 1
     python bench/accuracy.py --out runs/bench-accuracy --methods st sa-st sa-st-cps --seeds 0
+    python bench/accuracy.py --out runs/bench-gpu --preset gpu     # semiseg-gpu: CUDA, AMP, 256 px, 4000 iterations
+    python bench/accuracy.py --out runs/bench-gpu --preset gpu --dry-run   # the plan as JSON, nothing trained
 
 Self-training rows take their teacher from the same seed's run in OUT: ``st`` and ``sa-st`` from
 ``baseline-s<seed>``, ``sa-st-cps`` (the paper's "SA-ST (+SA-CPS)") from ``sa-cps-s<seed>``; the
@@ -10,7 +12,10 @@ teacher run must exist (list it first, or run it in an earlier call with the sam
 
 Every run uses ``train.bundle_from=last`` and reports the validation Dice / NSD of its *final*
 checkpoint (the last row of val.csv, at the fixed iteration count), so no run is picked by its
-validation score (no selection bias). Runs go to ``OUT/<method>-s<seed>/`` (each with its
+validation score (no selection bias); ``train.bundle_from=last`` is applied after ``--set``, so
+it cannot be overridden. With ``train.val_every_iters`` the runs leave a curve (val.csv,
+curves.png), and the table says which runs plateaued: validation Dice over the last quarter of
+the budget within ``PLATEAU_TOLERANCE`` of the final value. Runs go to ``OUT/<method>-s<seed>/`` (each with its
 bundle) and ``OUT/<method>/bundle`` links to the first seed's bundle. The SA-CPS synthesizer is
 the config's ``synth.bundle`` when it exists, else it is trained once into ``OUT/synthesizer``
 on the same split's labeled slices. All runs share one preprocessed slice cache
@@ -43,15 +48,33 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PRESETS = {"cpu": REPO / "configs" / "semiseg-cpu.yaml", "gpu": REPO / "configs" / "semiseg-gpu.yaml"}
+
+
+PLATEAU_TOLERANCE = 0.02  # val Dice: the last quarter of a curve within this of its final value counts as a plateau
+
+
+def plateaued(curve: list[tuple[int, float]], tolerance: float = PLATEAU_TOLERANCE) -> bool | None:
+    """Whether every validation Dice of the last quarter of the run (``(step, dice)`` pairs, steps
+    >= 3/4 of the final step) lies within ``tolerance`` of the final one; None with fewer than
+    two points there (validate more often: ``train.val_every_iters``)."""
+    final_step, final = curve[-1]
+    tail = [dice for step, dice in curve if step >= 0.75 * final_step]
+    if len(tail) < 2:
+        return None
+    return max(abs(dice - final) for dice in tail) <= tolerance
 
 
 def _final_val(run: Path) -> dict:
+    """The final checkpoint's scores (the last row of val.csv: no selection) and the curve."""
     with open(run / "val.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
         raise RuntimeError(f"{run}/val.csv has no validation rows; the benchmark needs a validation split")
     last = rows[-1]
-    return {"step": int(last["step"]), "dice": float(last["dice"]), "nsd": float(last["nsd"]), "cases": int(last["cases"])}
+    curve = [(int(r["step"]), float(r["dice"])) for r in rows]
+    return {"step": int(last["step"]), "dice": float(last["dice"]), "nsd": float(last["nsd"]), "cases": int(last["cases"]),
+            "curve": curve, "plateaued": plateaued(curve)}
 
 
 def _seconds_per_iteration(run: Path) -> float:
@@ -73,14 +96,14 @@ def _mean_sd(values: list[float]) -> str:
 def train_row(base: dict, row: dict) -> dict:
     """Train one table row (``row``: method, seed, trained, teacher, run) and return its final scores."""
     from plsynth.config import config_from_dict
-    from plsynth.training.loop import run_training
+    from plsynth.training.loop import train
 
     cfg = config_from_dict(base, where=base.get("source") or "<accuracy>")
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, method=row["trained"], seed=row["seed"],
                                                 teacher=row["teacher"]))
     run = Path(row["run"])
     tic = time.perf_counter()
-    run_training(cfg, run)
+    train(cfg, run)
     return {"seed": row["seed"], **_final_val(run), "seconds_per_iteration": _seconds_per_iteration(run),
             "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run)}
 
@@ -110,7 +133,7 @@ def tune_rows(base, rows: list[dict], out: Path, name: str, cpus: float) -> list
     grid = tuner.fit()
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} Tune trial(s) of {name} failed; first: {grid.errors[0]}")
-    by_run = {r.metrics["run"]: {k: r.metrics[k] for k in ("seed", "step", "dice", "nsd", "cases",
+    by_run = {r.metrics["run"]: {k: r.metrics[k] for k in ("seed", "step", "dice", "nsd", "cases", "curve", "plateaued",
                                                             "seconds_per_iteration", "wall_seconds", "run")}
               for r in grid}
     return [by_run[row["run"]] for row in rows]
@@ -119,36 +142,33 @@ def tune_rows(base, rows: list[dict], out: Path, name: str, cpus: float) -> list
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "semiseg-cpu.yaml")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="cpu: configs/semiseg-cpu.yaml; gpu: configs/semiseg-gpu.yaml (CUDA, AMP, 256 px)")
+    parser.add_argument("--config", type=Path, default=None, help="a config instead of the preset's")
     parser.add_argument("--methods", nargs="+", default=["baseline", "cps", "sa-cps"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override, repeatable")
-    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "accuracy.md")
+    parser.add_argument("--results", type=Path, default=None, help="default bench/results/accuracy.md "
+                        "(--preset gpu: accuracy-gpu.md)")
     parser.add_argument("--tune", action="store_true", help="run the runs as Ray Tune trials (see the docstring)")
     parser.add_argument("--address", default="", help="with --tune: the Ray cluster to join")
     parser.add_argument("--trial-cpus", type=float, default=0.0, help="with --tune: CPUs per trial "
                         "(default train.threads or 1)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (config, device, rows) as JSON "
+                        "and exit without training")
     args = parser.parse_args(argv)
+    args.config = args.config or PRESETS[args.preset]
+    args.results = args.results or REPO / "bench" / "results" / ("accuracy.md" if args.preset == "cpu" else
+                                                                   f"accuracy-{args.preset}.md")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from plsynth.config import load_config
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    overrides = [f"data.cache_dir={out / 'cache'}", "train.bundle_from=last", *args.overrides]
+    # bundle_from=last after the user's overrides: the bundle is the scored final checkpoint, never best.pt
+    overrides = [f"data.cache_dir={out / 'cache'}", *args.overrides, "train.bundle_from=last"]
     base = load_config(args.config, overrides)
-    if any(m.startswith("sa-") for m in args.methods):
-        synth_bundle = Path(base.synth.bundle) if base.synth.bundle else None
-        if synth_bundle is None or not (synth_bundle / "meta.json").is_file():
-            from plsynth.training.synthesizer import train_synthesizer
-
-            synth_out = out / "synthesizer"
-            if not (synth_out / "bundle" / "meta.json").is_file():
-                logging.info("training the synthesizer once for all SA-CPS runs: %s", synth_out)
-                train_synthesizer(base, synth_out)
-            synth_bundle = synth_out / "bundle"
-        base = base.replace(synth=dataclasses.replace(base.synth, bundle=str(synth_bundle)))
-
     command = (f"python bench/accuracy.py --out {args.out} --config {args.config} --methods {' '.join(args.methods)} "
                f"--seeds {' '.join(map(str, args.seeds))}" + "".join(f" --set {o}" for o in args.overrides)
                + (" --tune" if args.tune else ""))
@@ -169,6 +189,30 @@ def main(argv: list[str] | None = None) -> int:
                 and not (Path(row["teacher"]) / "meta.json").is_file():
             parser.error(f"{row['method']} needs its teacher {row['teacher']}: run {row['teacher_row']} with seed "
                          f"{row['seed']} first")
+    synth_bundle = Path(base.synth.bundle) if base.synth.bundle else None
+    train_synth = any(m.startswith("sa-") for m in args.methods) and not (synth_bundle and
+                                                                          (synth_bundle / "meta.json").is_file())
+    if args.dry_run:
+        t = base.train
+        print(json.dumps({
+            "config": str(args.config), "command": command, "device": t.device, "amp": t.amp,
+            "image_size": base.data.image_size, "model_width": base.model.width,
+            "batch": [t.batch_labeled, t.batch_unlabeled], "epochs": t.epochs, "max_iters": t.max_iters,
+            "val_every_iters": t.val_every_iters, "bundle_from": t.bundle_from, "cache_dir": base.data.cache_dir,
+            "synthesizer": str(out / "synthesizer") if train_synth else (str(synth_bundle) if synth_bundle else None),
+            "train_synthesizer": train_synth, "rows": rows, "results": str(args.results),
+        }, indent=2))
+        return 0
+    if any(m.startswith("sa-") for m in args.methods):
+        if train_synth:
+            from plsynth.training.synthesizer import train_synthesizer
+
+            synth_out = out / "synthesizer"
+            if not (synth_out / "bundle" / "meta.json").is_file():
+                logging.info("training the synthesizer once for all SA-CPS runs: %s", synth_out)
+                train_synthesizer(base, synth_out)
+            synth_bundle = synth_out / "bundle"
+        base = base.replace(synth=dataclasses.replace(base.synth, bundle=str(synth_bundle)))
     if args.tune:
         from plsynth.training.ray_entry import connect_ray
 
@@ -203,13 +247,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{base.train.tolerance_mm} {'mm' if base.data.layout not in ('semiseg',) else 'pixel'} "
         "(slices without spacing use pixels).",
         "",
-        "| method | seeds | val DSC (mean +- sd) | val NSD (mean +- sd) | s / iteration (median) |",
-        "|---|---|---|---|---|",
+        f"Plateaued: runs whose validation Dice over the last quarter of the budget stayed within "
+        f"{PLATEAU_TOLERANCE} of the final value (validation every {base.train.val_every_iters or 'epoch'} "
+        "iterations; `?`: fewer than two validations there).",
+        "",
+        "| method | seeds | val DSC (mean +- sd) | val NSD (mean +- sd) | plateaued | s / iteration (median) |",
+        "|---|---|---|---|---|---|",
     ]
     for method, rows in results.items():
+        flags = [r.get("plateaued") for r in rows]
+        plateau = "?" if None in flags else f"{sum(flags)}/{len(flags)}"
         lines.append(
             f"| {method} | {len(rows)} | {_mean_sd([r['dice'] for r in rows])} | {_mean_sd([r['nsd'] for r in rows])} "
-            f"| {statistics.median(r['seconds_per_iteration'] for r in rows):.3f} |"
+            f"| {plateau} | {statistics.median(r['seconds_per_iteration'] for r in rows):.3f} |"
         )
     if any(m in SELF_TRAINING for m in results):
         lines += ["", "Teachers: `st` and `sa-st` learn from the same seed's `baseline` run, `sa-st-cps` (the paper's "

@@ -106,7 +106,7 @@ def _timed(fn: Callable[[], Any], device: str, repeats: int = 5) -> float:
 
 def train_methods(cfg: Config, out: Path, device: str, data, synth_bundle: Path, amps: list[str]) -> dict:
     from plsynth.synth_service.local import LocalSynthesizer
-    from plsynth.training.loop import run_training
+    from plsynth.training.loop import train
 
     rows: dict[str, Any] = {}
     synth = LocalSynthesizer(synth_bundle, backend="torch", device=device)
@@ -122,7 +122,7 @@ def train_methods(cfg: Config, out: Path, device: str, data, synth_bundle: Path,
                 torch.cuda.reset_peak_memory_stats()
             keep_bundle = method == "baseline" and amp == amps[0]  # the ST teacher and the parity segmenter
             hooks._last = time.perf_counter()
-            result = run_training(run_cfg, out / "train" / f"{method}-{amp}", hooks, data=data,
+            result = train(run_cfg, out / "train" / f"{method}-{amp}", hooks, data=data,
                                   synth=synth if method in ("sa-cps", "sa-st") else None, write_bundle=keep_bundle)
             if keep_bundle:
                 teacher = str(result.bundle)

@@ -90,12 +90,12 @@ def untrained_bundle(cfg, path: Path) -> Path:
 
 
 def run(cfg, out: Path, data, synth, iters: int) -> dict:
-    from plsynth.training.loop import run_training
+    from plsynth.training.loop import train
 
     hooks = StepTimer()
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, max_iters=iters, epochs=1, checkpoint_every=0))
     hooks._last = time.perf_counter()
-    run_training(cfg, out, hooks, data=data, synth=synth, write_bundle=False)
+    train(cfg, out, hooks, data=data, synth=synth, write_bundle=False)
     steady = hooks.times[1:]  # the first step warms up allocators and ORT
     result = {"iter_s_median": statistics.median(steady), "iter_s_all": hooks.times}
     if synth is not None:
@@ -130,7 +130,7 @@ def scaling(cfg, out: Path, workers: list[int], method: str, iters: int) -> dict
     import ray
 
     from plsynth.data.datasets import build_splits
-    from plsynth.training.ray_train import fit
+    from plsynth.training.ray_train import train_on_ray
 
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, method=method, max_iters=iters, epochs=1, threads=1,
                                                 checkpoint_every=0, device="cpu"))
@@ -142,7 +142,7 @@ def scaling(cfg, out: Path, workers: list[int], method: str, iters: int) -> dict
             run_cfg = cfg.replace(ray=dataclasses.replace(cfg.ray, num_workers=n, cpus_per_worker=1.0))
             build_splits(run_cfg, run_out)  # in the driver, as the entry points do
             t0 = time.perf_counter()
-            fit(run_cfg, run_out, name=run_out.name)
+            train_on_ray(run_cfg, run_out, name=run_out.name)
             wall = time.perf_counter() - t0
             work = [json.loads(line) for line in (run_out / "ray_work.jsonl").read_text().splitlines()]
             per_worker = []
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers:
         result = scaling(cfg, out, args.workers, args.method, args.iters)
         lines = write_scaling(result, cfg, "python bench/ray_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-        return _write_results("ray_scaling", lines, result)
+        return write_results("ray_scaling", lines, result)
     bundle = untrained_bundle(cfg, out / "synth")
     cfg = cfg.replace(synth=dataclasses.replace(cfg.synth, bundle=str(bundle)))
     data = build_splits(cfg, out / "data-run")
@@ -271,12 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Actor counters: {a and results['actor_stats']['requests']} requests, {results['actor_stats']['slices']} slices, "
         f"{results['actor_stats']['decode_calls']} decoder calls, mean batch {results['actor_stats']['mean_batch']:.1f}.",
     ]
-    return _write_results("ray_bench", lines, results)
+    return write_results("ray_bench", lines, results)
 
 
-def _write_results(name: str, lines: list[str], data: dict) -> int:
-    """bench/results/<name>.md (the table) and .json (everything), and the table on stdout."""
-    target = REPO / "bench" / "results"
+def write_results(name: str, lines: list[str], data: dict, target: Path = REPO / "bench" / "results") -> int:
+    """<target>/<name>.md (the table) and .json (everything), and the table on stdout."""
     target.mkdir(parents=True, exist_ok=True)
     (target / f"{name}.md").write_text("\n".join(lines) + "\n")
     (target / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))

@@ -65,3 +65,13 @@ def test_a_config_saved_before_model_norm_existed_means_batch_norm() -> None:
     assert saved_config(saved, where="old/meta.json").model.norm == "batch"
     assert saved_config(Config().to_dict(), where="new/meta.json").model.norm == "instance"
     assert config_from_dict(saved).model.norm == "instance"  # a YAML without the key gets the default
+
+
+def test_val_every_of_older_configs_still_loads_and_other_values_say_what_replaced_them() -> None:
+    saved = Config().to_dict()
+    del saved["train"]["val_every_iters"]
+    saved["train"]["val_every"] = 1  # what every checkpoint and bundle before 2026-12-02 holds
+    assert saved_config(saved, where="old/meta.json").train.val_every_iters == 0  # = every epoch, as before
+    replaced = r"old.yaml: train.val_every \(3 epochs\) was replaced by train.val_every_iters"
+    with pytest.raises(ConfigError, match=replaced):
+        config_from_dict({"train": {"val_every": 3}}, where="old.yaml")

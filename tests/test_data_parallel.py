@@ -22,7 +22,7 @@ pytest.importorskip("ray.train.torch")
 from plsynth.config import load_config  # noqa: E402
 from plsynth.data.datasets import build_splits  # noqa: E402
 from plsynth.training.checkpoint import load_checkpoint  # noqa: E402
-from plsynth.training.ray_train import fit  # noqa: E402
+from plsynth.training.ray_train import train_on_ray  # noqa: E402
 from plsynth.training.schedule import BatchPlan  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -39,7 +39,7 @@ def _cfg(workers: int, max_failures: int = 0):
 def _run(out: Path, workers: int, **kwargs):
     cfg = _cfg(workers, **{k: kwargs.pop(k) for k in ("max_failures",) if k in kwargs})
     build_splits(cfg, out)  # in the driver, as the entry points do: workers only read the cache
-    return fit(cfg, out, name=f"dp-{workers}-{out.name}", **kwargs)
+    return train_on_ray(cfg, out, name=f"dp-{workers}-{out.name}", **kwargs)
 
 
 def _params(path: Path) -> dict[str, torch.Tensor]:

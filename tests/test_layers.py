@@ -128,7 +128,7 @@ def test_no_import_cycle():
 def test_the_graph_reader_sees_lazy_and_package_relative_imports(tmp_path: Path):
     """The checks above are only as good as the reader: it must see an import inside a function."""
     probe = tmp_path / "probe.py"
-    probe.write_text("def f():\n    from plsynth.training.loop import run_training\n    from plsynth.data import lungs\n")
+    probe.write_text("def f():\n    from plsynth.training.loop import train\n    from plsynth.data import lungs\n")
     assert imports_of("plsynth.deploy.probe", probe) == {"plsynth.training.loop", "plsynth.data.lungs"}
     assert "plsynth.bundles.segmenter" in GRAPH["plsynth.training.loop"]  # a lazy import in the real tree
 

@@ -21,7 +21,7 @@ from plsynth.config import Config, DataConfig, OptimConfig, TrainConfig, UNetCon
 from plsynth.data.semantic import INFECTION, semantic_map
 from plsynth.models.unet import UNet
 from plsynth.training.losses import seg_loss
-from plsynth.training.loop import BatchMaker, run_training
+from plsynth.training.loop import BatchMaker, train
 from plsynth.training.methods import cps_step, cross_pseudo_terms, method_switches, pseudo_label
 from plsynth.training.schedule import BatchPlan
 
@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 
 
 def _cfg(method: str, **train) -> Config:
-    base = dict(method=method, epochs=24, batch_labeled=4, batch_unlabeled=4, rotate_degrees=0.0, val_every=24)
+    base = dict(method=method, epochs=24, batch_labeled=4, batch_unlabeled=4, rotate_degrees=0.0, val_every_iters=10**6)
     base.update(train)
     return Config(
         data=DataConfig(image_size=32),
@@ -170,7 +170,7 @@ def _overfit_dice(result) -> float:
 @pytest.fixture(scope="module")
 def baseline_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
-    result = run_training(_cfg("baseline"), out, data=tiny_splits(), write_bundle=False)
+    result = train(_cfg("baseline"), out, data=tiny_splits(), write_bundle=False)
     return out, result
 
 
@@ -185,14 +185,14 @@ def test_baseline_overfits_a_few_phantom_slices(baseline_run):
 
 @pytest.mark.slow
 def test_cps_overfits_a_few_phantom_slices(tmp_path):
-    result = run_training(_cfg("cps"), tmp_path, data=tiny_splits(), write_bundle=False)
+    result = train(_cfg("cps"), tmp_path, data=tiny_splits(), write_bundle=False)
     assert _overfit_dice(result) >= 0.8
 
 
 @pytest.mark.slow
 def test_sa_cps_overfits_and_its_bundle_records_the_synthesizer(tmp_path):
     synth = FakeSynthesizer()
-    result = run_training(_cfg("sa-cps"), tmp_path, data=tiny_splits(), synth=synth)
+    result = train(_cfg("sa-cps"), tmp_path, data=tiny_splits(), synth=synth)
     assert _overfit_dice(result) >= 0.8
     assert len(synth.calls) == 24 * 3
     meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
@@ -209,7 +209,7 @@ def test_self_training_overfits_from_an_offline_set_made_once(method, baseline_r
     cfg = _cfg(method, teacher=str(teacher_out / "best.pt"))
     synth = FakeSynthesizer()
     data = tiny_splits()
-    result = run_training(cfg, tmp_path, data=data, synth=synth, write_bundle=(method == "sa-st"))
+    result = train(cfg, tmp_path, data=data, synth=synth, write_bundle=(method == "sa-st"))
     assert _overfit_dice(result) >= 0.8
     offline = tmp_path / "offline"
     if method == "sa-st":
@@ -231,7 +231,7 @@ def test_self_training_overfits_from_an_offline_set_made_once(method, baseline_r
     else:
         assert not synth.calls and not (offline / "synthetic-00000.npy").exists()
     # A second run in a new folder would rebuild; the same folder reuses the stored set.
-    again = run_training(dataclasses.replace(cfg), tmp_path, data=data, synth=synth, write_bundle=False)
+    again = train(dataclasses.replace(cfg), tmp_path, data=data, synth=synth, write_bundle=False)
     assert again.steps == result.steps and len(synth.calls) == (1 if method == "sa-st" else 0)
 
 
@@ -266,7 +266,7 @@ def test_train_entry_point_on_phantoms_leaves_a_bundle_that_plsynth_eval_scores(
         model=UNetConfig(width=4, depth=2),
         train=TrainConfig(method="baseline", epochs=2, batch_labeled=4, batch_unlabeled=4, threads=1),
     )
-    bundle = run_training(cfg, tmp_path / "run").bundle
+    bundle = train(cfg, tmp_path / "run").bundle
     assert bundle == tmp_path / "run" / "bundle" and (bundle / "model.onnx").is_file()
     meta = json.loads((bundle / "meta.json").read_text())
     assert meta["method"] == "baseline" and meta["metrics"]["selected"] == "best"
@@ -279,3 +279,25 @@ def test_train_entry_point_on_phantoms_leaves_a_bundle_that_plsynth_eval_scores(
     assert stored["dice"] == pytest.approx(result["dice"])
     # The validation the run logged for its best checkpoint is what eval measures again.
     assert result["dice"] == pytest.approx(meta["metrics"]["val_dice"], abs=1e-6)
+
+
+def test_validation_every_n_iterations_makes_a_curve_in_val_csv_and_curves_png(tmp_path):
+    # 12 unlabeled slices at batch 4: 3 iterations per epoch, 9 in all; every 4 -> after 4, 8 and the last
+    train(_cfg("baseline", epochs=3, val_every_iters=4), tmp_path, data=tiny_splits(), write_bundle=False)
+    rows = (tmp_path / "val.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["step", "4", "8", "9"]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_compiled_steps_follow_the_eager_losses_and_checkpoints_hold_the_plain_networks(tmp_path):
+    def losses(out):
+        return [float(r.split(",")[3]) for r in (out / "log.csv").read_text().splitlines()[1:]]
+
+    eager = train(_cfg("cps", epochs=1), tmp_path / "eager", data=tiny_splits(), write_bundle=False)
+    compiled = train(_cfg("cps", epochs=1, compile=True), tmp_path / "compiled", data=tiny_splits(), write_bundle=False)
+    assert len(losses(tmp_path / "compiled")) == 3
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+    assert compiled.last_val["dice"] == pytest.approx(eager.last_val["dice"], abs=1e-3)
+    state = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)
+    assert not any("_orig_mod" in k for net in state["networks"].values() for k in net)

@@ -1,4 +1,4 @@
-"""The TorchTrainer wrapper on a real local Ray cluster, running the real loop (`run_training`):
+"""The TorchTrainer wrapper on a real local Ray cluster, running the real loop (`loop.train`):
 DDP across two workers, checkpoints reported through Ray Train, and a worker that dies mid-run
 restarted by Ray Train (``ray.max_failures``) and resuming from its checkpoint, not from step 0.
 
@@ -22,7 +22,7 @@ from plsynth.config import load_config  # noqa: E402
 from plsynth.data.datasets import build_splits  # noqa: E402
 from plsynth.training.checkpoint import load_checkpoint  # noqa: E402
 from plsynth.training.loop import build_networks  # noqa: E402
-from plsynth.training.ray_train import fit  # noqa: E402
+from plsynth.training.ray_train import train_on_ray  # noqa: E402
 from plsynth.training.schedule import BatchPlan, total_iterations  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -43,7 +43,7 @@ def ddp_run_with_one_crash(ray_local, tmp_path_factory):
     data = build_splits(cfg, out)  # in the driver, as the entry points do: workers only read the cache
     plan = BatchPlan(len(data.labeled), len(data.unlabeled), cfg.train.batch_labeled, cfg.train.batch_unlabeled,
                      cfg.train.seed)
-    result = fit(cfg, out, fail_after_reports=1, fail_marker=str(out / "crashed"))
+    result = train_on_ray(cfg, out, fail_after_reports=1, fail_marker=str(out / "crashed"))
     return out, result, cfg, plan
 
 
@@ -52,7 +52,7 @@ def test_the_real_loop_trained_every_step_and_left_a_bundle(ddp_run_with_one_cra
     total = total_iterations(cfg.train.epochs, plan.iters_per_epoch, cfg.train.max_iters)
     last = load_checkpoint(out / "last.pt")
     assert last["step"] == total and result.metrics["step"] == total
-    initial = build_networks(cfg)["model"].state_dict()  # the seeded initialisation run_training starts from
+    initial = build_networks(cfg)["model"].state_dict()  # the seeded initialisation loop.train starts from
     moved = max(float((last["networks"]["model"][k] - v).abs().max()) for k, v in initial.items()
                 if v.is_floating_point())
     assert moved > 1e-3

@@ -15,7 +15,7 @@ import torch
 
 from _training_data import FakeSynthesizer, tiny_splits
 from plsynth.config import Config, DataConfig, OptimConfig, TrainConfig, UNetConfig
-from plsynth.training.loop import TrainHooks, run_training
+from plsynth.training.loop import TrainHooks, train
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
@@ -23,7 +23,7 @@ TESTS = Path(__file__).resolve().parent
 
 def _cfg(method: str, **train) -> Config:
     base = dict(method=method, epochs=3, batch_labeled=3, batch_unlabeled=4, rotate_degrees=12.0, flip=True,
-                checkpoint_every=2, val_every=1)
+                checkpoint_every=2)
     base.update(train)
     return Config(data=DataConfig(image_size=32), model=UNetConfig(width=4, depth=2), optim=OptimConfig(lr=0.05),
                   train=TrainConfig(**base))
@@ -51,15 +51,15 @@ class CrashAt(TrainHooks):
 def test_sa_cps_resumed_after_a_crash_reproduces_the_uninterrupted_losses(tmp_path):
     cfg = _cfg("sa-cps")
     data = tiny_splits(5, 10)  # 3 iterations per epoch, 9 in all
-    whole = run_training(cfg, tmp_path / "whole", data=data, synth=FakeSynthesizer(), write_bundle=False)
+    whole = train(cfg, tmp_path / "whole", data=data, synth=FakeSynthesizer(), write_bundle=False)
     expected = _losses(tmp_path / "whole")
     assert len(expected) == 9
 
     out = tmp_path / "killed"
     with pytest.raises(Crash):  # dies mid-epoch 2, after step 6; last.pt holds step 6 (checkpoint_every 2)
-        run_training(cfg, out, CrashAt(6), data=data, synth=FakeSynthesizer(), write_bundle=False)
+        train(cfg, out, CrashAt(6), data=data, synth=FakeSynthesizer(), write_bundle=False)
     assert len(_losses(out)) == 7
-    resumed = run_training(cfg, out, data=data, synth=FakeSynthesizer(), write_bundle=False)
+    resumed = train(cfg, out, data=data, synth=FakeSynthesizer(), write_bundle=False)
     assert _losses(out) == expected  # steps 6..8 rerun bit for bit, rows of the dead run replaced
     assert resumed.best == whole.best
     val_steps = [r.split(",")[0] for r in (out / "val.csv").read_text().splitlines()[1:]]
@@ -68,11 +68,11 @@ def test_sa_cps_resumed_after_a_crash_reproduces_the_uninterrupted_losses(tmp_pa
 
 def test_resume_refuses_a_run_folder_started_with_another_config(tmp_path):
     data = tiny_splits(4, 4)
-    run_training(_cfg("baseline", epochs=1), tmp_path, data=data, write_bundle=False)
+    train(_cfg("baseline", epochs=1), tmp_path, data=data, write_bundle=False)
     with pytest.raises(ValueError, match="optim.lr"):
         changed = _cfg("baseline", epochs=1)
         changed = changed.replace(optim=OptimConfig(lr=0.5))
-        run_training(changed, tmp_path, data=data, write_bundle=False)
+        train(changed, tmp_path, data=data, write_bundle=False)
 
 
 @pytest.mark.slow
@@ -86,17 +86,19 @@ def test_baseline_killed_by_sigkill_resumes_to_the_same_losses(tmp_path):
         from pathlib import Path
         from _training_data import tiny_splits
         from test_resume import _cfg
-        from plsynth.training.loop import TrainHooks, run_training
+        from plsynth.training.loop import TrainHooks, train
 
         class Kill(TrainHooks):
             def after_step(self, step, terms):
                 if step == int(sys.argv[2]):
                     os.kill(os.getpid(), signal.SIGKILL)
 
-        run_training(_cfg("baseline", val_every=3), Path(sys.argv[1]), Kill(), data=tiny_splits(5, 10), write_bundle=False)
+        train(_cfg("baseline", val_every_iters=10**6), Path(sys.argv[1]), Kill(), data=tiny_splits(5, 10),
+              write_bundle=False)
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    # keep the caller's PYTHONPATH: the subprocess must import the plsynth under test
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run([sys.executable, "-c", script, str(whole), "-1"], check=True, env=env, timeout=300)
     proc = subprocess.run([sys.executable, "-c", script, str(killed), "4"], env=env, timeout=300)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from plsynth.training.schedule import BatchPlan, iterations_per_epoch, poly_lr, total_iterations
+from plsynth.training.schedule import BatchPlan, iterations_per_epoch, poly_lr, total_iterations, validates_after
 
 
 def test_poly_lr_starts_at_base_ends_at_zero_and_follows_power():
@@ -44,3 +44,21 @@ def test_labeled_slices_cycle_through_full_passes_independent_of_the_unlabeled_e
     for p in range(4):
         assert sorted(stream[5 * p : 5 * p + 5].tolist()) == list(range(5))
     assert np.array_equal(plan.labeled(7), BatchPlan(5, 100, 2, 8, 0).labeled(7))
+
+
+def test_validation_every_n_iterations_ends_with_the_final_one():
+    # 10 iterations per epoch, 25 in all: every 4 -> 4, 8, ..., 24 and the last (25)
+    assert [d for d in range(1, 26) if validates_after(d, 25, 10, 4)] == [4, 8, 12, 16, 20, 24, 25]
+    # 0: at the end of every epoch, and the last (short) epoch's end
+    assert [d for d in range(1, 26) if validates_after(d, 25, 10, 0)] == [10, 20, 25]
+
+
+def test_seed_streams_are_named_distinct_and_keep_their_values():
+    from plsynth.training.schedule import Order, Stream, step_seed
+
+    # the values are part of every run's numbers: changing one changes the losses of every run
+    assert {s.name: int(s) for s in Stream} == {"AUGMENT": 0, "SYNTHESIS": 1, "NETWORK_INIT": 3,
+                                                "OFFLINE_SYNTHESIS": 5}
+    assert {s.name: int(s) for s in Order} == {"LABELED": 1, "UNLABELED": 2}
+    seeds = {step_seed(7, 4, s) for s in Stream}
+    assert len(seeds) == len(Stream)  # one step, four different draws

@@ -215,7 +215,7 @@ def test_sa_cps_training_finishes_when_the_synthesis_actor_is_killed_mid_run(ray
     from plsynth.config import load_config
     from plsynth.data.datasets import build_splits
     from plsynth.synth_service.actor import start_synthesis_actors
-    from plsynth.training.ray_train import fit
+    from plsynth.training.ray_train import train_on_ray
 
     cfg = load_config(REPO / "configs" / "phantom-smoke.yaml",
                       ["train.method=sa-cps", "train.epochs=1", "train.max_iters=4", "synth.backend=service",
@@ -244,7 +244,7 @@ def test_sa_cps_training_finishes_when_the_synthesis_actor_is_killed_mid_run(ray
 
         killer = threading.Thread(target=kill_after_first_request, daemon=True)
         killer.start()
-        result = fit(cfg, out, synth=client)
+        result = train_on_ray(cfg, out, synth=client)
         killer.join(timeout=5)
         assert killed.is_set()
         assert result.metrics["step"] == 4

@@ -71,14 +71,14 @@ def test_lr_schedule_is_constant_then_decays_linearly():
 
 def test_training_run_leaves_checkpoint_grids_and_a_bundle_and_resumes(smoke, tmp_path):
     from plsynth.bundles.synthesizer import load_decoder_bundle
-    from plsynth.training.synthesizer import fit_synthesizer
+    from plsynth.training.synthesizer import train_synthesizer
 
     cfg, splits, _ = smoke
     small = torch.utils.data.Subset(splits.labeled, range(8))
     # a narrower synthesizer at half the data's size (64 px slices resized to 32 px)
     tiny = dataclasses.replace(cfg.synth, image_size=32, width=4, style_dim=8, num_up=3, epochs=1)
     cfg1 = cfg.replace(synth=tiny)
-    bundle = fit_synthesizer(small, cfg1, tmp_path)
+    bundle = train_synthesizer(cfg1, tmp_path, "cpu", labeled=small)
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "grids" / "epoch_001.png").is_file()
     loaded = load_decoder_bundle(bundle)
     assert len(loaded.pool) == 8
@@ -87,7 +87,7 @@ def test_training_run_leaves_checkpoint_grids_and_a_bundle_and_resumes(smoke, tm
     assert loaded.config.image_size == 32 and loaded.pool.style_dim == 8
 
     cfg2 = cfg.replace(synth=dataclasses.replace(tiny, epochs=2))
-    fit_synthesizer(small, cfg2, tmp_path)  # resumes after epoch 1: trains only epoch 2
+    train_synthesizer(cfg2, tmp_path, "cpu", labeled=small)  # resumes after epoch 1: trains only epoch 2
     history = json.loads((tmp_path / "bundle" / "meta.json").read_text())["training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert (tmp_path / "grids" / "epoch_002.png").is_file()

@@ -181,10 +181,16 @@ class TrainConfig:
     teacher: str = ""  # st / sa-st: bundle of the teacher (baseline or sa-cps)
     flip: bool = True
     rotate_degrees: float = 15.0
-    val_every: int = 1  # epochs between validations
+    # Iterations between validations, each a point of val.csv / curves.png; 0 validates at the
+    # end of every epoch. The last iteration always validates (the benchmark's final score).
+    val_every_iters: int = 0
     tolerance_mm: float = 1.0  # NSD tolerance (1 pixel when there is no spacing)
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # torch.compile the networks of the step (inductor): 0.5-0.65x the step time at the CPU preset,
+    # after a compilation of ~3 min on a loaded 2-core machine (BENCHMARKS.md), so it pays for long
+    # runs only; checkpoints and bundles hold the plain networks either way.
+    compile: bool = False
     pseudo_in_lung: bool = True  # zero pseudo-infection outside the lung mask (cps, sa-cps, st, sa-st)
     checkpoint_every: int = 0  # iterations between last.pt saves; 0 saves at the end of each epoch only
     bundle_from: Literal["best", "last"] = "best"  # which checkpoint becomes DIR/bundle ("last": benchmarks)
@@ -201,10 +207,10 @@ class TrainConfig:
             raise ValueError(f"train.tau must be in (0, 1), got {self.tau}")
         if self.epochs < 1:
             raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
-        for name in ("batch_labeled", "batch_unlabeled", "val_every", "offline_batch"):
+        for name in ("batch_labeled", "batch_unlabeled", "offline_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_iters", "checkpoint_every", "threads"):
+        for name in ("max_iters", "val_every_iters", "checkpoint_every", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lam < 0 or self.mu < 0:
@@ -328,7 +334,21 @@ def _drop_removed(raw: dict[str, Any], where: str, stored: bool) -> dict[str, An
 
 def config_from_dict(raw: dict[str, Any], where: str = "<dict>", stored: bool = False) -> Config:
     """Build a Config from plain data; ``stored``: a copy saved in a checkpoint or bundle."""
-    return _build(Config, _drop_removed(raw, where, stored), where, prefix="")
+    return _build(Config, _drop_removed(_renamed(raw, where), where, stored), where, prefix="")
+
+
+def _renamed(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Older configs, checkpoints and bundles: ``train.val_every`` (epochs between validations,
+    until 2026-12-02) became ``train.val_every_iters``; its value 1 is the new default 0."""
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if not isinstance(train, dict) or "val_every" not in train:
+        return raw
+    train = dict(train)
+    every = train.pop("val_every")
+    if every != 1:
+        raise ConfigError(f"{where}: train.val_every ({every!r} epochs) was replaced by train.val_every_iters "
+                          "(iterations between validations; 0 = at the end of every epoch); set that instead")
+    return {**raw, "train": train}
 
 
 def saved_config(raw: dict[str, Any], where: str) -> Config:

@@ -41,7 +41,7 @@ def run_demo(out: Path, config: str | Path = "demo", sa_st: bool = True) -> dict
     """Run every stage into ``out`` and return the held-out table (also printed and saved)."""
     from plsynth.data.phantom import write_phantom_dataset
     from plsynth.torch_setup import flush_denormals
-    from plsynth.training.loop import run_training
+    from plsynth.training.loop import train
     from plsynth.training.synthesizer import train_synthesizer
 
     flush_denormals()  # before the first parallel op creates torch's thread pool (see torch_setup)
@@ -61,17 +61,17 @@ def run_demo(out: Path, config: str | Path = "demo", sa_st: bool = True) -> dict
 
     bundles: dict[str, Path] = {}
     t = _stage("2/6 baseline: labeled slices only")
-    bundles["baseline"] = run_training(_with_method(cfg, "baseline"), out / "baseline").bundle
+    bundles["baseline"] = train(_with_method(cfg, "baseline"), out / "baseline").bundle
     _done(t, f"bundle {bundles['baseline']}")
 
     t = _stage("3/6 SA-CPS: cross pseudo supervision + synthetic images of the pseudo-labels")
-    bundles["sa-cps"] = run_training(_with_method(cfg, "sa-cps"), out / "sa-cps").bundle
+    bundles["sa-cps"] = train(_with_method(cfg, "sa-cps"), out / "sa-cps").bundle
     _done(t, f"bundle {bundles['sa-cps']}")
 
     if sa_st:
         t = _stage("4/6 SA-ST: student of the SA-CPS teacher on real + pseudo + synthetic pairs")
         teacher = str(bundles["sa-cps"].resolve())
-        bundles["sa-st"] = run_training(_with_method(cfg, "sa-st", teacher=teacher), out / "sa-st").bundle
+        bundles["sa-st"] = train(_with_method(cfg, "sa-st", teacher=teacher), out / "sa-st").bundle
         _done(t, f"bundle {bundles['sa-st']}")
     else:
         _stage("4/6 SA-ST: skipped (--no-sa-st)")

@@ -30,9 +30,11 @@ from plsynth.atomic import atomic_write
 from plsynth.config import REMOVED_KEYS
 from plsynth.errors import InputError
 
-# Keys whose change does not alter the optimisation of a resumed run (removed keys: old checkpoints hold them).
-RESUME_IGNORED = {"source", "name", "train.val_every", "train.threads", "train.bundle_from",
-                  "train.checkpoint_every", "train.device", "ray", *REMOVED_KEYS}
+# Keys whose change does not alter the optimisation of a resumed run (``train.val_every``: the
+# name of ``train.val_every_iters`` in checkpoints written before 2026-12-02; removed keys: old
+# checkpoints hold them).
+RESUME_IGNORED = {"source", "name", "train.val_every", "train.val_every_iters", "train.threads", "train.bundle_from",
+                  "train.checkpoint_every", "train.device", "train.compile", "ray", *REMOVED_KEYS}
 
 
 def rng_state() -> dict[str, Any]:

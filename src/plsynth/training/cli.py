@@ -71,11 +71,11 @@ def train_synthesizer_command(config: ConfigOpt, out: OutOpt, set_: SetOpt = Non
 def _method_command(method: str):
     def command(config: ConfigOpt, out: OutOpt, set_: SetOpt = None, device: DeviceOpt = None) -> None:
         from plsynth.atomic import folder_lock
-        from plsynth.training.loop import run_training
+        from plsynth.training.loop import train
 
         cfg = _load(config, set_, method, device)
         with folder_lock(out, f"plsynth train {method}"):  # a second run into OUT: exit 6
-            bundle = run_training(cfg, out).bundle
+            bundle = train(cfg, out).bundle
         typer.echo(f"{method} bundle: {bundle}")
 
     command.__doc__ = f"""Train `{method}` and leave its bundle in OUT/bundle (resumes from OUT/last.pt).

@@ -1,14 +1,15 @@
 """The one training loop of every segmentation method (nanoGPT order, style-examples 6.7).
 
-    setup: seed, data splits, networks (+ peer), optimizers, synthesizer or offline set
-    resume from out/last.pt when it exists (and the config matches)
+    _setup: seed, data splits, networks (+ peer), optimizers, synthesizer or offline set;
+            _resume from out/last.pt when it exists (and the config matches)
     for step in range(start, total):
-        lr = poly_lr(step, total)                     # pure function, per iteration
-        batch = make_batch(step)                      # data order + augmentation: pure functions of (seed, step)
-        out = step_fn(nets, batch, cfg.train, synth, seed)    # methods.py: the method's loss
-        backward, SGD step on every network
-        end of epoch: validate (DSC, NSD), save best.pt / last.pt, report, draw curves
-    write DIR/bundle from best.pt (or last.pt) with bundles.segmenter.write_bundle
+        _step:       lr = poly_lr(step, total)            # pure function, per iteration
+                     batch = make_batch(step)             # data order + augmentation: pure functions of (seed, step)
+                     loss = step_fn(nets, batch, ...)     # methods.py: the method's loss
+                     backward, SGD step on every network, log.csv row
+        _after_step: every train.val_every_iters validate (DSC, NSD; val.csv, curves.png), best.pt;
+                     last.pt every train.checkpoint_every and at each epoch's end (then report)
+    then (train): write DIR/bundle from best.pt (or last.pt) with bundles.segmenter.write_bundle
 
 Under Ray Train only the hooks differ (`TrainHooks`: device, prepare_model, report, is_main,
 broadcast). Data parallel: each of N workers takes its 1/N share of every global batch
@@ -18,9 +19,10 @@ same parameters within float tolerance) doing 1/N of the work each. Rank 0 reads
 and broadcasts it, so a run started with N workers resumes with any M.
 
 Every random choice of a step (batch order, flips, angles, the synthesizer's pool draw and
-noise) is derived from (seed, step), and the global RNG states are checkpointed too, so a run
-killed after step t and resumed from its last checkpoint reproduces the losses of a run that
-was never interrupted (same machine, same thread count).
+noise) is derived from (seed, step) through the named streams of `schedule.Stream`, and the
+global RNG states are checkpointed too, so a run killed after step t and resumed from its last
+checkpoint reproduces the losses of a run that was never interrupted (same machine, same thread
+count).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from plsynth.training.augment import apply_transforms, random_transforms
 from plsynth.training.losses import global_batch
 from plsynth.training.methods import method_switches, network_names, step_function
 from plsynth.training.run_log import RunLog, plot_curves
-from plsynth.training.schedule import BatchPlan, poly_lr, step_seed, total_iterations
+from plsynth.training.schedule import BatchPlan, Stream, poly_lr, step_seed, total_iterations, validates_after
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ def build_networks(cfg: Config) -> dict[str, torch.nn.Module]:
 
     nets = {}
     for k, name in enumerate(network_names(cfg.train.method)):
-        torch.manual_seed(step_seed(cfg.train.seed, k, stream=3))
+        torch.manual_seed(step_seed(cfg.train.seed, k, Stream.NETWORK_INIT))
         nets[name] = UNet(cfg.model)
     return nets
 
@@ -172,7 +174,7 @@ class BatchMaker:
 
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         t = self.cfg.train
-        g = torch.Generator().manual_seed(step_seed(t.seed, step, stream=0))
+        g = torch.Generator().manual_seed(step_seed(t.seed, step, Stream.AUGMENT))
         indices = self.plan.labeled(step)
         rows = self._share(len(indices))
         items = [self.labeled[int(i)] for i in indices[rows]]
@@ -290,7 +292,46 @@ def _unlabeled_source(cfg: Config, data: Any, out: Path, synth: Any, teacher: An
     return offline, info
 
 
-def run_training(
+@dataclass
+class _Run:
+    """One run's state between steps: what `_setup` builds, `_step` and `_after_step` advance."""
+
+    cfg: Config
+    out: Path
+    hooks: TrainHooks
+    data: Any
+    synth: Any
+    teacher_info: dict
+    device: str
+    amp: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    nets: dict[str, torch.nn.Module]  # unwrapped: what checkpoints hold
+    prepared: dict[str, torch.nn.Module]  # what the step runs (DDP-wrapped under Ray)
+    optimizers: dict[str, torch.optim.Optimizer]
+    plan: BatchPlan
+    total: int
+    start: int
+    best: dict[str, Any]
+    last_val: dict[str, Any]
+    step_fn: Any = None  # methods.step_function: the method's loss
+    make_batch: BatchMaker | None = None
+    log: RunLog | None = None
+    progress: _Progress | None = None
+    train_s: float = 0.0
+    train_cpu_s: float = 0.0
+
+    def state(self, step: int, epoch: int) -> dict[str, Any]:
+        return _state(self.nets, self.optimizers, step, epoch, self.best, self.plan, self.cfg, self.last_val,
+                      self.scaler)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        if self.progress is not None:
+            self.progress.close()
+
+
+def train(
     cfg: Config,
     out: Path,
     hooks: TrainHooks | None = None,
@@ -306,9 +347,23 @@ def run_training(
     synth: a `SynthesisClient` for sa-cps / sa-st; default `make_synthesis_client(cfg)`.
     teacher: the ST / SA-ST teacher network; default loaded from ``cfg.train.teacher``.
     """
-    hooks = hooks or TrainHooks()
+    run = _setup(cfg, Path(out), hooks or TrainHooks(), data, synth, teacher)
+    try:
+        for step in range(run.start, run.total):
+            loss, terms = _step(run, step)
+            _after_step(run, step, loss, terms)
+    finally:
+        run.close()
+    bundle = None
+    if write_bundle and run.hooks.is_main:
+        bundle = _write_run_bundle(cfg, run.out, run.synth, run.teacher_info, run.total)
+    return TrainResult(bundle=bundle, steps=run.total, best=run.best, last_val=run.last_val, start=run.start,
+                       samples=dict(run.make_batch.seen), train_s=run.train_s, train_cpu_s=run.train_cpu_s)
+
+
+def _setup(cfg: Config, out: Path, hooks: TrainHooks, data: Any, synth: Any, teacher: Any) -> _Run:
+    """Seeds, data, synthesizer, networks and optimizers, resumed from ``out/last.pt`` when it exists."""
     flush_denormals()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     if t.threads:
@@ -337,118 +392,123 @@ def run_training(
         raise ValueError(f"{cfg.source or 'config'}: {t.method} needs unlabeled slices; the unlabeled set is empty")
     device = hooks.device or select_device(t.device)
     amp = amp_dtype(t.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     unlabeled, teacher_info = _unlabeled_source(cfg, data, out, synth if t.method == "sa-st" else None, teacher,
                                                 device, hooks)
-
     nets = {k: v.to(device) for k, v in build_networks(cfg).items()}
-    optimizers = {k: make_optimizer(v, cfg) for k, v in nets.items()}
     plan = BatchPlan(len(data.labeled), len(data.unlabeled), t.batch_labeled, t.batch_unlabeled, t.seed)
-    total = total_iterations(t.epochs, plan.iters_per_epoch, t.max_iters)
-    start, best, last_val = 0, {"dice": -1.0, "step": -1}, {}
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    # Rank 0 reads last.pt and hands it to every worker: all resume at one step, whatever N was.
-    state = hooks.broadcast(ckpt.load_checkpoint(last_path) if hooks.is_main and last_path.is_file() else None)
-    if state is not None:
-        diffs = ckpt.config_differences(state["config"], cfg.to_dict())
-        if diffs:
-            raise ValueError(
-                f"{last_path}: this run folder was started with another config ({'; '.join(diffs[:5])}); "
-                "use a new --out folder or the original config"
-            )
-        for k, net in nets.items():
-            net.load_state_dict(state["networks"][k])
-        for k, opt in optimizers.items():
-            opt.load_state_dict(state["optimizers"][k])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start, best, last_val = state["step"], state["best"], state.get("val", {})
-        ckpt.set_rng_state(state["rng"])
-        logger.info("resuming %s from %s at step %d/%d", t.method, last_path, start, total)
-    first = start
-    prepared = {k: hooks.prepare_model(v) for k, v in nets.items()}
-    step_fn = step_function(t)
-    make_batch = BatchMaker(cfg, data.labeled, unlabeled, plan, device,
-                            rank=hooks.rank, world_size=hooks.world_size)
-    log = RunLog(out, start) if hooks.is_main else None
-    progress = _Progress(total, start, t.method) if hooks.is_main else None
+    run = _Run(cfg=cfg, out=out, hooks=hooks, data=data, synth=synth, teacher_info=teacher_info, device=device,
+               amp=amp, scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None, nets=nets,
+               prepared={}, optimizers={k: make_optimizer(v, cfg) for k, v in nets.items()}, plan=plan,
+               total=total_iterations(t.epochs, plan.iters_per_epoch, t.max_iters), start=0,
+               best={"dice": -1.0, "step": -1}, last_val={})
+    _resume(run)
+    run.prepared = {k: hooks.prepare_model(v) for k, v in nets.items()}
+    if t.compile:  # only what the step runs; validation and checkpoints use the plain networks
+        run.prepared = {k: torch.compile(v) for k, v in run.prepared.items()}
+    run.step_fn = step_function(t)
+    run.make_batch = BatchMaker(cfg, data.labeled, unlabeled, plan, device, rank=hooks.rank,
+                                world_size=hooks.world_size)
+    if hooks.is_main:
+        run.log, run.progress = RunLog(out, run.start), _Progress(run.total, run.start, t.method)
     logger.info(
         "%s: %d labeled, %d unlabeled slices, %d val cases; %d iterations (%d per epoch), batch %d+%d on %s%s%s",
-        t.method, len(data.labeled), len(data.unlabeled), len(data.val), total, plan.iters_per_epoch,
+        t.method, len(data.labeled), len(data.unlabeled), len(data.val), run.total, plan.iters_per_epoch,
         t.batch_labeled, t.batch_unlabeled, device, f", AMP {amp}" if amp else "",
         f", worker {hooks.rank} of {hooks.world_size} (1/{hooks.world_size} of each batch)" if hooks.world_size > 1 else "",
     )
-    train_s = train_cpu_s = 0.0
-    try:
-        for step in range(start, total):
-            tic, cpu_tic = time.perf_counter(), time.process_time()
-            lr = poly_lr(step, total, cfg.optim.lr, cfg.optim.poly_power)
-            for opt in optimizers.values():
-                for group in opt.param_groups:
-                    group["lr"] = lr
-            for net in prepared.values():
-                net.train()
-            batch = make_batch(step)
-            with torch.autocast(device_type=torch.device(device).type, dtype=amp, enabled=amp is not None), \
-                    global_batch(hooks.world_size > 1):
-                result = step_fn(prepared, batch, t, synth, step_seed(t.seed, step, stream=1))
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                result.loss.backward()
-                for opt in optimizers.values():
-                    opt.step()
-            else:  # float16 AMP: scaled gradients, steps skipped on overflow
-                scaler.scale(result.loss).backward()
-                for opt in optimizers.values():
-                    scaler.step(opt)
-                scaler.update()
-            train_s += time.perf_counter() - tic
-            train_cpu_s += time.process_time() - cpu_tic
-            done, epoch = step + 1, plan.epoch_of(step)
-            loss = float(result.loss.detach())
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"{t.method}: loss is {loss} at step {step}; lower optim.lr or check the data")
-            if log is not None:
-                log.train({"step": step, "epoch": epoch, "lr": lr, "loss": loss, **result.terms,
-                           "seconds": round(time.perf_counter() - tic, 4)})
-                progress.update(done, f"loss {loss:.4f}")
-            hooks.after_step(step, {"loss": loss, **result.terms})
-            end_of_epoch = done % plan.iters_per_epoch == 0 or done == total
-            if end_of_epoch and ((epoch + 1) % t.val_every == 0 or done == total) and len(data.val) and hooks.is_main:
-                from plsynth.training.evaluate import validate
+    return run
 
-                last_val = validate(ckpt.unwrap(nets["model"]), data.val, t.tolerance_mm, t.tau)
-                last_val.update(step=done, epoch=epoch + 1)
-                logger.info("%s epoch %d (step %d): val dice %.4f nsd %.4f over %d cases",
-                            t.method, epoch + 1, done, last_val["dice"], last_val["nsd"], last_val["cases"])
-                if log is not None:
-                    log.val({"step": done, "epoch": epoch + 1, **last_val})
-                if last_val["dice"] > best["dice"]:
-                    best = {"dice": last_val["dice"], "nsd": last_val["nsd"], "step": done}
-                    ckpt.save_checkpoint(best_path, _state(nets, optimizers, done, epoch + 1, best, plan, cfg, last_val,
-                                                           scaler))
-            if end_of_epoch or (t.checkpoint_every and done % t.checkpoint_every == 0):
-                if hooks.is_main:
-                    ckpt.save_checkpoint(last_path, _state(nets, optimizers, done, epoch + (1 if end_of_epoch else 0),
-                                                           best, plan, cfg, last_val, scaler))
-                if end_of_epoch:
-                    hooks.report({"step": done, "epoch": epoch + 1, "loss": loss,
-                                  **{k: v for k, v in last_val.items() if k != "per_case"}}, last_path)
-                    if log is not None:
-                        log.flush()
-            if end_of_epoch and log is not None and ((epoch + 1) % t.val_every == 0 or done == total):
-                plot_curves(out, f"{cfg.name}: {t.method}")
-    finally:
-        if log is not None:
-            log.close()
-        if progress is not None:
-            progress.close()
-    bundle = None
-    if write_bundle and hooks.is_main:
-        bundle = _write_run_bundle(cfg, out, synth, teacher_info, total)
-    return TrainResult(bundle=bundle, steps=total, best=best, last_val=last_val, start=first, samples=dict(make_batch.seen),
-                       train_s=train_s, train_cpu_s=train_cpu_s)
+
+def _resume(run: _Run) -> None:
+    """Load ``out/last.pt`` into the run. Rank 0 reads it and hands it to every worker, so all
+    resume at one step whatever the number of workers was."""
+    path = run.out / "last.pt"
+    state = run.hooks.broadcast(ckpt.load_checkpoint(path) if run.hooks.is_main and path.is_file() else None)
+    if state is None:
+        return
+    diffs = ckpt.config_differences(state["config"], run.cfg.to_dict())
+    if diffs:
+        raise ValueError(f"{path}: this run folder was started with another config ({'; '.join(diffs[:5])}); "
+                         "use a new --out folder or the original config")
+    for k, net in run.nets.items():
+        net.load_state_dict(state["networks"][k])
+    for k, opt in run.optimizers.items():
+        opt.load_state_dict(state["optimizers"][k])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.start, run.best, run.last_val = state["step"], state["best"], state.get("val", {})
+    ckpt.set_rng_state(state["rng"])
+    logger.info("resuming %s from %s at step %d/%d", run.cfg.train.method, path, run.start, run.total)
+
+
+def _step(run: _Run, step: int) -> tuple[float, dict[str, float]]:
+    """One optimizer step of every network on the batch of ``step``; returns its loss and terms."""
+    t, optimizers = run.cfg.train, run.optimizers.values()
+    tic, cpu_tic = time.perf_counter(), time.process_time()
+    lr = poly_lr(step, run.total, run.cfg.optim.lr, run.cfg.optim.poly_power)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    for net in run.prepared.values():
+        net.train()
+    batch = run.make_batch(step)
+    with torch.autocast(device_type=torch.device(run.device).type, dtype=run.amp, enabled=run.amp is not None), \
+            global_batch(run.hooks.world_size > 1):
+        result = run.step_fn(run.prepared, batch, t, run.synth, step_seed(t.seed, step, Stream.SYNTHESIS))
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if run.scaler is None:
+        result.loss.backward()
+        for opt in optimizers:
+            opt.step()
+    else:  # float16 AMP: scaled gradients, steps skipped on overflow
+        run.scaler.scale(result.loss).backward()
+        for opt in optimizers:
+            run.scaler.step(opt)
+        run.scaler.update()
+    seconds = time.perf_counter() - tic
+    run.train_s += seconds
+    run.train_cpu_s += time.process_time() - cpu_tic
+    loss = float(result.loss.detach())
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"{t.method}: loss is {loss} at step {step}; lower optim.lr or check the data")
+    if run.log is not None:
+        run.log.train({"step": step, "epoch": run.plan.epoch_of(step), "lr": lr, "loss": loss, **result.terms,
+                       "seconds": round(seconds, 4)})
+        run.progress.update(step + 1, f"loss {loss:.4f}")
+    return loss, result.terms
+
+
+def _after_step(run: _Run, step: int, loss: float, terms: dict[str, float]) -> None:
+    """Validate every ``train.val_every_iters``; save last.pt every ``train.checkpoint_every`` and at
+    each epoch's end, when the hooks also report; best.pt when validation Dice improves."""
+    t, hooks = run.cfg.train, run.hooks
+    hooks.after_step(step, {"loss": loss, **terms})
+    done, epoch = step + 1, run.plan.epoch_of(step)
+    end_of_epoch = done % run.plan.iters_per_epoch == 0 or done == run.total
+    validating = validates_after(done, run.total, run.plan.iters_per_epoch, t.val_every_iters)
+    if validating and len(run.data.val) and hooks.is_main:
+        from plsynth.training.evaluate import validate
+
+        run.last_val = validate(ckpt.unwrap(run.nets["model"]), run.data.val, t.tolerance_mm, t.tau)
+        run.last_val.update(step=done, epoch=epoch + 1)
+        logger.info("%s epoch %d (step %d): val dice %.4f nsd %.4f over %d cases", t.method, epoch + 1, done,
+                    run.last_val["dice"], run.last_val["nsd"], run.last_val["cases"])
+        if run.log is not None:
+            run.log.val({"step": done, "epoch": epoch + 1, **run.last_val})
+        if run.last_val["dice"] > run.best["dice"]:
+            run.best = {"dice": run.last_val["dice"], "nsd": run.last_val["nsd"], "step": done}
+            ckpt.save_checkpoint(run.out / "best.pt", run.state(done, epoch + 1))
+    if end_of_epoch or (t.checkpoint_every and done % t.checkpoint_every == 0):
+        if hooks.is_main:
+            ckpt.save_checkpoint(run.out / "last.pt", run.state(done, epoch + (1 if end_of_epoch else 0)))
+        if end_of_epoch:
+            hooks.report({"step": done, "epoch": epoch + 1, "loss": loss,
+                          **{k: v for k, v in run.last_val.items() if k != "per_case"}}, run.out / "last.pt")
+            if run.log is not None:
+                run.log.flush()
+    if validating and run.log is not None:
+        plot_curves(run.out, f"{run.cfg.name}: {t.method}")
 
 
 def _write_run_bundle(cfg: Config, out: Path, synth: Any, teacher_info: dict, total: int) -> Path:

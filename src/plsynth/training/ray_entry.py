@@ -81,32 +81,25 @@ def ensure_synth_bundle(cfg, out: Path):
     if (existing / "meta.json").is_file():
         log.info("reusing the synthesizer bundle %s", existing)
     else:
-        from plsynth.training.ray_train import fit, synthesizer_worker
+        from plsynth.training.ray_train import synthesizer_worker, train_on_ray
 
         log.info("synth.bundle is empty: training the synthesizer into %s first (Ray Train, 1 worker)", out / "synth")
         # The GAN trains on one worker (its data-parallel form is not built); resumes from OUT/synth.
         one = cfg.replace(ray=dataclasses.replace(cfg.ray, num_workers=1))
-        fit(one, out / "synth", loop_fn=synthesizer_worker, name=f"{cfg.name}-synth")
+        train_on_ray(one, out / "synth", loop_fn=synthesizer_worker, name=f"{cfg.name}-synth")
         if not (existing / "meta.json").is_file():
             raise RuntimeError(f"{out / 'synth'}: the synthesizer run finished without a bundle")
     return cfg.replace(synth=dataclasses.replace(cfg.synth, bundle=str(Path(existing).resolve())))
 
 
-def run_sa_cps(cfg, out: Path) -> dict:
-    return _run(cfg.replace(train=dataclasses.replace(cfg.train, method="sa-cps")), out)
-
-
-def run_sa_st(cfg, out: Path) -> dict:
-    return _run(cfg.replace(train=dataclasses.replace(cfg.train, method="sa-st")), out)
-
-
-def _run(cfg, out: Path) -> dict:
-    """Both entry points; returns the summary also written to OUT/ray_summary.json."""
+def train_with_synthesis_service(cfg, out: Path) -> dict:
+    """Both entry points (``cfg.train.method`` sa-cps or sa-st): Ray Train with the synthesis
+    actors; returns the summary also written to OUT/ray_summary.json."""
     import ray
 
     from plsynth.atomic import atomic_write_text
     from plsynth.synth_service.actor import ActorPool, kill_actor, start_synthesis_actors
-    from plsynth.training.ray_train import fit
+    from plsynth.training.ray_train import train_on_ray
 
     t0 = time.perf_counter()
     out = Path(out).resolve()
@@ -128,7 +121,7 @@ def _run(cfg, out: Path) -> dict:
             teacher_cfg = cfg.replace(train=dataclasses.replace(cfg.train, method="baseline"))
             log.info("train.teacher is empty: training a baseline teacher into %s first", out / "teacher")
             build_splits(teacher_cfg, out / "teacher")
-            fit(teacher_cfg, out / "teacher", name=f"{cfg.name}-teacher")
+            train_on_ray(teacher_cfg, out / "teacher", name=f"{cfg.name}-teacher")
             cfg = cfg.replace(train=dataclasses.replace(cfg.train, teacher=str(out / "teacher" / "bundle")))
         actors = start_synthesis_actors(cfg, cfg.synth.bundle)
         names = _actor_names(len(actors))
@@ -145,7 +138,7 @@ def _run(cfg, out: Path) -> dict:
             offline = make_offline_set(teacher, data.unlabeled, pool, out / "offline", cfg.train, fingerprint=fingerprint)
             summary["offline"] = {"shards": len(offline.manifest["shards"]), "seconds": time.perf_counter() - t_offline}
         t_train = time.perf_counter()
-        result = fit(cfg, out, synth=client)
+        result = train_on_ray(cfg, out, synth=client)
         summary["train_s"] = time.perf_counter() - t_train
         summary["metrics"] = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
         summary["checkpoint"] = getattr(result.checkpoint, "path", None)
@@ -192,7 +185,8 @@ def _command(method: str):
             cfg = cfg.replace(ray=dataclasses.replace(cfg.ray, address=address))
         folder = out or Path("runs") / f"{cfg.name}-{method}"
         with folder_lock(folder, f"train_{method.replace('-', '_')}"):  # a second run into OUT: exit 6
-            summary = (run_sa_cps if method == "sa-cps" else run_sa_st)(cfg, folder)
+            summary = train_with_synthesis_service(cfg.replace(train=dataclasses.replace(cfg.train, method=method)),
+                                                   folder)
         typer.echo(f"{method} bundle: {summary['bundle']}")
 
     command.__doc__ = f"""Train {method} with Ray Train and the synthesis actor; leaves OUT/bundle.

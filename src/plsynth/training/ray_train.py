@@ -1,6 +1,6 @@
 """Run the one training loop under Ray Train (TorchTrainer, DDP across workers).
 
-The loop (`plsynth.training.loop.run_training`) is the same as in a local run; only its hooks
+The loop (`plsynth.training.loop.train`) is the same as in a local run; only its hooks
 differ (:class:`RayTrainHooks`): networks go through ``ray.train.torch.prepare_model`` (DDP,
 gloo on CPU, NCCL on GPU), every validation's metrics and the ``last.pt`` just written are
 reported with ``ray.train.report`` (rank 0 attaches the checkpoint, every rank calls it the
@@ -135,9 +135,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
                              "pid": os.getpid(), "time": time.time()}) + "\n")
     loop_fn = config.get("loop_fn")
     if loop_fn is None:
-        from plsynth.training.loop import run_training
+        from plsynth.training.loop import train
 
-        loop_fn = run_training
+        loop_fn = train
     synth = config.get("synth")
     kwargs = {"synth": synth} if synth is not None else {}
     result = loop_fn(cfg, out, hooks, **kwargs)
@@ -179,7 +179,7 @@ def make_trainer(cfg: Config, out: Path, *, synth: Any = None, loop_fn: Callable
     """Build the TorchTrainer for ``cfg`` writing into ``out`` (not started).
 
     synth: a picklable SynthesisClient (the actor client) handed to every worker.
-    loop_fn: ``(cfg, out, hooks, **kw) -> result`` (default ``run_training``; the synthesizer passes its own).
+    loop_fn: ``(cfg, out, hooks, **kw) -> result`` (default ``train``; the synthesizer passes its own).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -205,7 +205,7 @@ def make_trainer(cfg: Config, out: Path, *, synth: Any = None, loop_fn: Callable
     return TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
 
 
-def fit(cfg: Config, out: Path, **kwargs: Any):
+def train_on_ray(cfg: Config, out: Path, **kwargs: Any):
     """Run :func:`make_trainer`'s trainer to the end and return Ray's Result.
 
     Raises RuntimeError naming the run when training failed after ``ray.max_failures`` restarts.

@@ -1,8 +1,8 @@
 """What a run writes beside its checkpoints: CSV logs, optional TensorBoard, and a PNG of its curves.
 
 ``log.csv``  one row per iteration: step, epoch, lr, loss and its terms.
-``val.csv``  one row per validation: step, epoch, dice, nsd, number of cases.
-``curves.png`` the training loss (and its terms) per iteration and validation Dice / NSD per epoch.
+``val.csv``  one row per validation (every ``train.val_every_iters``): step, epoch, dice, nsd, cases.
+``curves.png`` the training loss (and its terms) and the validation Dice / NSD per iteration.
 
 On resume, rows after the resumed step are dropped first: a killed run may have logged
 iterations that its last checkpoint does not contain, and those are run again.

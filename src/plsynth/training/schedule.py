@@ -11,12 +11,34 @@ sees the same number of labeled batches as the semi-supervised methods: the same
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-_LABELED_STREAM, _UNLABELED_STREAM = 1, 2
+
+@enum.unique
+class Stream(enum.IntEnum):
+    """The random streams of a run, one per use, each drawn by `step_seed` (seed, index, stream).
+
+    The values are part of every run's numbers (changing one changes its losses): keep them.
+    Every data-parallel worker draws the same AUGMENT transforms for the whole global batch and
+    takes its rows, so no stream depends on the worker's rank.
+    """
+
+    AUGMENT = 0  # index: step; flips and angles of the step's global batch
+    SYNTHESIS = 1  # index: step; the synthesizer's pool draw and noise (sa-cps)
+    NETWORK_INIT = 3  # index: network number; initial weights (CPS: two different initialisations)
+    OFFLINE_SYNTHESIS = 5  # index: offline batch; the synthesizer's draw for the st / sa-st offline set
+
+
+@enum.unique
+class Order(enum.IntEnum):
+    """The streams of `permutation` (data order), apart from `Stream`: another seed sequence."""
+
+    LABELED = 1
+    UNLABELED = 2
 
 
 def poly_lr(step: int, total: int, base: float, power: float = 0.9) -> float:
@@ -35,9 +57,9 @@ def iterations_per_epoch(n_unlabeled: int, batch_unlabeled: int, n_labeled: int 
     raise ValueError("no training slices: both the labeled and the unlabeled set are empty")
 
 
-def permutation(n: int, seed: int, stream: int, epoch: int) -> np.ndarray:
+def permutation(n: int, seed: int, stream: Order, epoch: int) -> np.ndarray:
     """A permutation of range(n) that depends only on (seed, stream, epoch)."""
-    return np.random.default_rng([seed, stream, epoch]).permutation(n)
+    return np.random.default_rng([seed, int(stream), epoch]).permutation(n)
 
 
 @dataclass(frozen=True)
@@ -78,7 +100,7 @@ class BatchPlan:
         out = np.empty(len(positions), dtype=np.int64)
         for i, (p, o) in enumerate(zip(passes.tolist(), offsets.tolist())):
             if p not in cache:
-                cache[p] = permutation(self.n_labeled, self.seed, _LABELED_STREAM, p)
+                cache[p] = permutation(self.n_labeled, self.seed, Order.LABELED, p)
             out[i] = cache[p][o]
         return out
 
@@ -86,7 +108,7 @@ class BatchPlan:
         if self.n_unlabeled == 0:
             return np.zeros(0, dtype=np.int64)
         epoch, within = divmod(step, self.iters_per_epoch)
-        order = permutation(self.n_unlabeled, self.seed, _UNLABELED_STREAM, epoch)
+        order = permutation(self.n_unlabeled, self.seed, Order.UNLABELED, epoch)
         return order[within * self.batch_unlabeled : (within + 1) * self.batch_unlabeled].astype(np.int64)
 
 
@@ -96,6 +118,14 @@ def total_iterations(epochs: int, iters_per_epoch: int, max_iters: int = 0) -> i
     return min(total, max_iters) if max_iters > 0 else total
 
 
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A 63-bit seed for everything random in one step (augmentation, pool draw, decoder noise)."""
-    return int(np.random.default_rng([seed, 7919, stream, step]).integers(0, 2**63 - 1))
+def validates_after(done: int, total: int, iters_per_epoch: int, every: int) -> bool:
+    """Whether the run validates after ``done`` iterations: every ``every`` iterations (0: at the
+    end of every epoch) and always after the last one, so every run ends with its final score."""
+    if done == total:
+        return True
+    return done % (every or iters_per_epoch) == 0
+
+
+def step_seed(seed: int, index: int, stream: Stream) -> int:
+    """A 63-bit seed for one use (``stream``) at one ``index`` (a step, a network, an offline batch)."""
+    return int(np.random.default_rng([seed, 7919, int(stream), index]).integers(0, 2**63 - 1))

@@ -25,7 +25,7 @@ import torch
 
 from plsynth.config import TrainConfig
 from plsynth.training.methods import pseudo_label
-from plsynth.training.schedule import step_seed
+from plsynth.training.schedule import Stream, step_seed
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ def make_offline_set(
     ("image" (1,S,S), "lung" (S,S)). synth_client: a `SynthesisClient` or None (plain ST); one
     with ``synthesize_many`` (``synth_service.actor.ActorPool``) draws a shard's batches in parallel.
     train: the run's ``train`` section (``tau``, ``pseudo_in_lung``, ``offline_batch``, ``seed``).
-    Synthesis of batch b uses seed ``step_seed(seed, b, 5)``, so the set is reproducible and a
-    resumed build gives the same files. Returns the `OfflineSet` reading the stored shards.
+    Synthesis of batch b uses seed ``step_seed(seed, b, Stream.OFFLINE_SYNTHESIS)``, so the set is
+    reproducible and a resumed build gives the same files. Returns the `OfflineSet` reading the
+    stored shards.
     """
     from plsynth.atomic import atomic_write_npy, atomic_write_text
 
@@ -118,7 +119,7 @@ def make_offline_set(
                 pseudo = pseudo_label(teacher(image), tau, lung if pseudo_in_lung else None)
             pseudo_parts.append(pseudo[:, 0].cpu().numpy().astype(np.uint8))
             requests.append({"infection": pseudo, "lung": lung, "images": image,
-                             "seed": step_seed(seed, b0 // batch_size, 5)})
+                             "seed": step_seed(seed, b0 // batch_size, Stream.OFFLINE_SYNTHESIS)})
         pseudo_array = np.concatenate(pseudo_parts)
         positive += int(pseudo_array.sum())
         if synth_client is not None:

@@ -328,12 +328,25 @@ def _preview_subset(dataset, n: int) -> list[int]:
     return (infected + clean)[:n]
 
 
-def fit_synthesizer(labeled, cfg: Config, out: str | Path, device: str | torch.device = "cpu") -> Path:
-    """Train on a labeled slice dataset (items as ``plsynth.data.datasets``) and write ``out/bundle``."""
-    from plsynth.bundles.synthesizer import write_decoder_bundle
+def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device | None = None, *,
+                      labeled: Any = None) -> Path:
+    """Train the synthesizer on ``labeled`` (a slice dataset, items as ``plsynth.data.datasets``;
+    default ``build_splits(cfg, out).labeled``) and write ``out/bundle``; resumes from out/last.pt.
+
+    device: default ``train.device`` (a Ray Train worker passes the device Ray gave it).
+    """
     from plsynth.bundles.style_pool import build_style_pool
+    from plsynth.bundles.synthesizer import write_decoder_bundle
+    from plsynth.training.loop import select_device
     from plsynth.torch_setup import flush_denormals
 
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if labeled is None:
+        from plsynth.data.datasets import build_splits
+
+        labeled = build_splits(cfg, Path(out)).labeled
+    device = device or select_device(cfg.train.device)
     flush_denormals()
 
     out = Path(out)
@@ -385,25 +398,10 @@ def fit_synthesizer(labeled, cfg: Config, out: str | Path, device: str | torch.d
     return write_decoder_bundle(out / "bundle", nets.decoder, nets.encoder, pool, cfg, extra=extra)
 
 
-def train_synthesizer(cfg: Config, out: str | Path, device: str | None = None) -> Path:
-    """Train the synthesizer on ``build_splits(cfg, out).labeled``; returns ``out/bundle``.
-
-    device: default ``train.device`` (a Ray Train worker passes the device Ray gave it).
-    """
-    from plsynth.data.datasets import build_splits
-    from plsynth.training.loop import select_device
-
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    splits = build_splits(cfg, Path(out))
-    return fit_synthesizer(splits.labeled, cfg, out, device=device or select_device(cfg.train.device))
-
-
 __all__ = [
     "VGGLoss",
     "augment_batch",
     "build_nets",
-    "fit_synthesizer",
     "gan_step",
     "lr_factor",
     "prepare_batch",

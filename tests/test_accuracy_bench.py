@@ -1,0 +1,42 @@
+"""bench/accuracy.py: the plateau rule of its table, and the GPU preset's plan.
+
+No GPU exists on this machine, so the GPU preset is checked by its dry run (the plan it would
+run: config, device, AMP, sizes, rows); the training itself is the code every CPU test runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from accuracy import PLATEAU_TOLERANCE, plateaued  # noqa: E402
+
+
+def test_a_curve_plateaus_when_its_last_quarter_stays_within_the_tolerance_of_the_final_value():
+    rising = [(100, 0.50), (200, 0.60), (300, 0.66), (400, 0.70)]  # last quarter: steps >= 300
+    assert plateaued(rising) is False  # 0.66 is 0.04 below the final 0.70
+    flat = [(100, 0.50), (200, 0.68), (300, 0.70 - PLATEAU_TOLERANCE / 2), (400, 0.70)]
+    assert plateaued(flat) is True
+    assert plateaued([(200, 0.6), (400, 0.7)]) is None  # one point in the last quarter: no verdict
+
+
+def test_the_gpu_preset_is_one_flag_and_plans_cuda_amp_at_256_px(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--preset", "gpu", "--dry-run",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)
+    assert Path(plan["config"]).name == "semiseg-gpu.yaml"
+    assert (plan["device"], plan["amp"], plan["image_size"], plan["batch"]) == ("cuda", "auto", 256, [8, 8])
+    assert plan["bundle_from"] == "last" and plan["val_every_iters"] > 0  # final checkpoint, with a curve
+    assert plan["train_synthesizer"] and plan["synthesizer"] == str(tmp_path / "synthesizer")
+    assert [(r["method"], r["seed"]) for r in plan["rows"]] == [(m, s) for m in ("baseline", "cps", "sa-cps")
+                                                               for s in (0, 1, 2)]
+    assert Path(plan["results"]).name == "accuracy-gpu.md"
+    assert not (tmp_path / "accuracy.json").exists() and not (tmp_path / "synthesizer").exists()  # nothing ran
