@@ -58,6 +58,15 @@ def test_config_error_is_exit_2_for_plsynth_and_the_ray_entry(tmp_path):
     assert not (tmp_path / "r").exists(), "a refused config leaves no run folder behind"
 
 
+def test_a_too_small_phantom_is_a_config_error_not_an_internal_one(tmp_path):
+    """phantom_shape is checked with the config (exit 2 naming the key), not deep in the phantom drawer (exit 70)."""
+    bad = tmp_path / "tiny.yaml"
+    bad.write_text("name: tiny\ndata:\n  layout: phantom\n  phantom_shape: [4, 32, 32]\n")
+    result = run("plsynth", "train", "baseline", "--config", str(bad), "--out", str(tmp_path / "r"))
+    assert result.returncode == ExitCode.USAGE and "phantom_shape" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_unreadable_bundle_is_exit_4_without_traceback(tmp_path):
     volume = tmp_path / "v.nii.gz"
     volume.write_bytes(b"x")

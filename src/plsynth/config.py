@@ -31,6 +31,9 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names file and key."""
 
 
+PHANTOM_MIN_SIDE = 8  # a phantom needs this many voxels per axis to hold two lungs and a lesion
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where slices come from and how they are prepared.
@@ -67,6 +70,8 @@ class DataConfig:
     phantom_shape: tuple[int, int, int] = (24, 128, 128)  # (slices, rows, columns) per phantom volume
 
     def __post_init__(self) -> None:
+        if len(self.phantom_shape) != 3 or min(self.phantom_shape) < PHANTOM_MIN_SIDE:
+            raise ValueError(f"phantom_shape must be 3 sides of at least {PHANTOM_MIN_SIDE}, got {self.phantom_shape}")
         if self.image_size < 16 or self.image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16 and >= 16, got {self.image_size}")
         if not self.window_hu[0] < self.window_hu[1]:

@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from plsynth.config import PHANTOM_MIN_SIDE
+
 logger = logging.getLogger(__name__)
 
 HU_MIN, HU_MAX = -1024.0, 3071.0  # scanner range of 12-bit CT
@@ -99,12 +101,12 @@ def make_phantom(seed: int, shape: tuple[int, int, int] = (24, 128, 128), *, les
     """Draw one phantom; the same ``seed`` and ``shape`` give identical arrays.
 
     ``lesions``: None lets the seed decide (lesion-free with probability 1/4); True/False forces it.
-    ``shape`` is (slices, rows, columns), each >= 8. The field of view is 320-400 mm (pixel
+    ``shape`` is (slices, rows, columns), each >= PHANTOM_MIN_SIDE. The field of view is 320-400 mm (pixel
     = fov / columns); slices are ~300 mm / slices thick, clipped to 1-5 mm (24 slices: 5 mm).
     """
     nz, ny, nx = (int(n) for n in shape)
-    if min(nz, ny, nx) < 8:
-        raise ValueError(f"phantom shape must be at least 8 in every axis, got {tuple(shape)}")
+    if min(nz, ny, nx) < PHANTOM_MIN_SIDE:
+        raise ValueError(f"phantom shape must be at least {PHANTOM_MIN_SIDE} in every axis, got {tuple(shape)}")
     rng = np.random.default_rng(seed)
     fov = float(rng.uniform(320.0, 400.0))
     dx = fov / nx
