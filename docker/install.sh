@@ -59,11 +59,11 @@ try:
     print("onnxruntime", ort.__version__, ort.get_available_providers())
 except ImportError:
     print("onnxruntime not installed: plsynth-infer will use the torch engine")
-from plsynth.deploy.tensorrt_engine import tensorrt_status
+from plsynth.bundles.tensorrt_engine import tensorrt_status
 print("tensorrt", tensorrt_status())
 bundle = os.environ.get("PLSYNTH_MODEL")
 if bundle:
-    from plsynth.deploy.bundle import load_bundle
+    from plsynth.bundles.segmenter import load_bundle
     b = load_bundle(bundle)  # verifies every sha256
     print("bundle ok:", bundle, "networks", b.network_names, "input", b.image_size)
 weights = os.environ.get("LUNGMASK_WEIGHTS")
