@@ -38,6 +38,18 @@ def splits_root() -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_locale():
+    """GDCM's DICOM writer (SimpleITK), which test helpers use to make series, sets the C locale for the
+    whole process; later tests would then open text files as ASCII (torch.compile's templates do). The
+    product never writes DICOM with GDCM (DICOM SEG goes through highdicom)."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_threads() -> None:
     # Two cores: keep torch from oversubscribing when pytest runs alongside Ray workers.
