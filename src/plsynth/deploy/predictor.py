@@ -245,10 +245,13 @@ class Predictor:
             raise RuntimeError(f"engine {engine.name} returned shape {logits.shape} for input {batch.shape}")
         return logits
 
-    def _mask(self, prob: np.ndarray, lung: np.ndarray, spacing: Any) -> np.ndarray:
+    def _mask(self, prob: np.ndarray, lung: np.ndarray, spacing: Any, clean: bool = True) -> np.ndarray:
+        """Threshold, clip to the lung field and (with ``clean``) drop components below the size floor."""
         from plsynth.deploy import postprocess as post
 
         mask = post.keep_inside_lungs(post.threshold(prob, self.bundle.threshold), lung)
+        if not clean:
+            return mask
         return post.remove_small_components(mask, post.min_voxels(self.min_size_mm3, spacing, self.min_size_px))
 
     def predict(self, image: Any, lung: np.ndarray) -> Prediction:
@@ -267,14 +270,13 @@ class Predictor:
         infection = self._mask(self.probabilities(unit, lung, "model"), lung, image.spacing)
         result = Prediction(infection=infection, seconds_network=time.perf_counter() - started)
         if "peer" in self.engines:
-            from plsynth.deploy import postprocess as post
             from plsynth.metrics import dice
 
             started = time.perf_counter()
             sampled = agreement_slices(lung, self.agreement_every)
-            peer = post.keep_inside_lungs(post.threshold(self.probabilities(unit[sampled], lung[sampled], "peer"),
-                                                         self.bundle.threshold), lung[sampled])
             # not cleaned of small components: on isolated slices that would judge 3D lesions by their 2D sections
+            peer = self._mask(self.probabilities(unit[sampled], lung[sampled], "peer"), lung[sampled], image.spacing,
+                              clean=False)
             result.agreement = round(float(dice(infection[sampled], peer)), 4)
             result.peer_infection = np.zeros_like(infection)
             result.peer_infection[sampled] = peer
