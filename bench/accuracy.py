@@ -6,9 +6,13 @@
     python bench/accuracy.py --out runs/bench-gpu --preset gpu     # semiseg-gpu: CUDA, AMP, 256 px, 4000 iterations
     python bench/accuracy.py --out runs/bench-gpu --preset gpu --dry-run   # the plan as JSON, nothing trained
 
-Self-training rows take their teacher from the same seed's run in OUT: ``st`` and ``sa-st`` from
-``baseline-s<seed>``, ``sa-st-cps`` (the paper's "SA-ST (+SA-CPS)") from ``sa-cps-s<seed>``; the
-teacher run must exist (list it first, or run it in an earlier call with the same --out).
+Rows (``ROWS``): the five methods, ``sa-st-cps`` (the paper's "SA-ST (+SA-CPS)") and the switches of
+the paper's Tables II and III, ``sa-cps-synth`` (SA-CPS without the pseudo-label term) and
+``sa-st-synth`` (SA-ST without the pseudo-labelled real slices). Self-training rows take their
+teacher from the same seed's run in OUT: ``st``, ``sa-st`` and ``sa-st-synth`` from
+``baseline-s<seed>``, ``sa-st-cps`` from ``sa-cps-s<seed>``; the teacher run must exist (list it
+first, or run it in an earlier call with the same --out). The table gives, per seed, each row's
+Dice minus that of the row it claims to beat (``CLAIMS``: CPS > baseline, SA-CPS > CPS, ...).
 
 Every run uses ``train.bundle_from=last`` and reports the validation Dice / NSD of its *final*
 checkpoint (the last row of val.csv, at the fixed iteration count), so no run is picked by its
@@ -20,8 +24,12 @@ bundle) and ``OUT/<method>/bundle`` links to the first seed's bundle. The SA-CPS
 the config's ``synth.bundle`` when it exists, else it is trained once into ``OUT/synthesizer``
 on the same split's labeled slices. All runs share one preprocessed slice cache
 (``OUT/cache``). A finished run is not retrained (its last.pt is at the final step), so a
-killed benchmark picks up where it stopped. The table (mean +- sd over seeds) goes to
-``--results`` (default bench/results/accuracy.md) and ``OUT/accuracy.json``.
+killed benchmark picks up where it stopped. Each finished row is written at once to the record
+(``--record``, default ``OUT/accuracy.json``) with a digest of its config (machine paths left
+out); a row recorded with the same digest whose run folder is gone is not retrained, so a table
+kept in the repository (``--record bench/results/accuracy-cpu.json``) grows over sessions whose
+run folders do not survive. The table (mean +- sd over seeds, every seed, paired differences)
+goes to ``--results`` (default bench/results/accuracy.md).
 
     python bench/accuracy.py --out runs/bench-accuracy --tune [--address ray://...] [--trial-cpus 2]
 
@@ -40,8 +48,10 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -83,8 +93,41 @@ def _seconds_per_iteration(run: Path) -> float:
     return statistics.median(times) if times else float("nan")
 
 
-# benchmark row -> (method trained, teacher row); the paper's Table I names
-SELF_TRAINING = {"st": ("st", "baseline"), "sa-st": ("sa-st", "baseline"), "sa-st-cps": ("sa-st", "sa-cps")}
+# benchmark row -> (method trained, teacher row, Table II / III switches); the paper's names
+ROWS = {
+    "baseline": ("baseline", "", {}),
+    "cps": ("cps", "", {}),
+    "sa-cps": ("sa-cps", "", {}),
+    "sa-cps-synth": ("sa-cps", "", {"use_pseudo": False}),  # Table II: L_s + L_synthetic
+    "st": ("st", "baseline", {}),
+    "sa-st": ("sa-st", "baseline", {}),
+    "sa-st-synth": ("sa-st", "baseline", {"use_pseudo": False}),  # Table III: real + synthetic
+    "sa-st-cps": ("sa-st", "sa-cps", {}),  # the paper's "SA-ST (+SA-CPS)"
+}
+# row -> the row it claims to beat: the table gives the per-seed paired difference
+CLAIMS = {"cps": "baseline", "sa-cps": "cps", "sa-cps-synth": "baseline", "st": "baseline", "sa-st": "st",
+          "sa-st-synth": "baseline", "sa-st-cps": "sa-st"}
+# keys that name places on one machine, not the experiment: left out of a row's digest
+MACHINE_KEYS = {("data", "root"), ("data", "unlabeled_root"), ("data", "cache_dir"), ("synth", "bundle"),
+                ("train", "teacher")}
+
+
+def row_config(base: dict, row: dict):
+    """The config one table row trains with: the base config, the row's method, seed, teacher and switches."""
+    from plsynth.config import config_from_dict
+
+    cfg = config_from_dict(base, where=base.get("source") or "<accuracy>")
+    return cfg.replace(train=dataclasses.replace(cfg.train, method=row["trained"], seed=row["seed"],
+                                                teacher=row["teacher"], **row["switches"]))
+
+
+def config_digest(cfg) -> str:
+    """sha256 of the resolved config without machine paths: a recorded row is reused only for the same experiment."""
+    raw = cfg.to_dict()
+    raw.pop("source", None)
+    for section, key in MACHINE_KEYS:
+        raw[section].pop(key, None)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -95,17 +138,17 @@ def _mean_sd(values: list[float]) -> str:
 
 def train_row(base: dict, row: dict) -> dict:
     """Train one table row (``row``: method, seed, trained, teacher, run) and return its final scores."""
-    from plsynth.config import config_from_dict
     from plsynth.training.loop import train
 
-    cfg = config_from_dict(base, where=base.get("source") or "<accuracy>")
-    cfg = cfg.replace(train=dataclasses.replace(cfg.train, method=row["trained"], seed=row["seed"],
-                                                teacher=row["teacher"]))
+    cfg = row_config(base, row)
     run = Path(row["run"])
     tic = time.perf_counter()
+    load = os.getloadavg()
     train(cfg, run)
     return {"seed": row["seed"], **_final_val(run), "seconds_per_iteration": _seconds_per_iteration(run),
-            "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run)}
+            "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run), "digest": config_digest(cfg),
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average": [round(x, 1) for x in (*load, *os.getloadavg())]}
 
 
 def _trial(config: dict, base: dict) -> None:
@@ -134,7 +177,8 @@ def tune_rows(base, rows: list[dict], out: Path, name: str, cpus: float) -> list
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} Tune trial(s) of {name} failed; first: {grid.errors[0]}")
     by_run = {r.metrics["run"]: {k: r.metrics[k] for k in ("seed", "step", "dice", "nsd", "cases", "curve", "plateaued",
-                                                            "seconds_per_iteration", "wall_seconds", "run")}
+                                                            "seconds_per_iteration", "wall_seconds", "run", "digest", "finished",
+                                                            "load_average")}
               for r in grid}
     return [by_run[row["run"]] for row in rows]
 
@@ -154,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="", help="with --tune: the Ray cluster to join")
     parser.add_argument("--trial-cpus", type=float, default=0.0, help="with --tune: CPUs per trial "
                         "(default train.threads or 1)")
+    parser.add_argument("--record", type=Path, default=None, help="JSON of every finished row (default "
+                        "OUT/accuracy.json); a row found there with the same config is not retrained when its run "
+                        "folder is gone, so a table can be built over sessions")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (config, device, rows) as JSON "
                         "and exit without training")
     args = parser.parse_args(argv)
@@ -162,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                    f"accuracy-{args.preset}.md")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from plsynth.atomic import atomic_write_text
     from plsynth.config import load_config
 
     out = args.out.resolve()
@@ -171,27 +219,48 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(args.config, overrides)
     command = (f"python bench/accuracy.py --out {args.out} --config {args.config} --methods {' '.join(args.methods)} "
                f"--seeds {' '.join(map(str, args.seeds))}" + "".join(f" --set {o}" for o in args.overrides)
-               + (" --tune" if args.tune else ""))
-    record = out / "accuracy.json"  # earlier calls with the same --out (e.g. the teachers) stay in the table
+               + (f" --record {args.record}" if args.record else "") + (" --tune" if args.tune else ""))
+    # every finished row goes to the record at once; OUT/accuracy.json, or a file kept in the repository
+    # (--record), so that a table built over several sessions survives a lost run folder
+    record = args.record or out / "accuracy.json"
     saved = json.loads(record.read_text()) if record.is_file() else {"results": {}, "commands": []}
     results: dict[str, list[dict]] = saved["results"]
-    commands = [c for c in saved["commands"] if c != command] + [command]
+    saved["commands"] = [c for c in saved["commands"] if c != command] + [command]
+    unknown = [m for m in args.methods if m not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s) {unknown}; rows: {', '.join(ROWS)}")
     rows = []
     for method in args.methods:
         for seed in args.seeds:
-            trained, teacher_row = SELF_TRAINING.get(method, (method, ""))
+            trained, teacher_row, switches = ROWS[method]
             teacher = str(out / f"{teacher_row}-s{seed}" / "bundle") if teacher_row else ""
             rows.append({"method": method, "seed": seed, "trained": trained, "teacher": teacher,
-                         "teacher_row": teacher_row, "run": str(out / f"{method}-s{seed}")})
+                         "teacher_row": teacher_row, "switches": switches, "run": str(out / f"{method}-s{seed}")})
+    base_dict = base.to_dict()
+
+    def recorded(row: dict) -> dict | None:
+        """The record's result for this row when it was trained with the same config and its run is not here."""
+        if (Path(row["run"]) / "val.csv").is_file():
+            return None  # the run folder decides (a finished run is not retrained, a killed one resumes)
+        digest = config_digest(row_config(base_dict, row))
+        return next((r for r in results.get(row["method"], []) if r["seed"] == row["seed"] and r.get("digest") == digest),
+                    None)
+
     listed = {(r["method"], r["seed"]) for r in rows}
-    for row in rows:  # a teacher must exist already or be trained by this call
-        if row["teacher_row"] and (row["teacher_row"], row["seed"]) not in listed \
-                and not (Path(row["teacher"]) / "meta.json").is_file():
+    for row in list(rows):  # a teacher must exist already or be trained by this call
+        if not row["teacher_row"] or recorded(row) or (Path(row["teacher"]) / "meta.json").is_file():
+            continue
+        if (row["teacher_row"], row["seed"]) not in listed:
             parser.error(f"{row['method']} needs its teacher {row['teacher']}: run {row['teacher_row']} with seed "
                          f"{row['seed']} first")
+    todo = [r for r in rows if not recorded(r)]
+    # a recorded teacher whose run folder is gone is trained again for the students that still need it
+    needed = {(r["teacher_row"], r["seed"]) for r in todo
+              if r["teacher_row"] and not (Path(r["teacher"]) / "meta.json").is_file()}
+    todo = [r for r in rows if r in todo or (r["method"], r["seed"]) in needed]
     synth_bundle = Path(base.synth.bundle) if base.synth.bundle else None
-    train_synth = any(m.startswith("sa-") for m in args.methods) and not (synth_bundle and
-                                                                          (synth_bundle / "meta.json").is_file())
+    uses_synth = any(r["trained"].startswith("sa-") for r in todo)
+    train_synth = uses_synth and not (synth_bundle and (synth_bundle / "meta.json").is_file())
     if args.dry_run:
         t = base.train
         print(json.dumps({
@@ -200,10 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             "batch": [t.batch_labeled, t.batch_unlabeled], "epochs": t.epochs, "max_iters": t.max_iters,
             "val_every_iters": t.val_every_iters, "bundle_from": t.bundle_from, "cache_dir": base.data.cache_dir,
             "synthesizer": str(out / "synthesizer") if train_synth else (str(synth_bundle) if synth_bundle else None),
-            "train_synthesizer": train_synth, "rows": rows, "results": str(args.results),
+            "train_synthesizer": train_synth, "rows": rows, "train": [r["run"] for r in todo],
+            "results": str(args.results),
         }, indent=2))
         return 0
-    if any(m.startswith("sa-") for m in args.methods):
+    if uses_synth:
         if train_synth:
             from plsynth.training.synthesizer import train_synthesizer
 
@@ -213,37 +283,63 @@ def main(argv: list[str] | None = None) -> int:
                 train_synthesizer(base, synth_out)
             synth_bundle = synth_out / "bundle"
         base = base.replace(synth=dataclasses.replace(base.synth, bundle=str(synth_bundle)))
+        base_dict = base.to_dict()
+
+    def keep(row: dict, result: dict) -> None:
+        kept = [r for r in results.get(row["method"], []) if r["seed"] != row["seed"]]
+        results[row["method"]] = sorted([*kept, result], key=lambda r: r["seed"])
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(saved, indent=2) + "\n")
+
+    for row in rows:
+        if row not in todo:
+            logging.info("%s seed %d: recorded in %s, not retrained", row["method"], row["seed"], record)
     if args.tune:
         from plsynth.training.ray_entry import connect_ray
 
         connect_ray(args.address)
         cpus = args.trial_cpus or float(base.train.threads or 1)
-        done: list[dict] = []
-        for stage, name in (([r for r in rows if not r["teacher_row"]], "rows"),
-                            ([r for r in rows if r["teacher_row"]], "self-training-rows")):
+        for stage, name in (([r for r in todo if not r["teacher_row"]], "rows"),
+                            ([r for r in todo if r["teacher_row"]], "self-training-rows")):
             if stage:
-                done += [dict(row, result=res) for row, res in zip(stage, tune_rows(base, stage, out, name, cpus))]
-        finished = {(r["method"], r["seed"]): r["result"] for r in done}
+                for row, result in zip(stage, tune_rows(base, stage, out, name, cpus)):
+                    keep(row, result)
+    else:
+        for row in todo:
+            result = train_row(base_dict, row)
+            keep(row, result)
+            logging.info("%s seed %d: final val dice %.4f nsd %.4f", row["method"], row["seed"], result["dice"],
+                         result["nsd"])
     for method in args.methods:
-        results[method] = []
-        for row in (r for r in rows if r["method"] == method):
-            result = finished[(method, row["seed"])] if args.tune else train_row(base.to_dict(), row)
-            results[method].append(result)
-            logging.info("%s seed %d: final val dice %.4f nsd %.4f", method, row["seed"], result["dice"], result["nsd"])
         link = out / method / "bundle"
-        link.parent.mkdir(exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(Path("..") / f"{method}-s{args.seeds[0]}" / "bundle", target_is_directory=True)
+        if (out / f"{method}-s{args.seeds[0]}" / "bundle").is_dir():
+            link.parent.mkdir(exist_ok=True)
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(Path("..") / f"{method}-s{args.seeds[0]}" / "bundle", target_is_directory=True)
+    lines = table(results, [m for m in ROWS if m in results], base, args.config, saved["commands"])
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
 
-    steps = {r["step"] for rows in results.values() for r in rows}
-    cases = next(iter(results.values()))[0]["cases"]
+
+def paired(results: dict[str, list[dict]], method: str, other: str) -> list[tuple[int, float]]:
+    """Per-seed Dice differences method - other over the seeds both rows have."""
+    theirs = {r["seed"]: r["dice"] for r in results.get(other, [])}
+    return [(r["seed"], r["dice"] - theirs[r["seed"]]) for r in results.get(method, []) if r["seed"] in theirs]
+
+
+def table(results: dict[str, list[dict]], methods: list[str], base, config: Path, commands: list[str]) -> list[str]:
+    """The Markdown table: mean +- sd per row, every seed, and each row's paired difference to the row it claims to beat."""
+    steps = sorted({r["step"] for m in methods for r in results[m]})
+    cases = results[methods[0]][0]["cases"]
     lines = [
-        f"# Accuracy: {base.name} ({args.config.name})",
+        f"# Accuracy: {base.name} ({config.name})",
         "",
-        f"Final checkpoint at a fixed budget of {sorted(steps)} iterations (batch {base.train.batch_labeled} labeled "
+        f"Final checkpoint at a fixed budget of {steps} iterations (batch {base.train.batch_labeled} labeled "
         f"+ {base.train.batch_unlabeled} unlabeled, {base.data.image_size} px, U-Net width {base.model.width}); "
-        f"seeds {args.seeds}; validation: {cases} held-out cases; NSD tolerance "
+        f"validation: {cases} held-out cases; NSD tolerance "
         f"{base.train.tolerance_mm} {'mm' if base.data.layout not in ('semiseg',) else 'pixel'} "
         "(slices without spacing use pixels).",
         "",
@@ -251,25 +347,34 @@ def main(argv: list[str] | None = None) -> int:
         f"{PLATEAU_TOLERANCE} of the final value (validation every {base.train.val_every_iters or 'epoch'} "
         "iterations; `?`: fewer than two validations there).",
         "",
-        "| method | seeds | val DSC (mean +- sd) | val NSD (mean +- sd) | plateaued | s / iteration (median) |",
-        "|---|---|---|---|---|---|",
+        "| row | seeds | val DSC (mean +- sd) | val NSD (mean +- sd) | DSC per seed | plateaued | s / iteration (median) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for method, rows in results.items():
+    for method in methods:
+        rows = results[method]
         flags = [r.get("plateaued") for r in rows]
         plateau = "?" if None in flags else f"{sum(flags)}/{len(flags)}"
+        per_seed = ", ".join(f"s{r['seed']} {r['dice']:.3f}" for r in rows)
         lines.append(
             f"| {method} | {len(rows)} | {_mean_sd([r['dice'] for r in rows])} | {_mean_sd([r['nsd'] for r in rows])} "
-            f"| {plateau} | {statistics.median(r['seconds_per_iteration'] for r in rows):.3f} |"
+            f"| {per_seed} | {plateau} | {statistics.median(r['seconds_per_iteration'] for r in rows):.3f} |"
         )
-    if any(m in SELF_TRAINING for m in results):
-        lines += ["", "Teachers: `st` and `sa-st` learn from the same seed's `baseline` run, `sa-st-cps` (the paper's "
-                  "SA-ST (+SA-CPS)) from its `sa-cps` run; the student has the same iteration budget."]
-    lines += ["", "Commands (in this order, one --out):", ""] + [f"    {c}" for c in commands] + [""]
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text("\n".join(lines))
-    record.write_text(json.dumps({"results": results, "commands": commands}, indent=2) + "\n")
-    print("\n".join(lines))
-    return 0
+    claims = [(m, CLAIMS[m]) for m in methods if CLAIMS.get(m) in methods and paired(results, m, CLAIMS[m])]
+    if claims:
+        lines += ["", "Paired differences (same seed, same split; the row minus the row it claims to beat):", "",
+                  "| claim | per seed | mean | positive |", "|---|---|---|---|"]
+        for method, other in claims:
+            diffs = paired(results, method, other)
+            lines.append(f"| {method} > {other} | {', '.join(f's{s} {d:+.3f}' for s, d in diffs)} "
+                         f"| {statistics.mean(d for _, d in diffs):+.4f} | {sum(d > 0 for _, d in diffs)}/{len(diffs)} |")
+    if any(ROWS[m][1] for m in methods):
+        lines += ["", "Teachers: `st`, `sa-st` and `sa-st-synth` learn from the same seed's `baseline` run, `sa-st-cps` "
+                  "(the paper's SA-ST (+SA-CPS)) from its `sa-cps` run; the student has the same iteration budget."]
+    if any(ROWS[m][2] for m in methods):
+        lines += ["", "Switches: `sa-cps-synth` is SA-CPS without the pseudo-label term (Table II: L_s + L_synthetic), "
+                  "`sa-st-synth` SA-ST without the pseudo-labelled real slices (Table III: real + synthetic)."]
+    lines += ["", "Commands (in this order):", ""] + [f"    {c}" for c in commands] + [""]
+    return lines
 
 
 if __name__ == "__main__":

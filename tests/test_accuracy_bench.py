@@ -40,3 +40,38 @@ def test_the_gpu_preset_is_one_flag_and_plans_cuda_amp_at_256_px(tmp_path):
                                                                for s in (0, 1, 2)]
     assert Path(plan["results"]).name == "accuracy-gpu.md"
     assert not (tmp_path / "accuracy.json").exists() and not (tmp_path / "synthesizer").exists()  # nothing ran
+
+
+def _bench(out: Path, record: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--config",
+                           str(REPO / "configs" / "phantom-smoke.yaml"), "--seeds", "0", "--out", str(out),
+                           "--record", str(record), "--results", str(out.parent / "table.md"),
+                           "--set", "train.threads=1", "--set", "train.max_iters=2", *args],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_a_recorded_row_survives_its_run_folder_and_the_table_pairs_each_claim_by_seed(tmp_path):
+    """A table built over sessions: the record keeps every finished row, a later call whose run folders
+    are gone does not retrain a row recorded with the same config, and does retrain a changed one."""
+    out, record = tmp_path / "runs", tmp_path / "kept" / "accuracy.json"
+    first = _bench(out, record, "--methods", "baseline", "cps")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    results = json.loads(record.read_text())["results"]
+    base, cps = results["baseline"][0], results["cps"][0]
+    table = (tmp_path / "table.md").read_text()
+    assert f"| cps > baseline | s0 {cps['dice'] - base['dice']:+.3f} |" in table
+
+    import shutil
+    shutil.rmtree(out)  # the next session finds the run folder gone
+    plan = json.loads(_bench(out, record, "--methods", "baseline", "cps", "st", "--dry-run").stdout)
+    # st is new; its teacher is recorded but its bundle is gone, so the teacher is trained again
+    assert plan["train"] == [str(out / "baseline-s0"), str(out / "st-s0")]
+    changed = json.loads(_bench(out, record, "--methods", "baseline", "--dry-run", "--set", "optim.lr=0.02").stdout)
+    assert changed["train"] == [str(out / "baseline-s0")]  # another experiment: not the recorded row
+
+    again = _bench(out, record, "--methods", "baseline", "cps")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert not (out / "baseline-s0").exists() and not (out / "cps-s0").exists()  # nothing retrained
+    assert json.loads(record.read_text())["results"]["cps"][0]["dice"] == cps["dice"]
+    assert f"| cps > baseline | s0 {cps['dice'] - base['dice']:+.3f} |" in (tmp_path / "table.md").read_text()
