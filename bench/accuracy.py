@@ -286,7 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         base_dict = base.to_dict()
 
     def keep(row: dict, result: dict) -> None:
+        if record.is_file():  # rows another call (e.g. on the other core) recorded meanwhile
+            for method, rows_of in json.loads(record.read_text())["results"].items():
+                mine = {r["seed"] for r in results.get(method, [])}
+                results[method] = sorted([*results.get(method, []), *(r for r in rows_of if r["seed"] not in mine)],
+                                         key=lambda r: r["seed"])
         kept = [r for r in results.get(row["method"], []) if r["seed"] != row["seed"]]
+        result = dict(result, run=Path(result["run"]).name)  # OUT/<run>: no machine path in a kept record
         results[row["method"]] = sorted([*kept, result], key=lambda r: r["seed"])
         record.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps(saved, indent=2) + "\n")

@@ -39,7 +39,7 @@ def test_the_tune_form_reproduces_the_sequential_numbers_and_resumes(tmp_path):
     assert b["dice"] == pytest.approx(a["dice"], abs=1e-6) and b["nsd"] == pytest.approx(a["nsd"], abs=1e-6)
     # the ST row trained after its teacher, from that teacher
     st = tuned["st"][0]
-    meta = json.loads((Path(st["run"]) / "bundle" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "tune" / st["run"] / "bundle" / "meta.json").read_text())
     assert str(tmp_path / "tune" / "baseline-s0" / "bundle") in json.dumps(meta)
     assert (tmp_path / "tune" / "tune" / "rows").is_dir() and (tmp_path / "tune" / "tune" / "self-training-rows").is_dir()
     # a second call restores the Tune experiments: nothing is retrained, the numbers stay
