@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                     None)
 
     listed = {(r["method"], r["seed"]) for r in rows}
-    for row in list(rows):  # a teacher must exist already or be trained by this call
+    for row in rows:  # a teacher must exist already or be trained by this call
         if not row["teacher_row"] or recorded(row) or (Path(row["teacher"]) / "meta.json").is_file():
             continue
         if (row["teacher_row"], row["seed"]) not in listed:
@@ -286,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         base_dict = base.to_dict()
 
     def keep(row: dict, result: dict) -> None:
-        if record.is_file():  # rows another call (e.g. on the other core) recorded meanwhile
-            for method, rows_of in json.loads(record.read_text())["results"].items():
-                mine = {r["seed"] for r in results.get(method, [])}
-                results[method] = sorted([*results.get(method, []), *(r for r in rows_of if r["seed"] not in mine)],
-                                         key=lambda r: r["seed"])
+        """Write this row into the record as it is on disk now: another call (e.g. on the other core) may
+        have recorded rows since this one started."""
+        if record.is_file():
+            disk = json.loads(record.read_text())
+            results.clear()
+            results.update(disk["results"])
+            saved["commands"] = [c for c in disk["commands"] if c != command] + [command]
         kept = [r for r in results.get(row["method"], []) if r["seed"] != row["seed"]]
         result = dict(result, run=Path(result["run"]).name)  # OUT/<run>: no machine path in a kept record
         results[row["method"]] = sorted([*kept, result], key=lambda r: r["seed"])
