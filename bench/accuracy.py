@@ -122,11 +122,16 @@ def row_config(base: dict, row: dict):
 
 
 def config_digest(cfg) -> str:
-    """sha256 of the resolved config without machine paths: a recorded row is reused only for the same experiment."""
+    """sha256 of the resolved config without machine paths, plus the slice cache's key (which
+    changes when preprocessing does, lung masks included): a recorded row is reused only for the
+    same experiment on the same data."""
+    from plsynth.data.slice_cache import config_key
+
     raw = cfg.to_dict()
     raw.pop("source", None)
     for section, key in MACHINE_KEYS:
         raw[section].pop(key, None)
+    raw["slice_cache"] = config_key(cfg.data)
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -208,3 +208,37 @@ def test_lungmask_refuses_8bit_slices_and_unknown_back_ends_are_errors(tmp_path:
         lung_mask(grey, "lungmask", lungmask_weights=str(tmp_path / "w.pth"))
     with pytest.raises(ValueError, match="unknown lung backend"):
         lung_mask(grey, "magic")
+
+
+def test_near_black_lungs_touching_a_tight_crop_are_not_taken_for_outside_air():
+    # Some of COVID-SemiSeg's unlabeled slices are windowed so dark that aerated lung is grey 5-20
+    # (as dark as export padding) and cropped so tightly that the lungs touch the image edge. Outside
+    # air is flat; lung encloses vessels. Black padding beside the chest must still go.
+    p = make_phantom(5, (16, 160, 144))
+    z = int(np.argmax((p.lung > 0).sum(axis=(1, 2))))
+    grey = np.rint(np.clip((p.hu[z] + 880.0) / 1300.0, 0, 1) * 255).astype(np.float32)
+    rows, cols = np.nonzero(p.lung[z])
+    box = (slice(rows.min() + 2, rows.max() - 1), slice(cols.min() + 2, cols.max() - 1))
+    crop, truth = grey[box], p.lung[z][box] > 0
+    assert np.median(crop[truth]) < 12  # the lung really is as dark as padding
+    pad = 12
+    padded = np.pad(crop, ((0, 0), (0, pad)))  # black export padding on the right
+    truth = np.pad(truth, ((0, 0), (0, pad)))
+    mask = lung_mask(CTImage(array=padded[None], kind="uint8", spacing=None, source=Path("dark.jpg")))[0]
+    # 0.40 when every dark edge-touching region was air; the phantom's lung is patchier than real
+    # lung around grey 12 and poorer in vessels, so vessel-poor patches at the edge still go
+    assert dice(mask > 0, truth) >= 0.8
+    assert not mask[:, -pad:].any()
+
+
+@pytest.mark.parametrize("name", ["Data-1_coronacases_org_007_88", "Data-1_coronacases_org_005_150"])
+def test_dark_unlabeled_covid_semiseg_slices_keep_their_lungs(semiseg_root: Path, name: str):
+    # lungs at grey 11-15 touching the crop edge: before, most of them were removed as outside air
+    # (lung 6-11 % of the slice, the mediastinum and aorta taken for lung); both lungs fill ~55 %
+    from PIL import Image
+
+    path = semiseg_root / "unlabeled" / "images" / f"{name}.jpg"
+    grey = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    mask = lung_mask(CTImage(array=grey[None], kind="uint8", spacing=None, source=path))[0]
+    assert (mask > 0).mean() > 0.4
+    assert (mask == 1).sum() > 0.15 * mask.size and (mask == 2).sum() > 0.15 * mask.size

@@ -37,7 +37,10 @@ LUNG_BACKENDS = ("classical", "lungmask")
 FIELD_ALGORITHM = "field-1"
 HU_THRESHOLD = -400.0  # aerated lung (-900..-700) and GGO (-650..-350) below, soft tissue (0..+60) above
 ASSUMED_FOV_MM = 350.0  # 8-bit slices carry no spacing: assume a chest field of view over the width
-UINT8_AIR = 12.0  # 8-bit grey below this is air or export padding (black), never lung parenchyma
+UINT8_AIR = 12.0  # 8-bit grey below this is air or export padding (black), or lung on the darkest windows
+VESSEL_HOLES = 1.0  # per 1000 px: an edge-touching dark 8-bit region enclosing this many vessels is lung
+VESSEL_CONTRAST = 5.0  # grey levels above the air threshold a hole must reach to count as a vessel
+UINT8_BLACK = 6.0  # export padding and outside air on the darkest windows; lung there is grey 11-15
 DOWNSAMPLE_FROM = 384  # HU volumes this wide (in-plane, pixels) or wider are labelled at half resolution
 CLOSING_MM = 4.0  # smooths vessel notches at the pleura
 # lung field (:func:`lung_field`): the thoracic cavity's lung regions, aerated or not
@@ -174,30 +177,70 @@ def _candidate(array: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return cand, smoothed
 
 
-def _outside_air(cand: np.ndarray, smoothed: np.ndarray, kind: str) -> np.ndarray:
-    """Air outside the patient: dark regions touching the slice edge (in-plane, per slice).
-
-    For 8-bit slices only near-black regions count: COVID-SemiSeg slices are cropped to the chest,
-    so the lungs themselves often touch the image edge and must not be removed with the air.
-    One 3D labelling with a structure that does not link slices; a lookup table marks the
-    components that touch an edge.
-    """
-    if kind == "hu":
-        air = cand
-    else:  # black, or within 10 grey levels of the slice's darkest (windows that do not map air to 0)
-        darkest = np.percentile(smoothed.reshape(smoothed.shape[0], -1), 0.5, axis=1).reshape(-1, 1, 1)
-        air = smoothed < np.maximum(UINT8_AIR, darkest + 10.0)
-    labels, count = ndimage.label(air, structure=IN_PLANE)
+def _touching_edge(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(components of ``mask`` touching a slice edge, in-plane labels, per-label touching flags):
+    one 3D labelling with a structure that does not link slices, a lookup table for the edge."""
+    labels, count = ndimage.label(mask, structure=IN_PLANE)
     border = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
                              labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
     touching = np.zeros(count + 1, dtype=bool)
     touching[border] = True
     touching[0] = False
-    outside = touching[labels]
+    return touching[labels], labels, touching
+
+
+def _outside_air(cand: np.ndarray, smoothed: np.ndarray, kind: str) -> np.ndarray:
+    """Air outside the patient: dark regions touching the slice edge (in-plane, per slice).
+
+    For 8-bit slices only near-black regions count: COVID-SemiSeg slices are cropped to the chest,
+    so the lungs themselves often touch the image edge and must not be removed with the air; on
+    the darkest windows (some unlabeled slices: aerated lung at grey 5-20) such lungs are as dark
+    as the air, so an edge-touching 8-bit region that encloses vessels is lung (:func:`_encloses_vessels`)
+    and only its black part (below ``UINT8_BLACK``, export padding beside it) is outside.
+    """
+    if kind == "hu":
+        air = cand
+    else:  # black, or within 10 grey levels of the slice's darkest (windows that do not map air to 0)
+        darkest = np.percentile(smoothed.reshape(smoothed.shape[0], -1), 0.5, axis=1).reshape(-1, 1, 1)
+        threshold = np.maximum(UINT8_AIR, darkest + 10.0)
+        air = smoothed < threshold
+    outside, labels, touching = _touching_edge(air)
+    if kind != "hu":  # lung as dark as the air: keep it, remove only its black (padding) part
+        lung = _encloses_vessels(labels, touching, smoothed, threshold.ravel())
+        if lung.any():
+            outside = touching[labels] & ~lung[labels] | _touching_edge(lung[labels] & (smoothed < UINT8_BLACK))[0]
     del labels
     if kind != "hu":  # grow into the dark-but-not-black rim around the black air
         outside = ndimage.binary_dilation(outside, structure=IN_PLANE, iterations=2) & cand | outside
     return outside
+
+
+def _encloses_vessels(labels: np.ndarray, candidates: np.ndarray, smoothed: np.ndarray,
+                      threshold: np.ndarray) -> np.ndarray:
+    """Per label of ``labels`` (in-plane components of ``smoothed < threshold``): whether it is
+    one of ``candidates`` and encloses at least ``VESSEL_HOLES`` vessels per 1000 px: holes of 2 px
+    to 1 % of the slice that rise ``VESSEL_CONTRAST`` grey levels above the threshold.
+
+    Outside air is flat (noise leaves holes barely above the threshold); aerated lung is crossed
+    by vessels. Measured on COVID-SemiSeg unlabeled slices whose lungs touch the crop edge: 3.7-6.3
+    per 1000 px for the lungs, 0 for outside air and export padding; 0 for phantom air with noise.
+    """
+    result = np.zeros(candidates.shape, dtype=bool)
+    max_hole = 0.01 * labels.shape[1] * labels.shape[2]
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None or not candidates[index]:
+            continue
+        region = labels[box] == index
+        holes, n_holes = ndimage.label(ndimage.binary_fill_holes(region, structure=IN_PLANE) & ~region,
+                                       structure=IN_PLANE)
+        if n_holes == 0:
+            continue
+        sizes = np.bincount(holes.ravel())[1:]
+        peaks = ndimage.maximum(smoothed[box], holes, np.arange(1, n_holes + 1))
+        level = float(threshold[box[0].start])
+        vessels = np.count_nonzero((sizes >= 2) & (sizes <= max_hole) & (peaks >= level + VESSEL_CONTRAST))
+        result[index] = vessels * 1000.0 >= VESSEL_HOLES * region.sum()
+    return result
 
 
 def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, float, float] | None = None, *,

@@ -40,7 +40,7 @@ from plsynth.errors import InputError
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 1  # bump when preprocessing changes in a way the config key does not capture
+PREPROCESS_VERSION = 2  # bump when preprocessing changes in a way the config key does not capture (2: lung masks)
 ARRAYS = ("image", "lung", "label")
 
 
