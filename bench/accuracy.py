@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -126,13 +125,14 @@ def config_digest(cfg) -> str:
     changes when preprocessing does, lung masks included): a recorded row is reused only for the
     same experiment on the same data."""
     from plsynth.data.slice_cache import config_key
+    from plsynth.hashing import json_digest
 
     raw = cfg.to_dict()
     raw.pop("source", None)
     for section, key in MACHINE_KEYS:
         raw[section].pop(key, None)
     raw["slice_cache"] = config_key(cfg.data)
-    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(raw)
 
 
 def _mean_sd(values: list[float]) -> str:

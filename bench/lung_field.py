@@ -9,8 +9,12 @@ Side by side, in one run:
    validation slices of the network alone (no clip), clipped to the lungs (the old plsynth-infer),
    clipped to the field (in process), and through the installed plsynth-infer; plus `plsynth eval`.
 4. With ``--big Z Y X``: seconds for the lungs and for the field of one HU phantom of that shape.
+5. With ``--unlabeled``: COVID-SemiSeg's 1600 unlabeled slices (no truth, darker windows, tight crops):
+   how many slices have lungs covering under 20 % of the slice (both lungs fill about half of
+   these chest crops) and how many have a field covering over 25 % of the frame border (lung
+   reaching around the corners, over air or chest wall), with the mean lung and field shares.
 
-Usage: .venv/bin/python bench/lung_field.py --root DIR [--bundle DIR --config FILE --cache DIR] [--n 6]
+Usage: .venv/bin/python bench/lung_field.py --root DIR [--bundle DIR --config FILE --cache DIR] [--n 6] [--unlabeled] [--skip-phantoms]
        [--big 300 512 512] [--out bench/results/lung_field.md]
 ``--root``: the COVID-SemiSeg folder (labeled/images, labeled/masks).
 """
@@ -66,6 +70,33 @@ def semiseg_rows(root: Path) -> list[str]:
         f"| infection inside, worst slice | {worst['lungs']:.4f} | {worst['field']:.4f} |",
         f"| area (pixels, all slices) | {totals['lungs'][1]} | {totals['field'][1]} ({totals['field'][1] / totals['lungs'][1]:.2f}x) |",
         f"\n(both masks for all 50 slices: {seconds:.1f} s)",
+    ]
+
+
+def unlabeled_rows(root: Path) -> list[str]:
+    from plsynth.data.image import CTImage
+    from plsynth.data.lungs import lung_field, lung_mask
+
+    small, border, lung_share, field_share = 0, 0, [], []
+    paths = sorted((root / "unlabeled" / "images").glob("*.jpg"))
+    started = time.perf_counter()
+    for path in paths:
+        grey = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+        image = CTImage(array=grey[None], kind="uint8", spacing=None, source=path)
+        lungs = lung_mask(image)
+        field = lung_field(image, lungs)[0] > 0
+        edge = np.concatenate([field[0], field[-1], field[:, 0], field[:, -1]])
+        small += int((lungs[0] > 0).mean() < 0.2)
+        border += int(edge.mean() > 0.25)
+        lung_share.append(float((lungs[0] > 0).mean()))
+        field_share.append(float(field.mean()))
+    return [
+        f"| COVID-SemiSeg unlabeled ({len(paths)} slices) | value |",
+        "|---|---|",
+        f"| slices with lungs under 20 % of the slice | {small} |",
+        f"| slices with a field over 25 % of the frame border | {border} |",
+        f"| mean share of the slice: lungs, field | {np.mean(lung_share):.3f}, {np.mean(field_share):.3f} |",
+        f"\n(both masks for all {len(paths)} slices: {time.perf_counter() - started:.1f} s)",
     ]
 
 
@@ -162,13 +193,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=6)
     parser.add_argument("--shape", type=int, nargs=3, default=(48, 256, 256))
     parser.add_argument("--big", type=int, nargs=3, default=None)
+    parser.add_argument("--unlabeled", action="store_true", help="also the 1600 unlabeled slices (~2 min)")
+    parser.add_argument("--skip-phantoms", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results/lung_field.md")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     lines = [f"# Lungs vs lung field ({datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
              f"load average {load:.1f} at start)", "", "`" + " ".join(["python"] + sys.argv) + "`", ""]
     lines += semiseg_rows(args.root) + [""]
-    lines += phantom_rows(args.n, tuple(args.shape)) + [""]
+    if args.unlabeled:
+        lines += unlabeled_rows(args.root) + [""]
+    if not args.skip_phantoms:
+        lines += phantom_rows(args.n, tuple(args.shape)) + [""]
     if args.bundle is not None:
         lines += bundle_rows(args.bundle, args.config, args.root, args.cache) + [""]
     if args.big is not None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _fixtures import tiny_config, tiny_unet, write_tiny_bundle
-from plsynth.bundles.files import sha256_file
+from plsynth.hashing import sha256_file
 from plsynth.bundles.segmenter import load_bundle, write_bundle
 from plsynth.config import config_from_dict
 from plsynth.errors import BundleError

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and the ones below it):
 
-0. foundation: ``plsynth`` (the package), ``plsynth.errors``, ``config``, ``atomic``, ``torch_setup``
+0. foundation: ``plsynth`` (the package), ``plsynth.errors``, ``config``, ``atomic``, ``hashing``, ``torch_setup``
 1. ``plsynth.data``, ``plsynth.models``, ``plsynth.metrics``
 2. ``plsynth.bundles``: every on-disk format handed between stages
 3. ``plsynth.synth_service``
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FOUNDATION = {"plsynth", "plsynth.errors", "plsynth.config", "plsynth.atomic", "plsynth.torch_setup"}
+FOUNDATION = {"plsynth", "plsynth.errors", "plsynth.config", "plsynth.atomic", "plsynth.hashing", "plsynth.torch_setup"}
 FACES = {"plsynth.cli", "plsynth.demo", "plsynth.training.ray_entry"}
 SIBLINGS = {"plsynth.training": "plsynth.deploy", "plsynth.deploy": "plsynth.training"}
 

@@ -1,20 +1,11 @@
-"""What every bundle records about its files: their sha256 and the versions that made them."""
+"""What every bundle records about its files: the versions that made them, as plain JSON."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from pathlib import Path
 from typing import Any
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plsynth.bundles.files import jsonable, sha256_file, versions
+from plsynth.bundles.files import jsonable, versions
+from plsynth.hashing import sha256_file
 from plsynth.data.lungs import lung_record
 from plsynth.errors import BundleError
 

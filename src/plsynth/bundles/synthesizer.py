@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from plsynth.atomic import atomic_folder
-from plsynth.bundles.files import sha256_file, versions
+from plsynth.bundles.files import versions
+from plsynth.hashing import sha256_file
 from plsynth.bundles.onnx_export import OPSET, export_onnx, ort_session
 from plsynth.bundles.style_pool import StylePool
 from plsynth.config import Config, SynthConfig

@@ -16,7 +16,6 @@ logic around them is tested with a fake builder and fake device info.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import numpy as np
 
 from plsynth.atomic import atomic_write, atomic_write_text
 from plsynth.errors import EngineUnavailable
+from plsynth.hashing import json_digest
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def device_info() -> DeviceInfo:  # NEVER RUN HERE (needs a GPU and TensorRT)
 def cache_key(info: DeviceInfo, onnx_sha256: str, precision: str, profile: Profile) -> str:
     """A file-name-safe key: readable prefix plus a hash of every field that makes engines differ."""
     fields = {**asdict(info), "onnx_sha256": onnx_sha256, "precision": precision, **asdict(profile)}
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    digest = json_digest(fields)
     sm = "sm" + info.compute_capability.replace(".", "")
     return f"{onnx_sha256[:12]}_{sm}_trt{info.tensorrt_version}_{precision}_b{profile.max_batch}_{digest}"
 
@@ -233,7 +233,7 @@ def open_trt_engine(
 
     Raises `EngineUnavailable` with the reason when TensorRT or a GPU is missing.
     """
-    from plsynth.bundles.files import sha256_file
+    from plsynth.hashing import sha256_file
 
     ok, reason = tensorrt_status()
     if not ok:

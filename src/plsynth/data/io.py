@@ -106,23 +106,14 @@ def content_sha256(path: Path) -> str:
 
     ``--continue`` keys finished cases by it, so another volume under the same name is redone.
     """
-    import hashlib
-
-    def file_digest(file: Path) -> str:
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-        return digest.hexdigest()
+    from plsynth.hashing import sha256_file, text_digest
 
     path = Path(path)
     if not path.is_dir():
-        return file_digest(path)
-    listing = hashlib.sha256()
-    for child in sorted(path.iterdir()):
-        if child.is_file() and not child.name.startswith("."):
-            listing.update(f"{child.name}\0{file_digest(child)}\n".encode())
-    return listing.hexdigest()
+        return sha256_file(path)
+    listing = [f"{child.name}\0{sha256_file(child)}\n" for child in sorted(path.iterdir())
+               if child.is_file() and not child.name.startswith(".")]
+    return text_digest("".join(listing))
 
 
 # ----------------------------------------------------------------------------------------- reading

@@ -253,7 +253,8 @@ def classical_lung_mask(array: np.ndarray, kind: str, spacing: tuple[float, floa
 
     Steps: (1) dark voxels: < -400 HU after a 1-voxel in-plane blur, or below the slice's Otsu
     threshold for 8-bit; (2) outside air = dark regions touching the image edge in each slice,
-    removed (one labelling of the volume with in-plane connectivity); (3) 3D connected
+    removed (one labelling of the volume with in-plane connectivity; 8-bit regions enclosing
+    vessels are lung, and only their black part goes); (3) 3D connected
     components, keep the large ones (the two lungs, or one when the airways merge them); (4) per
     slice, on the crop around the lungs: drop small central components (trachea, main bronchi),
     split a component that straddles the body midline at its thinnest column, label each side

@@ -24,7 +24,6 @@ half-written entry, and two processes preparing the same volume both end with th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from plsynth.config import DataConfig
 from plsynth.data.layouts import VolumeRecord
 from plsynth.data.lungs import lung_record
 from plsynth.errors import InputError
+from plsynth.hashing import json_digest, text_digest
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def config_key(data: DataConfig) -> str:
     }
     if data.lung_backend == "lungmask":
         relevant["lungmask_weights"] = data.lungmask_weights
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(relevant)
 
 
 def source_key(image: Path, label: Path | None) -> str:
@@ -71,7 +71,7 @@ def source_key(image: Path, label: Path | None) -> str:
         except OSError as exc:
             raise InputError(path, f"cannot read: {exc}") from exc
         parts.append(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    return text_digest("\n".join(parts), 12)
 
 
 @dataclass(frozen=True)
