@@ -41,19 +41,24 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return metric(a, b)
 
 
-def semiseg_rows(root: Path) -> list[str]:
+def _slice_masks(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(classical lungs > 0, lung field > 0) of one 8-bit slice file, each (Y, X) bool."""
     from plsynth.data.image import CTImage
     from plsynth.data.lungs import lung_field, lung_mask
 
+    grey = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    image = CTImage(array=grey[None], kind="uint8", spacing=None, source=path)
+    lungs = lung_mask(image)
+    return lungs[0] > 0, lung_field(image, lungs)[0] > 0
+
+
+def semiseg_rows(root: Path) -> list[str]:
     totals = {"lungs": [0, 0], "field": [0, 0]}
     worst = {"lungs": 1.0, "field": 1.0}
     started = time.perf_counter()
     for path in sorted((root / "labeled" / "images").glob("*.jpg")):
-        grey = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
         infection = np.asarray(Image.open(root / "labeled" / "masks" / f"{path.stem}.png").convert("L")) > 127
-        image = CTImage(array=grey[None], kind="uint8", spacing=None, source=path)
-        lungs = lung_mask(image)
-        masks = {"lungs": lungs[0] > 0, "field": lung_field(image, lungs)[0] > 0}
+        masks = dict(zip(("lungs", "field"), _slice_masks(path)))
         for name, mask in masks.items():
             inside = int((mask & infection).sum())
             totals[name][0] += inside
@@ -74,21 +79,15 @@ def semiseg_rows(root: Path) -> list[str]:
 
 
 def unlabeled_rows(root: Path) -> list[str]:
-    from plsynth.data.image import CTImage
-    from plsynth.data.lungs import lung_field, lung_mask
-
     small, border, lung_share, field_share = 0, 0, [], []
     paths = sorted((root / "unlabeled" / "images").glob("*.jpg"))
     started = time.perf_counter()
     for path in paths:
-        grey = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
-        image = CTImage(array=grey[None], kind="uint8", spacing=None, source=path)
-        lungs = lung_mask(image)
-        field = lung_field(image, lungs)[0] > 0
+        lungs, field = _slice_masks(path)
         edge = np.concatenate([field[0], field[-1], field[:, 0], field[:, -1]])
-        small += int((lungs[0] > 0).mean() < 0.2)
+        small += int(lungs.mean() < 0.2)
         border += int(edge.mean() > 0.25)
-        lung_share.append(float((lungs[0] > 0).mean()))
+        lung_share.append(float(lungs.mean()))
         field_share.append(float(field.mean()))
     return [
         f"| COVID-SemiSeg unlabeled ({len(paths)} slices) | value |",

@@ -194,7 +194,7 @@ def _outside_air(cand: np.ndarray, smoothed: np.ndarray, kind: str) -> np.ndarra
 
     For 8-bit slices only near-black regions count: COVID-SemiSeg slices are cropped to the chest,
     so the lungs themselves often touch the image edge and must not be removed with the air; on
-    the darkest windows (some unlabeled slices: aerated lung at grey 5-20) such lungs are as dark
+    the darkest windows (some unlabeled slices: aerated lung at grey 11-15) such lungs are as dark
     as the air, so an edge-touching 8-bit region that encloses vessels is lung (:func:`_encloses_vessels`)
     and only its black part (below ``UINT8_BLACK``, export padding beside it) is outside.
     """
@@ -208,7 +208,7 @@ def _outside_air(cand: np.ndarray, smoothed: np.ndarray, kind: str) -> np.ndarra
     if kind != "hu":  # lung as dark as the air: keep it, remove only its black (padding) part
         lung = _encloses_vessels(labels, touching, smoothed, threshold.ravel())
         if lung.any():
-            outside = touching[labels] & ~lung[labels] | _touching_edge(lung[labels] & (smoothed < UINT8_BLACK))[0]
+            outside = (touching & ~lung)[labels] | _touching_edge(lung[labels] & (smoothed < UINT8_BLACK))[0]
     del labels
     if kind != "hu":  # grow into the dark-but-not-black rim around the black air
         outside = ndimage.binary_dilation(outside, structure=IN_PLANE, iterations=2) & cand | outside
