@@ -25,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
+from plsynth.atomic import TEMP_PREFIX
 from plsynth.config import Config, DataConfig, UNetConfig
 from plsynth.data.phantom import _nifti, make_phantom
 from plsynth.data.preprocess import resize_labels, to_model_input
@@ -178,7 +179,7 @@ def test_every_input_kind_end_to_end(bundle: Path, tmp_path: Path):
     assert data["run"]["engine"] == "ort" and data["run"]["networks"] == ["model", "peer"]
     assert data["run"]["lung_backend"] == "classical"
     assert all(0.0 <= c["agreement_dice"] <= 1.0 for c in data["cases"])
-    assert not [p for p in out.rglob(".tmp-*")]
+    assert not [p for p in out.rglob(f"{TEMP_PREFIX}*")]
 
 
 def test_geometry_round_trips_for_flipped_and_oblique_affines(bundle: Path, tmp_path: Path):
@@ -264,15 +265,15 @@ def test_torch_engine_reports_agreement_and_marks_cases_for_review(bundle: Path,
 
 def _finished_cases(out: Path) -> set[str]:
     """Cases whose record is under its final name (pathlib's glob also matches the hidden
-    ``.tmp-*`` file a SIGKILL can leave behind mid-write; that is not a finished case)."""
-    return {p.stem for p in (out / "cases").glob("*.json") if not p.name.startswith(".tmp-")}
+    temporary file (``atomic.TEMP_PREFIX``) a SIGKILL can leave behind mid-write; that is not a finished case)."""
+    return {p.stem for p in (out / "cases").glob("*.json") if not p.name.startswith(TEMP_PREFIX)}
 
 
 def _all_final_outputs_load(out: Path) -> int:
     """Every file under its final name loads completely; returns how many were checked."""
     count = 0
     for path in out.rglob("*"):
-        if not path.is_file() or path.name.startswith(".tmp-"):
+        if not path.is_file() or path.name.startswith(TEMP_PREFIX):
             continue
         if path.name.endswith(".nii.gz"):
             np.asarray(nib.load(path).dataobj).sum()
@@ -513,5 +514,5 @@ def test_a_batch_mixing_good_and_every_bad_kind_finishes_every_good_case(bundle:
         if case != "blocked":
             assert not (out / f"{case}.nii.gz").exists()
         assert not (out / "lungs" / f"{case}.nii.gz").exists() and not (out / f"{case}.seg.dcm").exists()
-    assert not list(out.rglob(".tmp-*"))
+    assert not list(out.rglob(f"{TEMP_PREFIX}*"))
     assert _all_final_outputs_load(out) > 0
