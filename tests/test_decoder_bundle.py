@@ -86,19 +86,6 @@ def test_tampered_or_missing_file_is_a_bundle_error(tmp_path):
         load_decoder_bundle(tmp_path)
 
 
-def test_a_format_1_bundle_still_loads_but_warns_that_it_learned_lung_field_maps(tmp_path, caplog):
-    path, _ = _bundle(tmp_path / "b", SynthConfig(image_size=16, width=2, style_dim=4, num_up=2, noise=False))
-    meta = json.loads((path / "meta.json").read_text())
-    assert meta["format_version"] == 2
-    with caplog.at_level("WARNING", logger="plsynth.bundles.synthesizer"):
-        load_decoder_bundle(path)
-    assert "lung field" not in caplog.text
-    (path / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
-    with caplog.at_level("WARNING", logger="plsynth.bundles.synthesizer"):
-        assert load_decoder_bundle(path).meta["format_version"] == 1
-    assert "lung field" in caplog.text and "retrain" in caplog.text
-
-
 def test_local_synthesizer_torch_and_ort_agree_and_return_unit_images_at_the_request_size(bundle):
     from plsynth.synth_service.local import LocalSynthesizer
 

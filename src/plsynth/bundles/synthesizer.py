@@ -49,7 +49,7 @@ from plsynth.models.sean import (
 log = logging.getLogger(__name__)
 
 FORMAT = "plsynth-synthesizer"
-FORMAT_VERSION = 2  # 2: the maps' lung classes are the lungs; format 1 was trained on the wider lung field
+FORMAT_VERSION = 1
 PARITY_TOLERANCE = 1e-4
 CLASSES = ["background", "left lung", "right lung", "infection"]
 FILES = ("decoder.pt", "encoder.pt", "decoder.onnx", "pool.npz")
@@ -212,10 +212,6 @@ def load_decoder_bundle(path: str | Path, device: str | torch.device = "cpu") ->
         raise BundleError(f"{path}: meta.json format is {meta.get('format')!r}, expected {FORMAT!r}")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {meta['format_version']} is newer than this plsynth reads")
-    if int(meta.get("format_version", 0)) < 2:
-        log.warning("%s: synthesizer bundle format %s learned maps whose lung classes were the lung field (with a "
-                    "rim of chest wall); plsynth now draws maps from the lungs, so this synthesizer will not match "
-                    "them well: retrain it (plsynth train synthesizer)", path, meta.get("format_version"))
     hashes = meta.get("files", {})
     for name in FILES:
         file = path / name
