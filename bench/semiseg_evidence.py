@@ -6,12 +6,10 @@
         --out bench/results/semiseg_evidence.json --gallery bench/results/semiseg_gallery.png
 
 Maps the synthesizer never saw (it is trained on the training split's labeled slices only):
-  val     the validation slices' true maps (lungs + infection);
+  val     the validation slices' true maps (lung + infection);
   pseudo  pseudo-label maps of a fixed, evenly spaced subset of unlabeled slices (``--unlabeled``)
           from a fixed teacher (a segmenter trained on real labeled slices; infection kept in
-          the lung field, as SA-CPS / SA-ST do).
-"Lung" below is the lungs (the maps' lung classes, ``lungs`` in the slice cache), not the lung
-field that clips infection.
+          the lung, as SA-CPS / SA-ST do).
 Each map is drawn ``--draws`` times (one pool draw per seed) as given, with the infection
 removed, and with the infection moved (``synth_preview.move_infection``); the three variants of
 one draw share the pool style. A fixed judge (a segmenter trained on real labeled slices only,
@@ -186,22 +184,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # held-out maps (a): validation slices
     val_img = np.concatenate([np.asarray(c.image)[:, 0] for c in splits.val]).astype(np.float32)
-    val_lung = np.concatenate([np.asarray(c.lungs) for c in splits.val]).astype(np.uint8)
+    val_lung = np.concatenate([np.asarray(c.lung) for c in splits.val]).astype(np.uint8)
     val_inf = (np.concatenate([np.asarray(c.label) for c in splits.val]) > 0).astype(np.uint8)
     # held-out maps (b): the teacher's pseudo-labels of evenly spaced unlabeled slices
     un = splits.unlabeled
     pick = np.linspace(0, len(un) - 1, min(args.unlabeled, len(un))).round().astype(int)
     items = [un[int(i)] for i in pick]
     un_img = np.stack([np.asarray(it["image"])[0] for it in items]).astype(np.float32)
-    un_lung = np.stack([np.asarray(it["lungs"]) for it in items]).astype(np.uint8)
-    un_field = torch.stack([torch.as_tensor(it["lung"]).long() for it in items])
+    un_lung = np.stack([np.asarray(it["lung"]) for it in items]).astype(np.uint8)
     with torch.no_grad():
         un_inf = pseudo_label(teacher(torch.from_numpy(un_img[:, None])), teacher_b.threshold,
-                              un_field)[:, 0].numpy().astype(np.uint8)
+                              torch.from_numpy(un_lung.astype(np.int64)))[:, 0].numpy().astype(np.uint8)
     # real training labeled slices: the reference distribution of the realism figure
     lab = splits.labeled
     tr_img = np.stack([np.asarray(lab[i]["image"])[0] for i in range(len(lab))]).astype(np.float32)
-    tr_lung = np.stack([np.asarray(lab[i]["lungs"]) for i in range(len(lab))]).astype(np.uint8)
+    tr_lung = np.stack([np.asarray(lab[i]["lung"]) for i in range(len(lab))]).astype(np.uint8)
     feat_train = lung_features(judge, tr_img[:, None], tr_lung)
 
     tic = time.perf_counter()

@@ -31,12 +31,7 @@ def slice_item(rng: np.random.Generator, size: int, case: str, index: int, label
     image = np.where(lung > 0, 0.12, 0.55).astype(np.float32)
     image[infection > 0] = 0.45
     image += rng.normal(0, 0.02, image.shape).astype(np.float32)
-    # the lung field: the lungs plus a 2-pixel rim of chest wall (as data.lungs.lung_field gives on CT)
-    field = np.zeros((size, size), np.int64)
-    field[((yy - cy) / (ry + 2)) ** 2 + ((xx - size * 0.7) / (rx + 2)) ** 2 <= 1] = 1
-    field[((yy - cy) / (ry + 2)) ** 2 + ((xx - size * 0.3) / (rx + 2)) ** 2 <= 1] = 2
-    item = {"image": np.clip(image, 0, 1)[None], "lung": field, "lungs": lung, "case": case,
-            "index": index}
+    item = {"image": np.clip(image, 0, 1)[None], "lung": lung, "case": case, "index": index}
     if labeled:
         item["label"] = infection[None]
     return item
@@ -49,7 +44,6 @@ class ValCase:
     lung: np.ndarray
     label: np.ndarray  # (Z, S, S)
     spacing: tuple | None = None
-    lungs: np.ndarray | None = None
 
 
 def tiny_splits(n_labeled: int = 6, n_unlabeled: int = 12, size: int = 32, seed: int = 0):
@@ -59,8 +53,7 @@ def tiny_splits(n_labeled: int = 6, n_unlabeled: int = 12, size: int = 32, seed:
     for item in unlabeled:
         item["truth"] = item.pop("label")  # kept only so tests can score pseudo-labels
     val = [
-        ValCase(f"L{i}", it["image"][None], it["lung"][None], it["label"], None, it["lungs"][None])
-        for i, it in enumerate(labeled)
+        ValCase(f"L{i}", it["image"][None], it["lung"][None], it["label"], None) for i, it in enumerate(labeled)
     ]
     return SimpleNamespace(labeled=labeled, unlabeled=unlabeled, val=val, info={})
 

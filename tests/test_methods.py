@@ -102,7 +102,7 @@ def test_cps_supervises_each_network_with_the_others_detached_prediction():
     assert torch.allclose(g1, expected_g1, atol=1e-7) and torch.allclose(g2, expected_g2, atol=1e-7)
 
 
-def test_sa_cps_hands_the_synthesizer_each_pseudo_label_with_the_lungs_and_trains_the_other_network():
+def test_sa_cps_hands_the_synthesizer_each_pseudo_label_with_the_lung_and_trains_the_other_network():
     cfg = _cfg("sa-cps", flip=False)
     data = tiny_splits(4, 4, size=32)
     batch = _batch(cfg, data)
@@ -111,11 +111,9 @@ def test_sa_cps_hands_the_synthesizer_each_pseudo_label_with_the_lungs_and_train
     out = cps_step(nets, batch, cfg.train, synth, seed=11, use_pseudo=True, use_synthetic=True)
     (call,) = synth.calls
     y1, y2 = out.extras["pseudo_model"], out.extras["pseudo_peer"]
-    # eq. 10: x1_hat = Dec(y2) for s1 first, then x2_hat = Dec(y1) for s2, each with the slice's lungs:
-    # the map's lung classes are the lungs, not the lung field (its chest-wall rim is background).
+    # eq. 10: x1_hat = Dec(y2) for s1 first, then x2_hat = Dec(y1) for s2, each with the slice's lung.
     assert torch.equal(call["infection"], torch.cat([y2, y1]))
-    assert torch.equal(call["lung"], torch.cat([batch["u_lungs"], batch["u_lungs"]]))
-    assert ((batch["u_lung"] > 0) & (batch["u_lungs"] == 0)).any(), "the tiny data's field must hold a rim"
+    assert torch.equal(call["lung"], torch.cat([batch["u_lung"], batch["u_lung"]]))
     assert call["seed"] == 11
     merged = semantic_map(call["lung"], call["infection"][:, 0].long())
     assert torch.equal(merged == INFECTION, call["infection"][:, 0] > 0)
@@ -139,10 +137,8 @@ def test_sa_cps_synthesizes_from_the_unaugmented_map_then_moves_image_and_label_
     synth = FakeSynthesizer()
     out = cps_step(_nets(3), batch, cfg.train, synth, seed=5, use_pseudo=True, use_synthetic=True)
     (call,) = synth.calls
-    # the synthesizer sees each slice's own (un-augmented) lungs, left lung still class 1 ...
-    assert torch.equal(call["lung"], torch.cat([raw["u_lungs"], raw["u_lungs"]]))
-    # ... while the batch's lung field and lungs moved with the image (one transform for both)
-    assert torch.equal(batch["u_lungs"] > 0, (batch["u_lungs"] > 0) & (batch["u_lung"] > 0))
+    # the synthesizer sees each slice's own (un-augmented) lung, left lung still class 1 ...
+    assert torch.equal(call["lung"], torch.cat([raw["u_lung"], raw["u_lung"]]))
     # ... and the pseudo-labels taken back to that frame (the augmented ones flipped back)
     y1, y2 = out.extras["pseudo_model"], out.extras["pseudo_peer"]
     theta = torch.cat([batch["u_theta"], batch["u_theta"]])
@@ -154,7 +150,7 @@ def test_sa_cps_synthesizes_from_the_unaugmented_map_then_moves_image_and_label_
     # the synthetic image comes back in the augmented frame: its painted infection is the label
     x1_hat, x2_hat = out.extras["synthetic_model"], out.extras["synthetic_peer"]
     # (the fake paints lung 0.12 and infection 0.45, so inside the lung a grey above 0.3 is infection)
-    lung = torch.cat([batch["u_lungs"], batch["u_lungs"]])[:, None] > 0
+    lung = torch.cat([batch["u_lung"], batch["u_lung"]])[:, None] > 0
     painted = torch.cat([x1_hat, x2_hat]) > 0.3
     labels = torch.cat([y2, y1]) > 0.5
     assert labels.any() and torch.equal(painted & lung, labels & lung)
@@ -230,8 +226,6 @@ def test_self_training_overfits_from_an_offline_set_made_once(method, baseline_r
     assert 2 * (pseudo * truth).sum() / (pseudo.sum() + truth.sum()) > 0.5  # the teacher's labels are informative
     if method == "sa-st":
         assert len(synth.calls) == 1  # 12 slices, offline_batch 16: synthesized once, offline
-        drawn_lungs = np.stack([it["lungs"] for it in data.unlabeled])
-        assert np.array_equal(synth.calls[0]["lung"].numpy(), drawn_lungs)  # maps draw the lungs, not the field
         assert np.load(offline / "synthetic-00000.npy").shape == (12, 32, 32)
         assert manifest["key"]["synthesizer"]["backend"] == "fake:test"
     else:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from plsynth.config import load_config
 from plsynth.training.synthesizer import build_nets, gan_step, lr_factor, prepare_batch, reconstruction_l1
@@ -55,12 +54,8 @@ def test_prepare_batch_builds_the_four_class_map_and_resizes():
     lung[:, 8:24, 4:14] = 2
     label = torch.zeros(2, 1, 32, 32)
     label[0, 0, 10:14, 20:24] = 1
-    field = lung.clone()
-    field[:, 6:26, 2:30] = torch.where(field[:, 6:26, 2:30] == 0, 1, field[:, 6:26, 2:30])  # a chest-wall rim
-    batch = {"image": torch.rand(2, 1, 32, 32), "lung": field, "lungs": lung, "label": label}
+    batch = {"image": torch.rand(2, 1, 32, 32), "lung": lung, "label": label}
     image, onehot = prepare_batch(batch, 64)
-    assert torch.equal(onehot[:, 0], (F.interpolate(lung[:, None].float(), size=(64, 64)) == 0)[:, 0].float()
-                       * (1 - onehot[:, 3]))  # the map's lung is the lungs: the field's rim is background
     assert image.shape == (2, 1, 64, 64) and image.min() >= -1 and image.max() <= 1
     assert onehot.shape == (2, 4, 64, 64)
     assert torch.all(onehot.sum(1) == 1)
@@ -107,15 +102,15 @@ def test_synthesizer_augmentation_moves_image_and_map_together_and_a_flip_swaps_
     lung[:, 8:24, 18:28] = 1  # patient-left lung at larger column, taller than the right one
     lung[:, 12:20, 4:14] = 2
     image = (lung > 0).float()[:, None] * 0.5
-    batch = {"image": image, "lungs": lung, "label": torch.zeros(8, 1, 32, 32)}
+    batch = {"image": image, "lung": lung, "label": torch.zeros(8, 1, 32, 32)}
     out = augment_batch(batch, cfg, torch.Generator().manual_seed(0))
-    flipped = [i for i in range(8) if out["lungs"][i, 10, 22] == 0]  # the tall lung went to the left side
-    kept = [i for i in range(8) if out["lungs"][i, 10, 22] == 1]
+    flipped = [i for i in range(8) if out["lung"][i, 10, 22] == 0]  # the tall lung went to the left side
+    kept = [i for i in range(8) if out["lung"][i, 10, 22] == 1]
     assert flipped and kept and len(flipped) + len(kept) == 8
     # after a flip the lung on the image's right (the old right lung) is labelled 1, the other 2
-    assert torch.all(out["lungs"][flipped][:, 16, 22] == 1) and torch.all(out["lungs"][flipped][:, 10, 9] == 2)
-    assert torch.all(out["lungs"][kept] == lung[kept])
-    assert torch.equal(out["image"][:, 0] > 0.25, out["lungs"] > 0)  # image and map moved jointly
+    assert torch.all(out["lung"][flipped][:, 16, 22] == 1) and torch.all(out["lung"][flipped][:, 10, 9] == 2)
+    assert torch.all(out["lung"][kept] == lung[kept])
+    assert torch.equal(out["image"][:, 0] > 0.25, out["lung"] > 0)  # image and map moved jointly
 
 
 def test_oasis_discriminator_labels_pixels_and_a_gan_step_runs(smoke):
@@ -156,10 +151,10 @@ def test_synthesizer_flip_mirrors_left_and_right_when_the_lungs_lie_one_above_th
     lung[:, 18:28, 12:20] = 2
     label = torch.zeros(8, 1, 32, 32)
     label[:, 0, 6:8, 8:12] = 1  # an infection in the top lung's left corner
-    batch = {"image": (lung > 0).float()[:, None] * 0.5, "lungs": lung, "label": label}
+    batch = {"image": (lung > 0).float()[:, None] * 0.5, "lung": lung, "label": label}
     out = augment_batch(batch, cfg, torch.Generator().manual_seed(0))
-    flipped = [i for i in range(8) if out["lungs"][i, 20, 9] == 2]  # the wide lung went to the bottom
+    flipped = [i for i in range(8) if out["lung"][i, 20, 9] == 2]  # the wide lung went to the bottom
     assert flipped and len(flipped) < 8
-    assert torch.all(out["lungs"][:, 8, 16] == 1) and torch.all(out["lungs"][:, 23, 16] == 2)  # class 1 stays on top
+    assert torch.all(out["lung"][:, 8, 16] == 1) and torch.all(out["lung"][:, 23, 16] == 2)  # class 1 stays on top
     # in a flipped slice the infection moved with its lung: bottom rows, same columns
     assert torch.all(out["label"][flipped][:, 0, 24:26, 8:12] == 1)

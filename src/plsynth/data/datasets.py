@@ -43,9 +43,8 @@ OPEN_VOLUMES = 8  # memmapped volumes a dataset keeps open (bounds file handles,
 class SliceDataset(Dataset):
     """Training slices of cached volumes, read lazily.
 
-    Item (the project's contract): ``image`` float32 ``(1, S, S)`` in [0, 1], ``lung`` (the lung
-    field, which clips infection) and ``lungs`` (the lungs, which the synthesizer's maps draw)
-    int64 ``(S, S)`` in {0, 1, 2}, ``label`` float32 ``(1, S, S)`` in {0, 1} (labeled sets only),
+    Item (the project's contract): ``image`` float32 ``(1, S, S)`` in [0, 1], ``lung`` int64
+    ``(S, S)`` in {0, 1, 2}, ``label`` float32 ``(1, S, S)`` in {0, 1} (labeled sets only),
     ``case`` (volume name) and ``index`` (slice index ``z`` in that volume).
     """
 
@@ -78,8 +77,7 @@ class SliceDataset(Dataset):
             self._open.move_to_end(v)
             return self._open[v]
         volume = self.volumes[v]
-        arrays = (volume.open("image"), volume.open("lung"), volume.open("lungs"),
-                  volume.open("label") if self.labeled else None)
+        arrays = (volume.open("image"), volume.open("lung"), volume.open("label") if self.labeled else None)
         self._open[v] = arrays
         if len(self._open) > OPEN_VOLUMES:
             self._open.popitem(last=False)
@@ -87,11 +85,10 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         v, z = (int(t) for t in self.index[i])
-        image, lung, lungs, label = self._arrays(v)
+        image, lung, label = self._arrays(v)
         item: dict[str, Any] = {
             "image": torch.from_numpy(np.array(image[z], dtype=np.float32)),
             "lung": torch.from_numpy(np.array(lung[z], dtype=np.int64)),
-            "lungs": torch.from_numpy(np.array(lungs[z], dtype=np.int64)),
             "case": self.volumes[v].name,
             "index": z,
         }
@@ -110,7 +107,7 @@ class SliceDataset(Dataset):
 class ValCase:
     """One validation (or test) case, prepared exactly as training slices.
 
-    ``image`` (Z, 1, S, S) float32, ``lung`` (the field) and ``lungs`` (Z, S, S) uint8, ``label`` (Z, S, S) uint8
+    ``image`` (Z, 1, S, S) float32, ``lung`` (Z, S, S) uint8, ``label`` (Z, S, S) uint8
     (copy-on-write memmaps: nothing is read into RAM until used); ``spacing`` (z, y*, x*) mm of the prepared grid, or None for 2D slices (metrics then
     use pixels).
     """
@@ -120,7 +117,6 @@ class ValCase:
     lung: np.ndarray
     label: np.ndarray
     spacing: tuple[float, float, float] | None
-    lungs: np.ndarray | None = None
 
 
 @dataclass
@@ -149,8 +145,7 @@ def _val_case(volume: CachedVolume) -> ValCase:
     if not volume.has_label:
         raise ValueError(f"{volume.source}: a validation case needs an infection mask")
     # Copy-on-write memmaps: torch.as_tensor wraps them without copying or warning; the cache is never written.
-    return ValCase(volume.name, volume.open("image", "c"), volume.open("lung", "c"), volume.open("label", "c"), volume.spacing,
-                   volume.open("lungs", "c"))
+    return ValCase(volume.name, volume.open("image", "c"), volume.open("lung", "c"), volume.open("label", "c"), volume.spacing)
 
 
 def _training_slices(volume: CachedVolume, skip_without_lung: bool) -> np.ndarray:

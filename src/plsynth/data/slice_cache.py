@@ -9,15 +9,12 @@ Layout::
 
     <cache_root>/<config key>/<volume name>-<source key>/
         image.npy   (Z, 1, S, S) float32 in [0, 1]   to_model_input(to_unit(image), lung, S, handling)
-        lung.npy    (Z, S, S) uint8 {0, 1, 2}          resize_labels(lung_field(image, lungs), S)
-        lungs.npy   (Z, S, S) uint8 {0, 1, 2}          resize_labels(lungs, S), lungs = lung_mask(image, backend)
+        lung.npy    (Z, S, S) uint8 {0, 1, 2}          resize_labels(lung_field(image, lung_mask(image, backend)), S)
         label.npy   (Z, S, S) uint8 {0, 1}             resize_labels(infection > 0, S) (labeled files only)
         meta.json   written last: its presence marks a complete entry
 
-"lung" is the lung field (lungs grown into the dense lung around them, with a rim of chest
-wall), the region that clips pseudo-labels and predictions everywhere; "lungs" are the lungs
-themselves, the lung classes of the synthesizer's semantic maps (a map drawn from the field
-would ask for lung over the chest wall). The config key hashes everything that changes the
+"lung" is the lung field (lungs grown into the dense lung around them), the region that clips
+pseudo-labels and predictions everywhere. The config key hashes everything that changes the
 arrays (image size, HU window, intensity handling, lung backend, model and field algorithm, lung
 handling, and ``PREPROCESS_VERSION``); the source key hashes the image and label
 files' resolved paths, sizes and modification times, so an edited file is prepared again. Each
@@ -43,8 +40,8 @@ from plsynth.hashing import json_digest, text_digest
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 3  # bump when preprocessing changes in a way the config key does not capture (2: lung masks, 3: lungs)
-ARRAYS = ("image", "lung", "lungs", "label")
+PREPROCESS_VERSION = 2  # bump when preprocessing changes in a way the config key does not capture (2: lung masks)
+ARRAYS = ("image", "lung", "label")
 
 
 def config_key(data: DataConfig) -> str:
@@ -97,7 +94,7 @@ class CachedVolume:
     source: Path
 
     def open(self, array: str, mode: str = "r") -> np.ndarray:
-        """The named array (``image``, ``lung``, ``lungs`` or ``label``) as a memmap.
+        """The named array (``image``, ``lung`` or ``label``) as a memmap.
 
         ``mode="r"`` is read-only; ``"c"`` (copy-on-write) is writable in memory but never
         changes the file, which lets ``torch.as_tensor`` wrap it without a warning. Neither
@@ -123,7 +120,7 @@ def read_label(path: Path, like_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def prepare_volume(record: VolumeRecord, data: DataConfig) -> dict:
-    """Read and prepare one volume: ``{"image", "lung", "lungs", "label" (or None), "meta"}`` arrays at size S.
+    """Read and prepare one volume: ``{"image", "lung", "label" (or None), "meta"}`` arrays at size S.
 
     The single place that turns a file into training/evaluation arrays: ``to_unit`` with
     ``data.window_hu``, ``lung_mask`` with ``data.lung_backend``, ``to_model_input`` with
@@ -136,8 +133,7 @@ def prepare_volume(record: VolumeRecord, data: DataConfig) -> dict:
 
     image = read_image(record.image)
     size = data.image_size
-    lungs = np.asarray(_lung_mask(lung_mask, image, data), dtype=np.uint8)
-    lung = lung_field(image, lungs)
+    lung = lung_field(image, np.asarray(_lung_mask(lung_mask, image, data), dtype=np.uint8))
     if lung.shape != image.array.shape:
         raise InputError(record.image, f"lung mask shape {lung.shape} differs from the image's {image.array.shape}")
     label = read_label(record.label, image.array.shape) if record.label is not None else None
@@ -166,7 +162,6 @@ def prepare_volume(record: VolumeRecord, data: DataConfig) -> dict:
     return {
         "image": prepared,
         "lung": lung_small,
-        "lungs": resize_labels(lungs, size),
         "label": None if label is None else resize_labels(label, size),
         "meta": meta,
     }
@@ -219,7 +214,7 @@ class SliceCache:
         if meta_path.is_file():
             try:
                 meta = json.loads(meta_path.read_text())
-                if all((folder / f"{a}.npy").is_file() for a in ("image", "lung", "lungs")) and (
+                if all((folder / f"{a}.npy").is_file() for a in ("image", "lung")) and (
                     not meta["has_label"] or (folder / "label.npy").is_file()
                 ):
                     self.reused += 1

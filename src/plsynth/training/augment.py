@@ -97,8 +97,7 @@ def apply_transforms(
     """Apply transforms from `random_transforms`.
 
     image: (B, C, H, W) float (C > 1 moves several images of one slice together, e.g. a real
-    unlabeled slice and its synthetic twin); lung: (B, H, W) integer lung labels, or (B, K, H, W)
-    for K label maps moved together (the lung field and the lungs); label: (B, 1, H, W) float.
+    unlabeled slice and its synthetic twin); lung: (B, H, W) integer; label: (B, 1, H, W) float.
     Returns tensors of the same shapes and dtypes.
     """
     theta = theta.to(device=image.device, dtype=image.dtype)
@@ -106,10 +105,9 @@ def apply_transforms(
     out_image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     out_lung = out_label = None
     if lung is not None:
-        maps = lung if lung.dim() == 4 else lung[:, None]
-        moved = F.grid_sample(maps.to(image.dtype), grid, mode="nearest", align_corners=False).round().to(lung.dtype)
-        moved = moved if lung.dim() == 4 else moved[:, 0]
-        swap = hflip.to(lung.device).view(-1, *[1] * (lung.dim() - 1))
+        moved = F.grid_sample(lung[:, None].to(image.dtype), grid, mode="nearest", align_corners=False)
+        moved = moved[:, 0].round().to(lung.dtype)
+        swap = hflip.to(lung.device)[:, None, None]
         swapped = torch.where(moved == 1, torch.full_like(moved, 2), torch.where(moved == 2, torch.ones_like(moved), moved))
         out_lung = torch.where(swap, swapped, moved)
     if label is not None:

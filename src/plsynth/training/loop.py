@@ -197,14 +197,14 @@ class BatchMaker:
                 images.append(_stack(items, "synthetic", torch.float32))
             pseudo = _stack(items, "pseudo", torch.float32) if "pseudo" in items[0] else None
             transforms: list = []
-            # A real slice and its synthetic twin share their pseudo-label, lung field, lungs and transform.
-            moved, u_maps, u_pseudo = self._augment(
+            # A real slice and its synthetic twin share their pseudo-label, lung and transform.
+            moved, u_lung, u_pseudo = self._augment(
                 torch.cat(images, dim=1),
-                torch.stack([_stack(items, "lung", torch.long), _stack(items, "lungs", torch.long)], dim=1),
+                _stack(items, "lung", torch.long),
                 pseudo,
                 rows, len(indices), g, transforms,
             )
-            batch.update(u_image=moved[:, :1], u_lung=u_maps[:, 0], u_lungs=u_maps[:, 1])
+            batch.update(u_image=moved[:, :1], u_lung=u_lung)
             if transforms:  # SA-CPS synthesizes in the slice's own frame, then applies this transform
                 batch.update(u_theta=transforms[0][0], u_hflip=transforms[0][1])
             if has_synthetic:

@@ -5,7 +5,7 @@ only computes the loss; the loop (`training.loop`) owns the optimizers, the sche
 data. ``batch`` holds tensors already augmented and on the networks' device:
 
     image (B_l, 1, S, S), label (B_l, 1, S, S), lung (B_l, S, S)     labeled slices
-    u_image (B_u, 1, S, S), u_lung, u_lungs (B_u, S, S)              unlabeled slices (field, lungs)
+    u_image (B_u, 1, S, S), u_lung (B_u, S, S)                       unlabeled slices
     u_pseudo (B_u, 1, S, S), u_synthetic (B_u, 1, S, S)              ST / SA-ST: the offline set
 
 Which pseudo-label supervises which network (paper eq. 9-12): ``y1 = 1(s1(x_u) >= tau)`` and
@@ -102,7 +102,7 @@ def synthesize_pairs(synth: Any, batch: dict, labels: torch.Tensor, seed: int) -
     """
     from plsynth.training.augment import apply_transforms, invert_transforms
 
-    xu, lung = batch["u_image"], batch["u_lungs"]  # the map's lung classes are the lungs, not the field
+    xu, lung = batch["u_image"], batch["u_lung"]
     images, lungs = torch.cat([xu, xu]), torch.cat([lung, lung])
     theta = batch.get("u_theta")
     if theta is not None:

@@ -118,7 +118,7 @@ def make_offline_set(
             with torch.no_grad():
                 pseudo = pseudo_label(teacher(image), tau, lung if pseudo_in_lung else None)
             pseudo_parts.append(pseudo[:, 0].cpu().numpy().astype(np.uint8))
-            requests.append({"infection": pseudo, "lung": _stack(items, "lungs", torch.long).to(device), "images": image,
+            requests.append({"infection": pseudo, "lung": lung, "images": image,
                              "seed": step_seed(seed, b0 // batch_size, Stream.OFFLINE_SYNTHESIS)})
         pseudo_array = np.concatenate(pseudo_parts)
         positive += int(pseudo_array.sum())

@@ -102,7 +102,7 @@ def write_preview(bundle: Path, labeled, out: Path, n: int = 8, seed: int = 0, b
     rows = []
     for row, i in enumerate(chosen):
         item = labeled[i]
-        lung = torch.as_tensor(item["lungs"]).long()[None, None].float()
+        lung = torch.as_tensor(item["lung"]).long()[None, None].float()
         label = torch.as_tensor(item["label"]).float()[None]
         if lung.shape[-1] != size:
             lung = torch.nn.functional.interpolate(lung, size=(size, size), mode="nearest")

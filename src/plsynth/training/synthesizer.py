@@ -63,7 +63,7 @@ def prepare_batch(batch: dict[str, Any], size: int) -> tuple[torch.Tensor, torch
     from plsynth.data.semantic import one_hot, semantic_map
 
     image = batch["image"].float()
-    lung = batch["lungs"].long()  # the lungs, not the field: the map must not ask for lung over the chest wall
+    lung = batch["lung"].long()
     label = batch["label"].float()
     if image.shape[-1] != size or image.shape[-2] != size:
         image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
@@ -81,11 +81,11 @@ def augment_batch(batch: dict[str, Any], cfg: Config, generator: torch.Generator
     image = jitter_intensity(batch["image"].float(), generator, s.intensity)
     if not (s.flip or s.rotate_degrees or s.scale):
         return {**batch, "image": image}
-    lungs = batch["lungs"].long()
+    lung = batch["lung"].long()
     theta, hflip = random_transforms(len(image), generator, s.flip, s.rotate_degrees, s.scale, vflip=False)
-    theta = flip_across_lungs(theta, hflip, lungs)
-    image, lungs, label = apply_transforms(theta, hflip, image, lungs, batch["label"].float())
-    return {**batch, "image": image, "lungs": lungs, "label": label}
+    theta = flip_across_lungs(theta, hflip, lung)
+    image, lung, label = apply_transforms(theta, hflip, image, lung, batch["label"].float())
+    return {**batch, "image": image, "lung": lung, "label": label}
 
 
 def pool_batches(dataset, size: int, batch_size: int) -> Iterator[dict[str, Any]]:
