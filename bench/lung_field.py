@@ -43,11 +43,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def _slice_masks(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(classical lungs > 0, lung field > 0) of one 8-bit slice file, each (Y, X) bool."""
-    from plsynth.data.image import CTImage
+    from plsynth.data.io import read_image
     from plsynth.data.lungs import lung_field, lung_mask
 
-    grey = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
-    image = CTImage(array=grey[None], kind="uint8", spacing=None, source=path)
+    image = read_image(path)  # the product's reader: what plsynth-infer and the slice cache see
     lungs = lung_mask(image)
     return lungs[0] > 0, lung_field(image, lungs)[0] > 0
 

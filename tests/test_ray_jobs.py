@@ -122,9 +122,9 @@ SMALL = ["--set", "train.epochs=1", "--set", "train.max_iters=2", "--set", "trai
 def test_ray_job_submit_runs_train_sa_cps_then_train_sa_st_on_the_cluster(ray_head, synth_bundle, tmp_path):
     cps_out = tmp_path / "sa-cps"
     # Two data-parallel workers: each sends its half of the batch, the actor decodes both in one call.
-    # The gather window is wide (2 s) because on 2 loaded cores the two workers' requests arrived
-    # more than 200 ms apart in both iterations once (ci-local, 2026-12-03); the window costs at
-    # most 2 s per step here.
+    # The gather window is wide (2 s) because with 200 ms the two workers' requests once arrived
+    # further apart than that in both iterations (ci-local on 2 cores, 2026-12-03); the window
+    # costs at most 2 s per step here.
     proc = _submit(ray_head, "train_sa_cps", "--config", "configs/phantom-smoke.yaml", "--out", str(cps_out),
                    "--set", f"synth.bundle={synth_bundle}", *SMALL, "--set", "ray.num_workers=2",
                    "--set", "ray.synth_gather_ms=2000")
