@@ -60,6 +60,9 @@ class DataConfig:
     lungmask_model: Literal["R231", "R231CovidWeb"] = "R231"
     lungmask_weights: str = ""  # local .pth; "" looks in the torch hub cache
     lung_handling: Literal["none", "mask"] = "none"  # "mask": zero the input outside the lung
+    # margin (model pixels) of each slice's lung-field box: training, validation and plsynth-infer run the
+    # network on that box instead of the whole frame (fewer pixels; data/preprocess.lung_boxes); None: whole frame
+    lung_box: int | None = None
     # 8-bit slices: "window" divides by 255; "calibrate" re-windows each slice from its aerated lung and
     # soft tissue (data/window.calibrate_slices), for slices exported with different windows. HU: no effect.
     intensity: Literal["window", "calibrate"] = "window"
@@ -76,6 +79,9 @@ class DataConfig:
             raise ValueError(f"image_size must be a multiple of 16 and >= 16, got {self.image_size}")
         if not self.window_hu[0] < self.window_hu[1]:
             raise ValueError(f"window_hu must be (low, high) with low < high, got {self.window_hu}")
+        if self.lung_box is not None and (isinstance(self.lung_box, bool) or not isinstance(self.lung_box, int)
+                                          or self.lung_box < 0):
+            raise ValueError(f"lung_box must be a margin in pixels >= 0, or null for the whole frame, got {self.lung_box!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 < self.labeled_fraction <= 1.0:

@@ -50,7 +50,8 @@ def write_bundle(
     """Write a segmenter bundle to ``out_dir`` atomically and return its path.
 
     networks: {"model": unet} or {"model": unet_a, "peer": unet_b} (SA-CPS), U-Nets built from
-    ``cfg.model``. Each is exported to ONNX (dynamic batch, fixed S = cfg.data.image_size),
+    ``cfg.model``. Each is exported to ONNX (dynamic batch; fixed S = cfg.data.image_size, or dynamic
+    height and width for networks trained on lung boxes, ``cfg.data.lung_box``),
     checked against PyTorch on phantom slices (mask Dice >= 0.99, else BundleError), and saved
     as a state dict. The bundle is built in a temporary folder beside ``out_dir`` and renamed
     into place (``atomic_folder``); an existing bundle is replaced only once the new one is complete.
@@ -64,6 +65,8 @@ def write_bundle(
     if "model" not in networks or set(networks) - set(NETWORK_NAMES):
         raise ValueError(f"networks must be {{'model'}} or {{'model', 'peer'}}, got {sorted(networks)}")
     size = int(cfg.data.image_size)
+    boxed = cfg.data.lung_box is not None  # networks run on lung boxes: ONNX with dynamic height and width
+    side: list = ["height", "width"] if boxed else [size, size]
     with atomic_folder(out_dir) as tmp:
         slices = parity_slices(size, cfg.data.window_hu, cfg.data.lung_handling)
         parity: dict[str, dict] = {}
@@ -71,7 +74,7 @@ def write_bundle(
         for name, net in networks.items():
             net = net.eval()
             onnx_path = export_onnx(
-                net, tmp / f"{name}.onnx", {INPUT_NAME: torch.from_numpy(slices[:1])}, [OUTPUT_NAME]
+                net, tmp / f"{name}.onnx", {INPUT_NAME: torch.from_numpy(slices[:1])}, [OUTPUT_NAME], spatial=boxed
             )
             parity[name] = check_parity(net, onnx_path, slices, cfg.train.tau, INPUT_NAME)
             state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -83,9 +86,10 @@ def write_bundle(
             "kind": "segmenter",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "networks": entries,
-            "input": {"name": INPUT_NAME, "shape": ["batch", 1, size, size], "dtype": "float32", "range": [0.0, 1.0]},
-            "output": {"name": OUTPUT_NAME, "shape": ["batch", 1, size, size], "kind": "logits"},
+            "input": {"name": INPUT_NAME, "shape": ["batch", 1, *side], "dtype": "float32", "range": [0.0, 1.0]},
+            "output": {"name": OUTPUT_NAME, "shape": ["batch", 1, *side], "kind": "logits"},
             "image_size": size,
+            "lung_box": cfg.data.lung_box,
             "window_hu": list(cfg.data.window_hu),
             "lung_handling": cfg.data.lung_handling,
             "intensity": cfg.data.intensity,
@@ -161,6 +165,17 @@ class Bundle:
     @property
     def lung_handling(self) -> str:
         return str(self.meta["lung_handling"])
+
+    @property
+    def lung_box(self) -> int | None:
+        """Margin of the lung box the networks were trained on (None: whole frames; older bundles)."""
+        margin = self.meta.get("lung_box")
+        return None if margin is None else int(margin)
+
+    @property
+    def size_multiple(self) -> int:
+        """What the U-Net's input sides must be a multiple of: ``2 ** model.depth``."""
+        return 2 ** int(self.meta.get("config", {}).get("model", {}).get("depth", 4))
 
     @property
     def intensity(self) -> str:

@@ -17,6 +17,8 @@ paper resizes every slice to 512 x 512; ``to_input_grid`` undoes exactly that.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -153,5 +155,83 @@ def lung_boxes(lung: np.ndarray, size: int, margin: int, multiple: int) -> np.nd
 
 def grow_box(start: int, stop: int, size: int, length: int) -> tuple[int, int]:
     """[start, stop) grown evenly on both sides to ``length`` (>= stop - start), kept in [0, size)."""
+    if stop <= start:  # an empty box (no lung): centred
+        start = stop = size // 2
     start = max(0, min(start - (length - (stop - start)) // 2, size - length))
     return start, start + length
+
+
+def box_order(boxes: np.ndarray) -> np.ndarray:
+    """Order slices by box height, then width, so that a batch's boxes are of similar size."""
+    boxes = np.asarray(boxes)
+    return np.lexsort((boxes[:, 3] - boxes[:, 2], boxes[:, 1] - boxes[:, 0]))
+
+
+def box_corners(boxes: np.ndarray, size: int, multiple: int) -> tuple[np.ndarray, int, int]:
+    """One crop size for a batch: ``(corners (b, 2) y0, x0; h; w)``.
+
+    Every box is grown to the batch's largest height and width (more context, never less) and
+    kept inside the ``size x size`` frame, as training, validation and plsynth-infer all do, so a
+    network trained on lung boxes sees at inference what it saw in training.
+    """
+    boxes = np.asarray(boxes)
+    h = max(multiple, int((boxes[:, 1] - boxes[:, 0]).max()))
+    w = max(multiple, int((boxes[:, 3] - boxes[:, 2]).max()))
+    corners = [(grow_box(y0, y1, size, h)[0], grow_box(x0, x1, size, w)[0]) for y0, y1, x0, x1 in boxes]
+    return np.array(corners, np.int64).reshape(-1, 2), h, w
+
+
+def crop_at(frames: Any, corners: np.ndarray, h: int, w: int) -> Any:
+    """``frames[i, ..., y0:y0+h, x0:x0+w]`` stacked (numpy or torch; spatial axes last)."""
+    crops = [frames[i, ..., y0 : y0 + h, x0 : x0 + w] for i, (y0, x0) in enumerate(corners)]
+    if isinstance(frames, np.ndarray):
+        return np.stack(crops)
+    import torch
+
+    return torch.stack(crops)
+
+
+def paste_at(crops: Any, corners: np.ndarray, size: int, fill: float = 0.0) -> Any:
+    """Inverse of `crop_at`: frames ``(..., size, size)`` holding each crop at its corner, ``fill`` elsewhere."""
+    h, w = crops.shape[-2:]
+    shape = (*crops.shape[:-2], size, size)
+    if isinstance(crops, np.ndarray):
+        out = np.full(shape, fill, crops.dtype)
+    else:
+        import torch
+
+        out = torch.full(shape, fill, dtype=crops.dtype, device=crops.device)
+    for i, (y0, x0) in enumerate(corners):
+        out[i, ..., y0 : y0 + h, x0 : x0 + w] = crops[i]
+    return out
+
+
+OUTSIDE_BOX_LOGIT = -30.0  # what a network run on lung boxes answers outside its box: probability ~1e-13
+
+
+@dataclass(frozen=True)
+class FieldOfView:
+    """What a network is run on: whole frames (``lung_box`` None) or lung boxes with that margin."""
+
+    lung_box: int | None = None
+    multiple: int = 16  # 2 ** model.depth: what box sides are rounded up to
+
+    @classmethod
+    def of(cls, cfg: Any) -> FieldOfView:
+        """The field of view a config trains (``data.lung_box``, ``model.depth``)."""
+        return cls(cfg.data.lung_box, 2 ** int(cfg.model.depth))
+
+
+def run_on_lung_boxes(run: Any, frames: Any, lung: Any, view: FieldOfView) -> Any:
+    """Logits ``(b, 1, S, S)`` of ``run`` on ``frames`` ``(b, 1, S, S)``, each cut to its lung box.
+
+    ``lung`` ``(b, S, S)`` on the frames' grid. Whole frames with ``view.lung_box`` None (networks
+    trained on whole frames); otherwise each slice's `lung_boxes` with that margin, one size per
+    call (`box_corners`), and `OUTSIDE_BOX_LOGIT` outside the box.
+    """
+    if view.lung_box is None:
+        return run(frames)
+    size, multiple = int(frames.shape[-1]), view.multiple
+    lung = lung.cpu().numpy() if hasattr(lung, "cpu") else np.asarray(lung)
+    corners, h, w = box_corners(lung_boxes(lung, size, view.lung_box, multiple), size, multiple)
+    return paste_at(run(crop_at(frames, corners, h, w)), corners, size, OUTSIDE_BOX_LOGIT)

@@ -16,12 +16,11 @@ Dice between the two networks' masks is reported as a quality flag, estimated on
 phantoms the estimate was within 0.013 of the all-slice Dice on average, 0.08 at worst, and
 changed no review decision; BENCHMARKS.md).
 
-``lung_box`` (a margin) runs the network on each slice's lung box cut from the resized frame
-instead of the whole frame. It is exact for networks whose receptive field fits in the margin,
-but an instance-norm U-Net trained on whole frames normalises by the whole frame's statistics,
-and on its lung box it gives other masks (BENCHMARKS.md: Dice far below 0.99), so plsynth-infer
-runs whole frames; the option is there for networks trained on lung boxes and for the benchmark
-(it needs the torch engine or an ONNX exported with ``export_onnx(spatial=True)``).
+A bundle trained on lung boxes (``data.lung_box``, its margin) is run on each slice's lung box
+cut from the resized frame, as in training, instead of the whole frame: a fraction of the pixels.
+A bundle trained on whole frames is run on whole frames: its instance-norm U-Net normalises by the
+whole frame's statistics and answers otherwise on a box (BENCHMARKS.md). ``lung_box=`` overrides
+the bundle for the benchmark (it needs the torch engine or an ONNX with dynamic height and width).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from plsynth.bundles.files import versions
 from plsynth.bundles.segmenter import Bundle, load_bundle
 from plsynth.deploy import settings
 from plsynth.deploy.engines import Engine, available_ort_providers, open_engine, resolve_engine, wants_gpu
-from plsynth.errors import InputError
+from plsynth.errors import EngineUnavailable, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class Predictor:
         min_size_mm3: float = settings.MIN_SIZE_MM3,
         min_size_px: int = settings.MIN_SIZE_PX,
         review_below: float = settings.REVIEW_BELOW,
-        lung_box: int | None = None,
+        lung_box: int | None | str = "bundle",
         agreement_every: int = settings.AGREEMENT_EVERY,
     ) -> None:
         if batch_size < 1:
@@ -140,11 +139,13 @@ class Predictor:
         self.min_size_mm3 = float(min_size_mm3)
         self.min_size_px = int(min_size_px)
         self.review_below = float(review_below)
-        self.lung_box = None if lung_box is None else int(lung_box)  # margin (model pixels), None: full frame
+        if lung_box == "bundle":
+            lung_box = bundle.lung_box
+        self.lung_box = None if lung_box is None else int(lung_box)  # margin (model pixels), None: whole frame
         if agreement_every < 1:
             raise ValueError(f"agreement_every must be >= 1, got {agreement_every}")
         self.agreement_every = int(agreement_every)
-        self.size_multiple = 2 ** int(bundle.meta.get("config", {}).get("model", {}).get("depth", 4))
+        self.size_multiple = bundle.size_multiple
         self.versions = versions()
 
     @classmethod
@@ -168,6 +169,9 @@ class Predictor:
         """
         bundle = load_bundle(path)
         resolved = resolve_engine(engine, device, allow_fallback, available_providers)
+        if resolved == "trt" and bundle.lung_box is not None:  # its engines are built for one fixed frame size
+            raise EngineUnavailable(f"{path}: --engine trt: this bundle runs on lung boxes of varying size, which the "
+                                    "TensorRT engine (one fixed input size) does not take; use --engine ort")
         names = bundle.network_names if agreement else ["model"]
         gpu_required = wants_gpu(engine, device)
         sources: dict[str, Any] = bundle.torch_networks() if resolved == "torch" else {}
@@ -213,10 +217,10 @@ class Predictor:
         """Infection probability (z, y, x) float32 on the input grid; 0 on slices without lung.
 
         With ``lung_box`` set, each slice goes through the network as its lung box (`lung_boxes`)
-        cut from the resized frame; slices of similar box size share a batch, padded to the
-        batch's largest box; the probability outside the box is 0.
+        cut from the resized frame; slices of similar box size share a batch, whose boxes are grown
+        to its largest (`box_corners`); the probability outside the box is 0.
         """
-        from plsynth.data.preprocess import lung_boxes, to_input_grid, to_model_input
+        from plsynth.data.preprocess import box_corners, box_order, crop_at, lung_boxes, paste_at, to_input_grid, to_model_input
 
         size = self.bundle.image_size
         engine = self.engines[network]
@@ -226,7 +230,7 @@ class Predictor:
         boxes = None
         if self.lung_box is not None and len(todo):
             boxes = lung_boxes(lung[todo], size, self.lung_box, self.size_multiple)
-            order = np.lexsort((boxes[:, 3] - boxes[:, 2], boxes[:, 1] - boxes[:, 0]))
+            order = box_order(boxes)
             todo, boxes = todo[order], boxes[order]
         for start in range(0, len(todo), self.batch_size):
             idx = todo[start : start + self.batch_size]
@@ -234,7 +238,8 @@ class Predictor:
             if boxes is None:
                 out = sigmoid(self._run(engine, batch)[:, 0])
             else:
-                out = _run_boxes(lambda crops: self._run(engine, crops), batch, boxes[start : start + self.batch_size], size)
+                corners, h, w = box_corners(boxes[start : start + self.batch_size], size, self.size_multiple)
+                out = paste_at(sigmoid(self._run(engine, crop_at(batch, corners, h, w))), corners, size)[:, 0]
             prob[idx] = to_input_grid(out, (y, x))
         return prob
 
@@ -444,25 +449,6 @@ def agreement_slices(lung: np.ndarray, every: int) -> np.ndarray:
     """Every ``every``-th slice holding lung (a systematic sample over the lung's extent)."""
     with_lung = np.flatnonzero(np.asarray(lung).reshape(len(lung), -1).any(axis=1))
     return with_lung[(len(with_lung) % every) // 2 :: every] if every > 1 else with_lung
-
-
-def _run_boxes(run: Callable[[np.ndarray], np.ndarray], frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """Probabilities (b, size, size) from running ``frames`` (b, 1, size, size) cut to ``boxes``.
-
-    Every box of the batch is grown to the batch's largest height and width (more context,
-    never less), kept inside the frame.
-    """
-    from plsynth.data.preprocess import grow_box
-
-    h = int((boxes[:, 1] - boxes[:, 0]).max())
-    w = int((boxes[:, 3] - boxes[:, 2]).max())
-    corners = [(grow_box(y0, y1, size, h)[0], grow_box(x0, x1, size, w)[0]) for y0, y1, x0, x1 in boxes]
-    crops = np.stack([frames[i, :, y0 : y0 + h, x0 : x0 + w] for i, (y0, x0) in enumerate(corners)])
-    logits = run(crops)
-    out = np.zeros((len(frames), size, size), np.float32)
-    for i, (y0, x0) in enumerate(corners):
-        out[i, y0 : y0 + h, x0 : x0 + w] = sigmoid(logits[i, 0])
-    return out
 
 
 def _message(exc: BaseException) -> str:

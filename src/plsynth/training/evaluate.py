@@ -25,28 +25,43 @@ import torch
 
 from plsynth.config import Config, TrainConfig
 from plsynth.data.lungs import inside_lungs
+from plsynth.data.preprocess import FieldOfView
 from plsynth.metrics import score_case, score_slices
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predict_slices(net: torch.nn.Module, images: Any, threshold: float = TrainConfig.tau, batch_size: int = 16) -> np.ndarray:
-    """Binary masks (Z, S, S) uint8 for images (Z, 1, S, S) in [0, 1]; the net is put in eval mode."""
+def predict_slices(net: torch.nn.Module, images: Any, threshold: float = TrainConfig.tau, batch_size: int = 16,
+                   lung: Any = None, view: FieldOfView = FieldOfView()) -> np.ndarray:
+    """Binary masks (Z, S, S) uint8 for images (Z, 1, S, S) in [0, 1]; the net is put in eval mode.
+
+    With ``view.lung_box`` each slice is run on its lung box from ``lung`` (Z, S, S), slices of
+    similar box size batched together as plsynth-infer batches them.
+    """
+    from plsynth.data.preprocess import box_order, lung_boxes, run_on_lung_boxes
+
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
-    masks = []
+    size = images.shape[-1]
+    order = np.arange(images.shape[0])
+    if view.lung_box is not None:
+        lung = np.asarray(lung)
+        order = box_order(lung_boxes(lung, size, view.lung_box, view.multiple))
+    masks = torch.zeros((images.shape[0], size, size), dtype=torch.uint8)
     for start in range(0, images.shape[0], batch_size):
-        logits = net(images[start : start + batch_size].to(device))
-        masks.append((torch.sigmoid(logits)[:, 0] >= threshold).to(torch.uint8).cpu())
+        idx = order[start : start + batch_size]
+        logits = run_on_lung_boxes(net, images[idx].to(device), None if lung is None else lung[idx], view)
+        masks[idx] = (torch.sigmoid(logits)[:, 0] >= threshold).to(torch.uint8).cpu()
     net.train(was_training)
-    return torch.cat(masks).numpy() if masks else np.zeros((0,) + tuple(images.shape[2:]), np.uint8)
+    return masks.numpy()
 
 
 def score_cases(
-    net: torch.nn.Module, cases: Iterable[Any], tolerance_mm: float = TrainConfig.tolerance_mm, threshold: float = TrainConfig.tau, batch_size: int = 16
+    net: torch.nn.Module, cases: Iterable[Any], tolerance_mm: float = TrainConfig.tolerance_mm, threshold: float = TrainConfig.tau, batch_size: int = 16,
+    view: FieldOfView = FieldOfView(),
 ) -> list[dict[str, Any]]:
     """One row per scored unit: {"case", "dice", "nsd", "unit", "spacing"}.
 
@@ -56,7 +71,7 @@ def score_cases(
     for case in cases:
         # clipped to the lungs as plsynth-infer clips (same lung function, cached at training size),
         # so the score is what a hospital gets
-        pred = inside_lungs(predict_slices(net, case.image, threshold, batch_size), case.lung)
+        pred = inside_lungs(predict_slices(net, case.image, threshold, batch_size, case.lung, view), case.lung)
         ref = (np.asarray(case.label) > 0).astype(np.uint8)
         if case.spacing is not None:
             scores = score_case(pred, ref, tuple(case.spacing), tolerance_mm)
@@ -81,10 +96,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def validate(
-    net: torch.nn.Module, cases: Iterable[Any], tolerance_mm: float = TrainConfig.tolerance_mm, threshold: float = TrainConfig.tau, batch_size: int = 16
+    net: torch.nn.Module, cases: Iterable[Any], tolerance_mm: float = TrainConfig.tolerance_mm, threshold: float = TrainConfig.tau, batch_size: int = 16,
+    view: FieldOfView = FieldOfView(),
 ) -> dict[str, Any]:
     """Score ``net`` on held-out cases: ``{"dice", "nsd", "cases", "per_case": rows}``."""
-    rows = score_cases(net, cases, tolerance_mm, threshold, batch_size)
+    rows = score_cases(net, cases, tolerance_mm, threshold, batch_size, view)
     return {**summarize(rows), "per_case": rows}
 
 
@@ -116,7 +132,7 @@ def evaluate_bundle(model: Path, cfg: Config, split: str = "val", out: Path | No
         raise ValueError(f"split must be 'val' (or 'test' where the data layout has one), got {split!r}")
     if not cases:
         raise ValueError(f"{cfg.source or 'config'}: the {split} split is empty; nothing to evaluate")
-    rows = score_cases(net, cases, cfg.train.tolerance_mm, bundle.threshold)
+    rows = score_cases(net, cases, cfg.train.tolerance_mm, bundle.threshold, view=FieldOfView(bundle.lung_box, bundle.size_multiple))
     result = {
         "model": str(model),
         "split": split,

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from plsynth.config import Config, ConfigError
+from plsynth.data.preprocess import FieldOfView, box_corners, crop_at, lung_boxes
 from plsynth.torch_setup import flush_denormals
 from plsynth.training import checkpoint as ckpt
 from plsynth.training.augment import apply_transforms, random_transforms
@@ -211,7 +212,32 @@ class BatchMaker:
                 batch["u_synthetic"] = moved[:, 1:2]
             if u_pseudo is not None:
                 batch["u_pseudo"] = u_pseudo
+        if self.cfg.data.lung_box is not None:
+            batch = cut_to_lung_boxes(batch, FieldOfView.of(self.cfg))
         return {k: v.to(self.device) for k, v in batch.items()}
+
+
+LABELED_KEYS, UNLABELED_KEYS = ("image", "lung", "label"), ("u_image", "u_lung", "u_pseudo", "u_synthetic")
+
+
+def cut_to_lung_boxes(batch: dict[str, torch.Tensor], view: FieldOfView) -> dict[str, torch.Tensor]:
+    """``data.lung_box``: a step's slices cut to their (augmented) lung boxes, one size for the step.
+
+    Labeled and unlabeled slices share one forward pass, so they share one crop size
+    (`box_corners`), as plsynth-infer's batches do. SA-CPS draws its synthetic images in whole
+    frames (the synthesizer's), so the unlabeled frames stay in the batch (``u_frame``,
+    ``u_frame_lung``) with their boxes' corners (``u_corners``).
+    """
+    lungs = torch.cat([batch["lung"], batch["u_lung"]]) if "u_lung" in batch else batch["lung"]
+    size = int(lungs.shape[-1])
+    corners, h, w = box_corners(lung_boxes(lungs.numpy(), size, view.lung_box, view.multiple), size, view.multiple)
+    n = batch["lung"].shape[0]
+    out = dict(batch)
+    out.update({k: crop_at(batch[k], corners[:n], h, w) for k in LABELED_KEYS})
+    out.update({k: crop_at(batch[k], corners[n:], h, w) for k in UNLABELED_KEYS if k in batch})
+    if "u_image" in batch:
+        out.update(u_frame=batch["u_image"], u_frame_lung=batch["u_lung"], u_corners=torch.from_numpy(corners[n:]))
+    return out
 
 
 class _Progress:
@@ -273,11 +299,12 @@ def _unlabeled_source(cfg: Config, data: Any, out: Path, synth: Any, teacher: An
     if teacher is None:
         if not cfg.train.teacher:
             raise ValueError(f"{cfg.source or 'config'}: train.teacher is empty; {method} needs a teacher bundle or checkpoint")
-        teacher, fingerprint = load_teacher(cfg.train.teacher, device)
-    else:
-        fingerprint = {"teacher": {"module": type(teacher).__name__}}
+        teacher, fingerprint, view = load_teacher(cfg.train.teacher, device)
+    else:  # a network handed in (tests): it runs as this run's own networks do
+        fingerprint, view = {"teacher": {"module": type(teacher).__name__}}, FieldOfView.of(cfg)
     def offline_set():
-        return make_offline_set(teacher, data.unlabeled, synth, out / "offline", cfg.train, fingerprint=fingerprint)
+        return make_offline_set(teacher, data.unlabeled, synth, out / "offline", cfg.train, fingerprint=fingerprint,
+                                view=view)
 
     offline = offline_set() if hooks.is_main else None
     hooks.broadcast(None)  # a barrier: rank 0 has written the set
@@ -490,7 +517,8 @@ def _after_step(run: _Run, step: int, loss: float, terms: dict[str, float]) -> N
     if validating and len(run.data.val) and hooks.is_main:
         from plsynth.training.evaluate import validate
 
-        run.last_val = validate(ckpt.unwrap(run.nets["model"]), run.data.val, t.tolerance_mm, t.tau)
+        run.last_val = validate(ckpt.unwrap(run.nets["model"]), run.data.val, t.tolerance_mm, t.tau,
+                                view=FieldOfView.of(run.cfg))
         run.last_val.update(step=done, epoch=epoch + 1)
         logger.info("%s epoch %d (step %d): val dice %.4f nsd %.4f over %d cases", t.method, epoch + 1, done,
                     run.last_val["dice"], run.last_val["nsd"], run.last_val["cases"])

@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -100,9 +101,16 @@ def synthesize_pairs(synth: Any, batch: dict, labels: torch.Tensor, seed: int) -
     and image and label are then moved by the same transform together; the label that goes with
     a synthetic image is that moved label, so the pair is exact. One request, one pool draw.
     """
+    from plsynth.data.preprocess import crop_at, paste_at
     from plsynth.training.augment import apply_transforms, invert_transforms
 
     xu, lung = batch["u_image"], batch["u_lung"]
+    corners = batch.get("u_corners")
+    if corners is not None:  # data.lung_box: draw in the whole frames, then cut the boxes the networks see
+        corners = np.concatenate([corners.cpu().numpy()] * 2)
+        box = tuple(xu.shape[-2:])
+        xu, lung = batch["u_frame"], batch["u_frame_lung"]
+        labels = paste_at(labels, corners, int(xu.shape[-1]))
     images, lungs = torch.cat([xu, xu]), torch.cat([lung, lung])
     theta = batch.get("u_theta")
     if theta is not None:
@@ -113,6 +121,8 @@ def synthesize_pairs(synth: Any, batch: dict, labels: torch.Tensor, seed: int) -
     drawn = drawn.to(device=xu.device, dtype=xu.dtype).detach()
     if theta is not None:
         drawn, _, labels = apply_transforms(theta, hflip, drawn, None, labels)
+    if corners is not None:
+        drawn, labels = crop_at(drawn, corners, *box), crop_at(labels, corners, *box)
     n = xu.shape[0]
     return drawn[:n], labels[:n], drawn[n:], labels[n:]
 

@@ -133,9 +133,10 @@ def train_with_synthesis_service(cfg, out: Path) -> dict:
         if cfg.train.method == "sa-st":
             from plsynth.training.self_training import load_teacher, make_offline_set
 
-            teacher, fingerprint = load_teacher(cfg.train.teacher)
+            teacher, fingerprint, view = load_teacher(cfg.train.teacher)
             t_offline = time.perf_counter()
-            offline = make_offline_set(teacher, data.unlabeled, pool, out / "offline", cfg.train, fingerprint=fingerprint)
+            offline = make_offline_set(teacher, data.unlabeled, pool, out / "offline", cfg.train, fingerprint=fingerprint,
+                                       view=view)
             summary["offline"] = {"shards": len(offline.manifest["shards"]), "seconds": time.perf_counter() - t_offline}
         t_train = time.perf_counter()
         result = train_on_ray(cfg, out, synth=client)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from plsynth.config import TrainConfig
+from plsynth.data.preprocess import FieldOfView, run_on_lung_boxes
 from plsynth.training.methods import pseudo_label
 from plsynth.training.schedule import Stream, step_seed
 
@@ -55,6 +56,7 @@ def make_offline_set(
     *,
     fingerprint: dict | None = None,
     shard_size: int = SHARD_SIZE,
+    view: FieldOfView = FieldOfView(),
 ) -> "OfflineSet":
     """Label every unlabeled slice with ``teacher`` and, when ``synth_client``, synthesize its twin.
 
@@ -116,7 +118,7 @@ def make_offline_set(
             image = _stack(items, "image", torch.float32).to(device)
             lung = _stack(items, "lung", torch.long).to(device)
             with torch.no_grad():
-                pseudo = pseudo_label(teacher(image), tau, lung if pseudo_in_lung else None)
+                pseudo = pseudo_label(run_on_lung_boxes(teacher, image, lung, view), tau, lung if pseudo_in_lung else None)
             pseudo_parts.append(pseudo[:, 0].cpu().numpy().astype(np.uint8))
             requests.append({"infection": pseudo, "lung": lung, "images": image,
                              "seed": step_seed(seed, b0 // batch_size, Stream.OFFLINE_SYNTHESIS)})
@@ -171,11 +173,12 @@ class OfflineSet(torch.utils.data.Dataset):
         return item
 
 
-def load_teacher(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_teacher(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict, FieldOfView]:
     """The teacher U-Net from a segmenter bundle folder or a run checkpoint (``best.pt``/``last.pt``).
 
-    Returns (network in eval mode, fingerprint) where the fingerprint names the teacher's exact
-    weights (bundle meta sha256 or checkpoint step), so a changed teacher rebuilds the offline set.
+    Returns (network in eval mode, fingerprint, the field of view it was trained on) where the
+    fingerprint names the teacher's exact weights (bundle meta sha256 or checkpoint step), so a
+    changed teacher rebuilds the offline set.
     """
     path = Path(path)
     if path.is_dir():
@@ -183,8 +186,9 @@ def load_teacher(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module
 
         bundle = load_bundle(path)
         net = bundle.torch_networks(device)["model"]
-        return net, {"teacher": {"bundle": str(path), "sha256": bundle.meta_sha256(), "method": bundle.meta.get("method")}}
-    if path.is_file():
+        view = FieldOfView(bundle.lung_box, bundle.size_multiple)
+        info = {"bundle": str(path), "sha256": bundle.meta_sha256(), "method": bundle.meta.get("method")}
+    elif path.is_file():
         from plsynth.config import saved_config
         from plsynth.models.unet import unets_from_states
         from plsynth.training.checkpoint import load_checkpoint
@@ -192,5 +196,10 @@ def load_teacher(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module
         state = load_checkpoint(path)
         cfg = saved_config(state["config"], where=str(path))
         net = unets_from_states(cfg.model, {"model": state["networks"]["model"]}, device)["model"]
-        return net, {"teacher": {"checkpoint": str(path), "step": state["step"], "method": state["method"]}}
-    raise ValueError(f"{path}: train.teacher must be a segmenter bundle folder or a run checkpoint (.pt); not found")
+        view = FieldOfView.of(cfg)
+        info = {"checkpoint": str(path), "step": state["step"], "method": state["method"]}
+    else:
+        raise ValueError(f"{path}: train.teacher must be a segmenter bundle folder or a run checkpoint (.pt); not found")
+    if view.lung_box is not None:  # its pseudo-labels depend on it
+        info["lung_box"] = view.lung_box
+    return net, {"teacher": info}, view
