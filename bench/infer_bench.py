@@ -9,21 +9,25 @@ the CPU preset's network; speed does not depend on the weights) written with the
 agreement flag on every `AGREEMENT_EVERY`-th lung slice, post-processing, writes) in its own
 process, so its peak RSS is its own:
 
-- ``full``: every lung slice as the whole 512x512 frame, fp32 (what plsynth-infer does);
-- ``box``: the lung box (`lung_boxes`, ``--margin`` model pixels) cut from the same frame, fp32;
+- ``full``: a bundle trained on whole frames: every lung slice as the whole 512x512 frame, fp32;
+- ``box``: the same weights in a bundle trained on lung boxes (``data.lung_box`` = ``--margin``
+  model pixels): plsynth-infer cuts each slice's lung box (`lung_boxes`) from the frame, fp32;
 - ``box-int8``: the same on statically quantised INT8 networks (QDQ, per channel, calibrated
   on phantom slices): measured, NOT used by plsynth-infer (see the parity section).
 
-The lung-box variants run ONNX files re-exported from the bundle's weights with dynamic height
-and width. GFLOP/s = the U-Net's FLOPs (counted per pixel on the torch module) over the seconds
+GFLOP/s = the U-Net's FLOPs (counted per pixel on the torch module) over the seconds
 inside the engine, as a fraction of the fp32 peak of a convolution probe on the same threads.
 Dice of each variant's mask against the full-frame fp32 mask is on this untrained network, so
 it only shows the mechanics; accuracy parity needs a trained bundle:
 
 Parity (``--parity-bundle B --parity-inputs FILES``): a trained bundle on real inputs (the
-COVID-SemiSeg validation slices, or phantom volumes); per input, Dice of the lung-box masks
-(each margin in ``--margins``) and of the INT8 mask (calibrated on ``--parity-calib`` files)
-against the full-frame fp32 mask, all through `Predictor.predict` on the input's grid.
+COVID-SemiSeg validation slices, or phantom volumes); per input, Dice against B's own fp32 mask
+(what plsynth-infer gives: whole frames, or lung boxes for a bundle trained on them) of B on
+lung boxes (each margin in ``--margins``) or on whole frames, of B's INT8 networks (calibrated on
+``--parity-calib`` files), of torch eager and of each ``--parity-reference`` bundle (as
+plsynth-infer runs it: e.g. the same recipe trained on whole frames); and, where an input has
+its reference mask beside it (``*_seg.nii.gz`` next to ``*_ct.nii.gz``), each one's Dice
+against that truth. All through `Predictor.predict` on the input's grid.
 
 Also: torch eager vs ORT on the same prepared 512x512 slices (``--side-by-side`` slices).
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -160,8 +165,10 @@ def dynamic_onnx(bundle, folder: Path, calib=None) -> dict[str, dict[str, Path]]
     return out
 
 
-def predictor(bundle, files: dict[str, Path] | None, threads: int, batch_size: int, margin: int | None, torch_engine: bool = False):
-    """A Predictor over ``files`` (name -> ONNX) or the bundle's own ONNX, engines wrapped in `Timed`."""
+def predictor(bundle, files: dict[str, Path] | None, threads: int, batch_size: int, margin: int | None | str = "bundle",
+              torch_engine: bool = False):
+    """A Predictor over ``files`` (name -> ONNX) or the bundle's own ONNX, engines wrapped in `Timed`;
+    ``margin``: the bundle's own field of view ("bundle"), whole frames (None) or lung boxes."""
     from plsynth.deploy.engines import OrtEngine, TorchEngine
     from plsynth.deploy.predictor import Predictor
 
@@ -183,11 +190,10 @@ def run_variant(args) -> None:
     from plsynth.bundles.segmenter import load_bundle
 
     work = args.work
-    bundle = load_bundle(work / "bundle")
+    bundle = load_bundle(work / ("bundle-full" if args.variant == "full" else "bundle-box"))
     onnx = json.loads((work / "onnx.json").read_text())
-    files = None if args.variant == "full" else {n: Path(p) for n, p in onnx["int8" if args.variant.endswith("int8") else "fp32"].items()}
-    margin = None if args.variant == "full" else args.margin
-    pred = predictor(bundle, files, args.threads, args.batch_size, margin)
+    files = {n: Path(p) for n, p in onnx["int8"].items()} if args.variant.endswith("int8") else None
+    pred = predictor(bundle, files, args.threads, args.batch_size)  # the field of view its bundle was trained on
     started = time.perf_counter()
     result = next(pred.run(find_cases([work / "in" / "phantom.nii.gz"]), work / f"out-{args.variant}"))
     seconds = time.perf_counter() - started
@@ -224,8 +230,10 @@ def speed_section(args, work: Path, lines: list[str]) -> None:
     torch.manual_seed(1)
     nets["peer"] = UNet(cfg.model).eval()
     flops = flops_per_pixel(nets["model"])
-    write_bundle(work / "bundle", nets, cfg, {})
-    bundle = load_bundle(work / "bundle")
+    write_bundle(work / "bundle-full", nets, cfg, {})
+    boxed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, lung_box=args.margin))
+    write_bundle(work / "bundle-box", nets, boxed, {})
+    bundle = load_bundle(work / "bundle-box")
     calib_ph = make_phantom(5, (16, 512, 512), lesions=True)
     calib = to_model_input(window_array(calib_ph.hu), calib_ph.lung, 512, "none")[2:14:2]
     onnx = dynamic_onnx(bundle, work / "dyn", calib)
@@ -273,7 +281,9 @@ def speed_section(args, work: Path, lines: list[str]) -> None:
     masks = {v: np.asarray(nib.load(r["mask"]).dataobj) > 0 for v, r in runs.items()}
 
     lines += [
-        f"Model: U-Net width 16, depth 4, {cfg.model.norm} norm, untrained (speed only); {flops * 512 * 512 / 1e9:.1f} GFLOP "
+        f"Model: U-Net width 16, depth 4, {cfg.model.norm} norm, untrained (speed only), in two bundles: trained on whole "
+        f"frames (`full`) and on lung boxes with margin {args.margin} (`data.lung_box`; `box`, `box-int8`); "
+        f"{flops * 512 * 512 / 1e9:.1f} GFLOP "
         f"per 512x512 slice (counted). fp32 peak of the convolution probe on {args.threads} threads: **{peak:.0f} GFLOP/s**.",
         "",
         f"## 1. End to end, one 512x512x{args.slices} phantom NIfTI (int16), classical lungs, ORT CPU, batch {args.batch_size}",
@@ -312,7 +322,7 @@ def speed_section(args, work: Path, lines: list[str]) -> None:
 
 
 def parity_section(args, work: Path, lines: list[str]) -> None:
-    """Dice of lung-box (per margin) and INT8 masks against full-frame fp32, trained bundle, real inputs."""
+    """Dice against the bundle's own fp32 mask (lung boxes, whole frames, INT8, torch, reference bundles) and the truth."""
     import numpy as np
     import torch
 
@@ -325,7 +335,7 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
     from plsynth.metrics import dice
 
     bundle = load_bundle(args.parity_bundle)
-    base = predictor(bundle, None, args.threads, args.batch_size, None)
+    base = predictor(bundle, None, args.threads, args.batch_size)  # as plsynth-infer runs it
 
     def prepared(path: Path):
         image = read_image(path)
@@ -339,43 +349,65 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
             unit = to_unit(image, bundle.window_hu, bundle.intensity, region)
             calib.append(to_model_input(unit, region, bundle.image_size, bundle.lung_handling))
     onnx = dynamic_onnx(bundle, work / "parity-onnx", np.concatenate(calib) if calib else None)
-    variants = {f"box, margin {m}": predictor(bundle, onnx["fp32"], args.threads, args.batch_size, m) for m in args.margins}
+    own = "lung boxes" if bundle.lung_box is not None else "whole frames"
+    variants = {f"{bundle.path.name}, {own} (plsynth-infer)": base}
+    if bundle.lung_box is not None:
+        variants["same bundle, whole frames"] = predictor(bundle, onnx["fp32"], args.threads, args.batch_size, None)
+    for m in args.margins:
+        variants[f"same bundle, lung box margin {m}"] = predictor(bundle, onnx["fp32"], args.threads, args.batch_size, m)
     if onnx["int8"]:
-        variants["int8, full frame"] = predictor(bundle, onnx["int8"], args.threads, args.batch_size, None)
-    variants["torch eager, full frame"] = predictor(bundle, None, args.threads, args.batch_size, None, torch_engine=True)
+        variants[f"same bundle, INT8, {own}"] = predictor(bundle, onnx["int8"], args.threads, args.batch_size)
+    variants[f"same bundle, torch eager, {own}"] = predictor(bundle, None, args.threads, args.batch_size, torch_engine=True)
+    for ref in args.parity_reference:
+        other = load_bundle(ref)
+        kind = "lung boxes" if other.lung_box is not None else "whole frames"
+        variants[f"{Path(ref).name} ({other.meta.get('method')}, trained on {kind})"] = predictor(
+            other, None, args.threads, args.batch_size)
     scores: dict[str, list[float]] = {k: [] for k in variants}
+    truth: dict[str, list[float]] = {k: [] for k in variants}
     peer: dict[str, list[float]] = {k: [] for k in variants}
-    box_share: dict[str, list[float]] = {k: [] for k in variants}
+    share: dict[str, list[float]] = {k: [] for k in variants}
     cases = find_cases(args.parity_inputs)
     for case in cases:
         image, region = prepared(Path(case.path))
         if region is None:
             continue
-        ref = base.predict(image, region)
-        for name, pred in variants.items():
-            got = pred.predict(image, region)
-            scores[name].append(dice(got.infection, ref.infection))
-            if ref.peer_infection is not None:
-                peer[name].append(dice(got.peer_infection, ref.peer_infection))
-            box_share[name].append(pred.engines["model"].pixels / max(1, base.engines["model"].pixels))
+        seg = Path(str(case.path).replace("_ct.nii", "_seg.nii"))
+        label = np.asarray(read_image(seg).array) > 0 if seg != Path(case.path) and seg.is_file() else None
+        for pred in variants.values():
             pred.engines["model"].pixels = 0
-        base.engines["model"].pixels = 0
+        ref = base.predict(image, region)
+        full_pixels = image.array.shape[1] * image.array.shape[2] * bundle.image_size ** 2 / (
+            image.array.shape[1] * image.array.shape[2]) * int(region.reshape(len(region), -1).any(1).sum())
+        for name, pred in variants.items():
+            got = ref if pred is base else pred.predict(image, region)
+            scores[name].append(dice(got.infection, ref.infection))
+            if label is not None:
+                truth[name].append(dice(got.infection, label))
+            if ref.peer_infection is not None and got.peer_infection is not None:
+                peer[name].append(dice(got.peer_infection, ref.peer_infection))
+            share[name].append(pred.engines["model"].pixels / full_pixels)
     lines += [
-        f"## 3. Parity on a trained bundle: Dice against full-frame fp32 ORT, on each input's grid",
+        f"## 3. Parity on a trained bundle: Dice against its own fp32 mask as plsynth-infer gives it, on each input's grid",
         "",
         f"Bundle `{Path(args.parity_bundle).name}` ({bundle.meta.get('method')}, {bundle.image_size} px, "
-        f"{bundle.config().model.norm} norm, lung handling {bundle.lung_handling}); {len(scores[next(iter(scores))])} inputs "
-        f"with lung out of {len(cases)}; INT8 calibrated on {sum(len(c) for c in calib)} slices of other inputs.",
+        f"{bundle.config().model.norm} norm, trained on {own}"
+        + (f" with margin {bundle.lung_box}" if bundle.lung_box is not None else "")
+        + f", lung handling {bundle.lung_handling}); {len(scores[next(iter(scores))])} inputs "
+        f"with lung out of {len(cases)}; INT8 calibrated on {sum(len(c) for c in calib)} slices of other inputs; "
+        f"{len(next(iter(truth.values())))} inputs with a reference mask.",
         "",
-        "| variant | mean Dice (first network) | worst input | mean Dice (second network, its sampled slices) | "
-        "network pixels vs full frame |",
-        "|---|---|---|---|---|",
+        "| variant | mean Dice vs the bundle's mask | worst input | mean Dice vs truth | "
+        "mean Dice (second network, its sampled slices) | network pixels vs whole lung frames |",
+        "|---|---|---|---|---|---|",
     ]
     for name in variants:
         s = np.array(scores[name])
+        t = f"{np.mean(truth[name]):.4f}" if truth[name] else "-"
         p = f"{np.mean(peer[name]):.4f}" if peer[name] else "-"
-        lines.append(f"| {name} | {s.mean():.4f} | {s.min():.4f} | {p} | {np.mean(box_share[name]):.2f} |")
-    lines += ["", "Gate: Dice >= 0.99 (mean and worst input).", ""]
+        lines.append(f"| {name} | {s.mean():.4f} | {s.min():.4f} | {t} | {p} | {np.mean(share[name]):.2f} |")
+    lines += ["", "Gate: Dice >= 0.99 (mean and worst input) for what plsynth-infer may run in place of the bundle's "
+              "own fp32 mask (INT8).", ""]
 
 
 def main() -> None:
@@ -391,6 +423,8 @@ def main() -> None:
     parser.add_argument("--parity-bundle", type=Path, help="a trained bundle for the parity section")
     parser.add_argument("--parity-inputs", type=Path, nargs="*", default=[], help="inputs (files or folders) for parity")
     parser.add_argument("--parity-calib", type=Path, nargs="*", default=[], help="INT8 calibration inputs (not the parity inputs)")
+    parser.add_argument("--parity-reference", type=Path, nargs="*", default=[],
+                        help="other bundles compared as plsynth-infer runs them (e.g. the same recipe on whole frames)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/infer_bench.md"))
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
