@@ -14,7 +14,7 @@ import torch
 
 from _training_data import FakeSynthesizer, tiny_splits
 from plsynth.config import Config, ConfigError, DataConfig, OptimConfig, TrainConfig, UNetConfig, load_config
-from plsynth.data.preprocess import FieldOfView, lung_boxes
+from plsynth.data.preprocess import FieldOfView, lung_boxes, volume_box
 from plsynth.models.unet import UNet
 from plsynth.training.evaluate import predict_slices
 from plsynth.training.loop import BatchMaker, train
@@ -143,6 +143,7 @@ def test_a_lung_box_bundle_records_its_margin_exports_dynamic_sides_and_plsynth_
     ort.engines["model"] = Recording()
     unit_prob = ort.probabilities(*_unit(ort, image, region))
     assert seen and all(s[-1] < SIZE or s[-2] < SIZE for s in seen) and all(s[-1] % 4 == 0 for s in seen)
+    assert len({s[-2:] for s in seen}) == 1  # every slice of the volume on the volume's box
     torch_pred = Predictor.from_bundle(path, engine="torch", device="cpu", agreement=False, lung_fn=lambda i: region)
     np.testing.assert_allclose(torch_pred.probabilities(*_unit(torch_pred, image, region)), unit_prob, atol=1e-4)
     whole = Predictor.from_bundle(path, engine="ort", device="cpu", agreement=False, lung_fn=lambda i: region,
@@ -167,3 +168,16 @@ def test_lung_box_is_a_margin_or_null(tmp_path):
     with pytest.raises(ConfigError, match="lung_box"):
         load_config(path, ["data.lung_box=-3"])
     assert dataclasses.replace(_cfg("baseline"), data=DataConfig(image_size=SIZE)).data.lung_box is None
+
+
+def test_the_volume_box_holds_every_slices_lung_box_in_multiples_inside_the_frame():
+    lung = np.zeros((4, 100, 80), np.uint8)
+    lung[0, 30:61, 10:31] = 1
+    lung[2, 50:90, 40:70] = 2  # slice 1 and 3 hold no lung
+    y0, y1, x0, x1 = volume_box(lung, 64, 4, 16)
+    for (r0, r1), (c0, c1) in (((30, 61), (10, 31)), ((50, 90), (40, 70))):  # each slice's lung + 4 model pixels
+        assert y0 <= int(r0 * 64 / 100) - 4 and y1 >= int(np.ceil(r1 * 64 / 100)) + 4
+        assert x0 <= int(c0 * 64 / 80) - 4 and x1 >= int(np.ceil(c1 * 64 / 80)) + 4
+    assert (y1 - y0) % 16 == 0 and (x1 - x0) % 16 == 0 and 0 <= y0 and y1 <= 64 and 0 <= x0 and x1 <= 64
+    assert (y1 - y0) * (x1 - x0) < 64 * 64
+    assert tuple(volume_box(np.zeros((2, 10, 10), np.uint8), 64, 4, 16)) == (0, 0, 0, 0)

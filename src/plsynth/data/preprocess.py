@@ -153,18 +153,24 @@ def lung_boxes(lung: np.ndarray, size: int, margin: int, multiple: int) -> np.nd
     return boxes
 
 
+def volume_box(lung: np.ndarray, size: int, margin: int, multiple: int) -> np.ndarray:
+    """One lung box for a whole volume ``(Z, Y, X)``: ``(4,)`` int (y0, y1, x0, x1) on the model grid.
+
+    The `lung_boxes` of the union of its slices' lungs (all zeros without lung). plsynth-infer and
+    validation run every slice of a volume on this box: training grows each slice's box to its
+    batch's largest (`box_corners`: slices of other levels and volumes), so a network trained on
+    lung boxes is used to context beyond its own slice's box; measured, the volume's box gives it
+    back its accuracy, the slice's own tight box does not (BENCHMARKS.md, issue 16).
+    """
+    return lung_boxes(np.asarray(lung).any(axis=0)[None], size, margin, multiple)[0]
+
+
 def grow_box(start: int, stop: int, size: int, length: int) -> tuple[int, int]:
     """[start, stop) grown evenly on both sides to ``length`` (>= stop - start), kept in [0, size)."""
     if stop <= start:  # an empty box (no lung): centred
         start = stop = size // 2
     start = max(0, min(start - (length - (stop - start)) // 2, size - length))
     return start, start + length
-
-
-def box_order(boxes: np.ndarray) -> np.ndarray:
-    """Order slices by box height, then width, so that a batch's boxes are of similar size."""
-    boxes = np.asarray(boxes)
-    return np.lexsort((boxes[:, 3] - boxes[:, 2], boxes[:, 1] - boxes[:, 0]))
 
 
 def box_corners(boxes: np.ndarray, size: int, multiple: int) -> tuple[np.ndarray, int, int]:

@@ -16,8 +16,8 @@ Dice between the two networks' masks is reported as a quality flag, estimated on
 phantoms the estimate was within 0.013 of the all-slice Dice on average, 0.08 at worst, and
 changed no review decision; BENCHMARKS.md).
 
-A bundle trained on lung boxes (``data.lung_box``, its margin) is run on each slice's lung box
-cut from the resized frame, as in training, instead of the whole frame: a fraction of the pixels.
+A bundle trained on lung boxes (``data.lung_box``, its margin) is run on the volume's lung box
+(`volume_box`) cut from each resized frame instead of the whole frame: a fraction of the pixels.
 A bundle trained on whole frames is run on whole frames: its instance-norm U-Net normalises by the
 whole frame's statistics and answers otherwise on a box (BENCHMARKS.md). ``lung_box=`` overrides
 the bundle for the benchmark (it needs the torch engine or an ONNX with dynamic height and width).
@@ -216,30 +216,28 @@ class Predictor:
     def probabilities(self, unit: np.ndarray, lung: np.ndarray, network: str = "model") -> np.ndarray:
         """Infection probability (z, y, x) float32 on the input grid; 0 on slices without lung.
 
-        With ``lung_box`` set, each slice goes through the network as its lung box (`lung_boxes`)
-        cut from the resized frame; slices of similar box size share a batch, whose boxes are grown
-        to its largest (`box_corners`); the probability outside the box is 0.
+        With ``lung_box`` set, every slice goes through the network as the volume's lung box
+        (`volume_box`) cut from the resized frame; the probability outside the box is 0.
         """
-        from plsynth.data.preprocess import box_corners, box_order, crop_at, lung_boxes, paste_at, to_input_grid, to_model_input
+        from plsynth.data.preprocess import paste_at, to_input_grid, to_model_input, volume_box
 
         size = self.bundle.image_size
         engine = self.engines[network]
         z, y, x = unit.shape
         prob = np.zeros((z, y, x), np.float32)
         todo = np.flatnonzero(lung.reshape(z, -1).any(axis=1))
-        boxes = None
+        box = None
         if self.lung_box is not None and len(todo):
-            boxes = lung_boxes(lung[todo], size, self.lung_box, self.size_multiple)
-            order = box_order(boxes)
-            todo, boxes = todo[order], boxes[order]
+            box = volume_box(lung[todo], size, self.lung_box, self.size_multiple)
         for start in range(0, len(todo), self.batch_size):
             idx = todo[start : start + self.batch_size]
             batch = to_model_input(unit[idx], lung[idx], size, self.bundle.lung_handling)
-            if boxes is None:
+            if box is None:
                 out = sigmoid(self._run(engine, batch)[:, 0])
             else:
-                corners, h, w = box_corners(boxes[start : start + self.batch_size], size, self.size_multiple)
-                out = paste_at(sigmoid(self._run(engine, crop_at(batch, corners, h, w))), corners, size)[:, 0]
+                y0, y1, x0, x1 = box
+                crops = np.ascontiguousarray(batch[..., y0:y1, x0:x1])
+                out = paste_at(sigmoid(self._run(engine, crops)), np.tile([[y0, x0]], (len(idx), 1)), size)[:, 0]
             prob[idx] = to_input_grid(out, (y, x))
         return prob
 

@@ -36,25 +36,23 @@ def predict_slices(net: torch.nn.Module, images: Any, threshold: float = TrainCo
                    lung: Any = None, view: FieldOfView = FieldOfView()) -> np.ndarray:
     """Binary masks (Z, S, S) uint8 for images (Z, 1, S, S) in [0, 1]; the net is put in eval mode.
 
-    With ``view.lung_box`` each slice is run on its lung box from ``lung`` (Z, S, S), slices of
-    similar box size batched together as plsynth-infer batches them.
+    With ``view.lung_box`` every slice is run on the volume's lung box (`volume_box` of ``lung``
+    (Z, S, S)), as plsynth-infer runs it.
     """
-    from plsynth.data.preprocess import box_order, lung_boxes, run_on_lung_boxes
+    from plsynth.data.preprocess import volume_box
 
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     size = images.shape[-1]
-    order = np.arange(images.shape[0])
+    y0, y1, x0, x1 = 0, size, 0, size
     if view.lung_box is not None:
-        lung = np.asarray(lung)
-        order = box_order(lung_boxes(lung, size, view.lung_box, view.multiple))
+        y0, y1, x0, x1 = volume_box(np.asarray(lung), size, view.lung_box, view.multiple)
     masks = torch.zeros((images.shape[0], size, size), dtype=torch.uint8)
-    for start in range(0, images.shape[0], batch_size):
-        idx = order[start : start + batch_size]
-        logits = run_on_lung_boxes(net, images[idx].to(device), None if lung is None else lung[idx], view)
-        masks[idx] = (torch.sigmoid(logits)[:, 0] >= threshold).to(torch.uint8).cpu()
+    for start in range(0, images.shape[0] if y1 > y0 else 0, batch_size):
+        logits = net(images[start : start + batch_size, :, y0:y1, x0:x1].to(device))
+        masks[start : start + batch_size, y0:y1, x0:x1] = (torch.sigmoid(logits)[:, 0] >= threshold).to(torch.uint8).cpu()
     net.train(was_training)
     return masks.numpy()
 
