@@ -365,6 +365,7 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
             other, None, args.threads, args.batch_size)
     scores: dict[str, list[float]] = {k: [] for k in variants}
     truth: dict[str, list[float]] = {k: [] for k in variants}
+    false: dict[str, list[int]] = {k: [] for k in variants}  # voxels marked on inputs whose truth is empty
     peer: dict[str, list[float]] = {k: [] for k in variants}
     share: dict[str, list[float]] = {k: [] for k in variants}
     cases = find_cases(args.parity_inputs)
@@ -382,8 +383,10 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
         for name, pred in variants.items():
             got = ref if pred is base else pred.predict(image, region)
             scores[name].append(dice(got.infection, ref.infection))
-            if label is not None:
+            if label is not None and label.any():
                 truth[name].append(dice(got.infection, label))
+            elif label is not None:
+                false[name].append(int(got.infection.sum()))
             if ref.peer_infection is not None and got.peer_infection is not None:
                 peer[name].append(dice(got.peer_infection, ref.peer_infection))
             share[name].append(pred.engines["model"].pixels / full_pixels)
@@ -395,17 +398,20 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
         + (f" with margin {bundle.lung_box}" if bundle.lung_box is not None else "")
         + f", lung handling {bundle.lung_handling}); {len(scores[next(iter(scores))])} inputs "
         f"with lung out of {len(cases)}; INT8 calibrated on {sum(len(c) for c in calib)} slices of other inputs; "
-        f"{len(next(iter(truth.values())))} inputs with a reference mask.",
+        f"{len(next(iter(truth.values())))} inputs with infection in their reference mask, "
+        f"{len(next(iter(false.values())))} without.",
         "",
-        "| variant | mean Dice vs the bundle's mask | worst input | mean Dice vs truth | "
-        "mean Dice (second network, its sampled slices) | network pixels vs whole lung frames |",
-        "|---|---|---|---|---|---|",
+        "| variant | mean Dice vs the bundle's mask | worst input | mean Dice vs truth (inputs with infection) | "
+        "voxels marked on inputs without infection | mean Dice (second network, its sampled slices) | "
+        "network pixels vs whole lung frames |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in variants:
         s = np.array(scores[name])
         t = f"{np.mean(truth[name]):.4f}" if truth[name] else "-"
+        f = ", ".join(str(v) for v in false[name]) or "-"
         p = f"{np.mean(peer[name]):.4f}" if peer[name] else "-"
-        lines.append(f"| {name} | {s.mean():.4f} | {s.min():.4f} | {t} | {p} | {np.mean(share[name]):.2f} |")
+        lines.append(f"| {name} | {s.mean():.4f} | {s.min():.4f} | {t} | {f} | {p} | {np.mean(share[name]):.2f} |")
     lines += ["", "Gate: Dice >= 0.99 (mean and worst input) for what plsynth-infer may run in place of the bundle's "
               "own fp32 mask (INT8).", ""]
 
