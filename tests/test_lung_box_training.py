@@ -14,7 +14,7 @@ import torch
 
 from _training_data import FakeSynthesizer, tiny_splits
 from plsynth.config import Config, ConfigError, DataConfig, OptimConfig, TrainConfig, UNetConfig, load_config
-from plsynth.data.preprocess import FieldOfView, lung_boxes, volume_box
+from plsynth.data.preprocess import FieldOfView, volume_box
 from plsynth.models.unet import UNet
 from plsynth.training.evaluate import predict_slices
 from plsynth.training.loop import BatchMaker, train

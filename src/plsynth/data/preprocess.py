@@ -177,8 +177,7 @@ def box_corners(boxes: np.ndarray, size: int, multiple: int) -> tuple[np.ndarray
     """One crop size for a batch: ``(corners (b, 2) y0, x0; h; w)``.
 
     Every box is grown to the batch's largest height and width (more context, never less) and
-    kept inside the ``size x size`` frame, as training, validation and plsynth-infer all do, so a
-    network trained on lung boxes sees at inference what it saw in training.
+    kept inside the ``size x size`` frame: a training step's slices, which share one forward pass.
     """
     boxes = np.asarray(boxes)
     h = max(multiple, int((boxes[:, 1] - boxes[:, 0]).max()))
