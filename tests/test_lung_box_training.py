@@ -181,3 +181,18 @@ def test_the_volume_box_holds_every_slices_lung_box_in_multiples_inside_the_fram
     assert (y1 - y0) % 16 == 0 and (x1 - x0) % 16 == 0 and 0 <= y0 and y1 <= 64 and 0 <= x0 and x1 <= 64
     assert (y1 - y0) * (x1 - x0) < 64 * 64
     assert tuple(volume_box(np.zeros((2, 10, 10), np.uint8), 64, 4, 16)) == (0, 0, 0, 0)
+
+
+@pytest.mark.slow
+def test_a_lung_box_teacher_labels_the_unlabeled_slices_on_their_boxes(boxed_bundle, tmp_path):
+    from plsynth.training.self_training import load_teacher, make_offline_set
+
+    path, _ = boxed_bundle
+    net, fingerprint, view = load_teacher(path)
+    assert view == FieldOfView(MARGIN, 4) and fingerprint["teacher"]["lung_box"] == MARGIN
+    teacher = _Shapes(net)
+    data = tiny_splits(2, 6, size=SIZE)
+    offline = make_offline_set(teacher, data.unlabeled, None, tmp_path, _cfg("st").train, fingerprint=fingerprint,
+                               view=view)
+    assert teacher.seen and all(s[0] < SIZE or s[1] < SIZE for s in teacher.seen)  # boxes, not frames
+    assert len(offline) == 6 and offline[0]["pseudo"].shape[-2:] == (SIZE, SIZE)  # stored in whole frames
