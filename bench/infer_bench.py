@@ -378,8 +378,7 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
         for pred in variants.values():
             pred.engines["model"].pixels = 0
         ref = base.predict(image, region)
-        full_pixels = image.array.shape[1] * image.array.shape[2] * bundle.image_size ** 2 / (
-            image.array.shape[1] * image.array.shape[2]) * int(region.reshape(len(region), -1).any(1).sum())
+        full_pixels = bundle.image_size ** 2 * int(region.reshape(len(region), -1).any(1).sum())  # whole lung frames
         for name, pred in variants.items():
             got = ref if pred is base else pred.predict(image, region)
             scores[name].append(dice(got.infection, ref.infection))

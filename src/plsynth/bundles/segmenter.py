@@ -27,6 +27,7 @@ from typing import Any
 from plsynth.bundles.files import jsonable, versions
 from plsynth.hashing import sha256_file
 from plsynth.data.lungs import lung_record
+from plsynth.data.preprocess import FieldOfView
 from plsynth.errors import BundleError
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,11 @@ class Bundle:
     def size_multiple(self) -> int:
         """What the U-Net's input sides must be a multiple of: ``2 ** model.depth``."""
         return 2 ** int(self.meta.get("config", {}).get("model", {}).get("depth", 4))
+
+    @property
+    def field_of_view(self) -> FieldOfView:
+        """The `FieldOfView` the networks were trained on (whole frames or lung boxes)."""
+        return FieldOfView(self.lung_box, self.size_multiple)
 
     @property
     def intensity(self) -> str:

@@ -226,6 +226,11 @@ class FieldOfView:
         """The field of view a config trains (``data.lung_box``, ``model.depth``)."""
         return cls(cfg.data.lung_box, 2 ** int(cfg.model.depth))
 
+    def batch_corners(self, lung: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """`box_corners` of the slices' `lung_boxes` (``lung`` (b, S, S) on the model grid): one size per batch."""
+        size = int(lung.shape[-1])
+        return box_corners(lung_boxes(lung, size, self.lung_box, self.multiple), size, self.multiple)
+
 
 def run_on_lung_boxes(run: Any, frames: Any, lung: Any, view: FieldOfView) -> Any:
     """Logits ``(b, 1, S, S)`` of ``run`` on ``frames`` ``(b, 1, S, S)``, each cut to its lung box.
@@ -236,7 +241,5 @@ def run_on_lung_boxes(run: Any, frames: Any, lung: Any, view: FieldOfView) -> An
     """
     if view.lung_box is None:
         return run(frames)
-    size, multiple = int(frames.shape[-1]), view.multiple
-    lung = lung.cpu().numpy() if hasattr(lung, "cpu") else np.asarray(lung)
-    corners, h, w = box_corners(lung_boxes(lung, size, view.lung_box, multiple), size, multiple)
-    return paste_at(run(crop_at(frames, corners, h, w)), corners, size, OUTSIDE_BOX_LOGIT)
+    corners, h, w = view.batch_corners(lung.cpu().numpy() if hasattr(lung, "cpu") else np.asarray(lung))
+    return paste_at(run(crop_at(frames, corners, h, w)), corners, int(frames.shape[-1]), OUTSIDE_BOX_LOGIT)

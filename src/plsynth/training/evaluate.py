@@ -130,7 +130,7 @@ def evaluate_bundle(model: Path, cfg: Config, split: str = "val", out: Path | No
         raise ValueError(f"split must be 'val' (or 'test' where the data layout has one), got {split!r}")
     if not cases:
         raise ValueError(f"{cfg.source or 'config'}: the {split} split is empty; nothing to evaluate")
-    rows = score_cases(net, cases, cfg.train.tolerance_mm, bundle.threshold, view=FieldOfView(bundle.lung_box, bundle.size_multiple))
+    rows = score_cases(net, cases, cfg.train.tolerance_mm, bundle.threshold, view=bundle.field_of_view)
     result = {
         "model": str(model),
         "split": split,

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from plsynth.config import Config, ConfigError
-from plsynth.data.preprocess import FieldOfView, box_corners, crop_at, lung_boxes
+from plsynth.data.preprocess import FieldOfView, crop_at
 from plsynth.torch_setup import flush_denormals
 from plsynth.training import checkpoint as ckpt
 from plsynth.training.augment import apply_transforms, random_transforms
@@ -224,13 +224,12 @@ def cut_to_lung_boxes(batch: dict[str, torch.Tensor], view: FieldOfView) -> dict
     """``data.lung_box``: a step's slices cut to their (augmented) lung boxes, one size for the step.
 
     Labeled and unlabeled slices share one forward pass, so they share one crop size
-    (`box_corners`), as plsynth-infer's batches do. SA-CPS draws its synthetic images in whole
+    (`box_corners`). SA-CPS draws its synthetic images in whole
     frames (the synthesizer's), so the unlabeled frames stay in the batch (``u_frame``,
     ``u_frame_lung``) with their boxes' corners (``u_corners``).
     """
     lungs = torch.cat([batch["lung"], batch["u_lung"]]) if "u_lung" in batch else batch["lung"]
-    size = int(lungs.shape[-1])
-    corners, h, w = box_corners(lung_boxes(lungs.numpy(), size, view.lung_box, view.multiple), size, view.multiple)
+    corners, h, w = view.batch_corners(lungs.numpy())
     n = batch["lung"].shape[0]
     out = dict(batch)
     out.update({k: crop_at(batch[k], corners[:n], h, w) for k in LABELED_KEYS})

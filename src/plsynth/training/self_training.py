@@ -186,7 +186,7 @@ def load_teacher(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module
 
         bundle = load_bundle(path)
         net = bundle.torch_networks(device)["model"]
-        view = FieldOfView(bundle.lung_box, bundle.size_multiple)
+        view = bundle.field_of_view
         info = {"bundle": str(path), "sha256": bundle.meta_sha256(), "method": bundle.meta.get("method")}
     elif path.is_file():
         from plsynth.config import saved_config
