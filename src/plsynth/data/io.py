@@ -386,7 +386,8 @@ def _write_nifti_mask(labels: np.ndarray, geometry: NiftiGeometry, path: Path) -
     # Undo the reorientation: (z, y, x) -> LPS (x, y, z) -> the input's own axes.
     xyz = labels.transpose(2, 1, 0)
     original = apply_orientation(xyz, _inverse_ornt(geometry.to_lps))
-    original = np.ascontiguousarray(original).reshape(geometry.shape)
+    # NIfTI stores x fastest (Fortran order), as the (z, y, x) C-order array already is: no transposing copy
+    original = np.asfortranarray(original).reshape(geometry.shape, order="F")
     header = geometry.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(None, None)

@@ -37,9 +37,10 @@ def window_array(hu: np.ndarray, window_hu: tuple[float, float] = PAPER_WINDOW_H
     (exact inside the window).
     """
     low, high = _check_window(window_hu)
-    hu = np.asarray(hu, dtype=np.float32)
-    unit = (hu - np.float32(low)) / np.float32(high - low)
-    return np.clip(unit, 0.0, 1.0).astype(np.float32, copy=False)
+    unit = np.array(hu, dtype=np.float32)  # one new array, then in place: volumes are large
+    unit -= np.float32(low)
+    unit /= np.float32(high - low)
+    return np.clip(unit, 0.0, 1.0, out=unit)
 
 
 def unit_to_hu(unit: np.ndarray, window_hu: tuple[float, float] = PAPER_WINDOW_HU) -> np.ndarray:
