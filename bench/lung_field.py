@@ -129,7 +129,6 @@ def bundle_rows(bundle: Path, config: Path, root: Path, cache: Path) -> list[str
     from plsynth.config import load_config
     from plsynth.data.io import read_image
     from plsynth.data.lungs import lung_field
-    from plsynth.data.window import to_unit
     from plsynth.deploy import postprocess as post
     from plsynth.deploy.predictor import Predictor
     from plsynth.training.evaluate import evaluate_bundle
@@ -154,11 +153,12 @@ def bundle_rows(bundle: Path, config: Path, root: Path, cache: Path) -> list[str
             image = read_image(root / "labeled" / "images" / f"{name}.jpg")
             lungs = predictor.lung_fn(image)
             field = lung_field(image, lungs)
-            prob = predictor.probabilities(to_unit(image, predictor.bundle.window_hu), field)
-            raw = post.threshold(prob, predictor.bundle.threshold)[0]
-            scores["network alone (no clip)"].append(dice(raw, label))
-            scores["clipped to the lungs (before)"].append(dice(predictor._mask(prob, lungs, None)[0], label))
-            scores["clipped to the field (after, in process)"].append(dice(predictor._mask(prob, field, None)[0], label))
+            prob = predictor.probabilities(image, field)
+            raw = post.threshold(prob, predictor.bundle.threshold)
+            small = post.min_voxels(predictor.min_size_mm3, None, predictor.min_size_px)
+            scores["network alone (no clip)"].append(dice(raw[0], label))
+            for name, region in (("clipped to the lungs (before)", lungs), ("clipped to the field (after, in process)", field)):
+                scores[name].append(dice(post.remove_small_components(post.keep_inside_lungs(raw, region), small)[0], label))
             scores["plsynth-infer (after)"].append(dice(np.asarray(Image.open(out / f"{name}.png")) > 127, label))
     lines = [f"| bundle `{bundle}` on its {len(names)} validation slices, native size | mean per-image Dice |", "|---|---|"]
     lines += [f"| {k} | {np.mean(v):.4f} |" for k, v in scores.items()]

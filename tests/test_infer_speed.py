@@ -141,3 +141,42 @@ def test_small_components_removed_in_the_bounding_box_as_in_the_whole_volume():
     got = remove_small_components(mask, 6)
     assert got.dtype == np.uint8 and 0 < got.sum() < mask.sum()
     np.testing.assert_array_equal(got.astype(bool), expected)
+
+
+def test_predict_keeps_no_volume_of_probabilities_nor_a_windowed_copy():
+    """The fresh memory a volume needs costs as much time as the arithmetic on 2 cores
+    (BENCHMARKS.md): predict windows, thresholds and clips a batch at a time, so its numpy peak
+    stays near the two uint8 masks it returns, not the float32 volumes (4 bytes a voxel each) it
+    used to hold. tracemalloc sees numpy's arrays (torch's own buffers are not counted)."""
+    import tracemalloc
+
+    from plsynth.deploy.predictor import keep_freed_memory
+
+    assert keep_freed_memory()  # glibc here: the allocator keeps freed memory for the next volume
+    p = make_phantom(5, (48, 128, 128), lesions=True)
+    image = CTImage(array=p.hu, kind="hu", spacing=p.spacing, source=Path("phantom-5"))
+    region = lung_field(image, lung_mask(image, backend="classical"))
+    engines = {"model": TorchEngine(_smoothing_net(0.4)), "peer": TorchEngine(_smoothing_net(0.41))}
+    for box in (None, 3):
+        predictor = Predictor(_bundle(128), engines, batch_size=4, lung_fn=lambda i: region, lung_box=box)
+        tracemalloc.start()
+        result = predictor.predict(image, region)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert result.infection.sum() > 1000 and 0.8 < result.agreement <= 1.0
+        assert peak / region.size < 6.0, f"lung_box={box}: {peak / region.size:.1f} bytes per voxel"
+
+
+def test_lungs_and_field_are_the_same_on_one_thread_and_on_several(monkeypatch):
+    from plsynth.data import lungs
+
+    p = make_phantom(6, (20, 400, 400), lesions=True)  # >= 384 px: the half-resolution paths
+    image = CTImage(array=p.hu, kind="hu", spacing=p.spacing, source=Path("phantom-6"))
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(lungs, "SLICE_THREADS", threads)
+        labels = lung_mask(image, backend="classical")
+        results.append((labels, lung_field(image, labels)))
+    assert results[0][0].any() and (results[0][1] > 0).sum() > (results[0][0] > 0).sum()
+    for one, several in zip(*results):
+        np.testing.assert_array_equal(one, several)

@@ -141,20 +141,14 @@ def test_a_lung_box_bundle_records_its_margin_exports_dynamic_sides_and_plsynth_
             return inner.run(x)
 
     ort.engines["model"] = Recording()
-    unit_prob = ort.probabilities(*_unit(ort, image, region))
+    unit_prob = ort.probabilities(image, region)
     assert seen and all(s[-1] < SIZE or s[-2] < SIZE for s in seen) and all(s[-1] % 4 == 0 for s in seen)
     assert len({s[-2:] for s in seen}) == 1  # every slice of the volume on the volume's box
     torch_pred = Predictor.from_bundle(path, engine="torch", device="cpu", agreement=False, lung_fn=lambda i: region)
-    np.testing.assert_allclose(torch_pred.probabilities(*_unit(torch_pred, image, region)), unit_prob, atol=1e-4)
+    np.testing.assert_allclose(torch_pred.probabilities(image, region), unit_prob, atol=1e-4)
     whole = Predictor.from_bundle(path, engine="ort", device="cpu", agreement=False, lung_fn=lambda i: region,
                                   lung_box=None)
     assert whole.lung_box is None  # the benchmark's override still runs whole frames
-
-
-def _unit(pred, image, region):
-    from plsynth.data.window import to_unit
-
-    return to_unit(image, pred.bundle.window_hu, pred.bundle.intensity, region), region
 
 
 def test_lung_box_is_a_margin_or_null(tmp_path):

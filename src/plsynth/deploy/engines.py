@@ -165,11 +165,16 @@ class OrtEngine:
         allow_fallback: bool = False,
         threads: int | None = None,
         provider_options: dict[str, dict] | None = None,
+        arena: bool = True,
     ) -> None:
+        """``arena``: ONNX Runtime's own CPU memory arena; off where the process keeps freed memory
+        anyway (`plsynth.deploy.predictor.keep_freed_memory`), so that the networks and numpy share
+        one pool instead of each holding its peak."""
         import onnxruntime as ort
 
         ort.disable_telemetry_events()  # a no-op off Windows; the guide promises no telemetry
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = bool(arena)
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
@@ -206,6 +211,7 @@ def open_engine(
     onnx_sha256: str | None = None,
     available_providers: Sequence[str] | None = None,
     gpu_required: bool | None = None,
+    arena: bool = True,
 ) -> Engine:
     """Open one engine over an ONNX file (``ort``/``trt``) or a torch module (``torch``).
 
@@ -248,6 +254,7 @@ def open_engine(
         gpu_required=gpu_required,
         allow_fallback=allow_fallback,
         threads=threads,
+        arena=arena,
         provider_options=_ort_trt_options(cache_dir, fp16, batch_size) if "TensorrtExecutionProvider" in providers else None,
     )
 

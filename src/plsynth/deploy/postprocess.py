@@ -39,10 +39,9 @@ def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     from scipy import ndimage
 
     mask = np.asarray(mask).astype(bool)
-    if min_size <= 1 or not mask.any():
+    box = bounding_box(mask)
+    if min_size <= 1 or box is None:
         return mask.astype(np.uint8)
-    box = tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in (
-        np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)))
     labels, count = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, bool))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     keep = sizes >= min_size
@@ -50,6 +49,15 @@ def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     out = np.zeros(mask.shape, np.uint8)
     out[box] = keep[labels]
     return out
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis) holding every nonzero of ``mask``; None when it has none."""
+    mask = np.asarray(mask)
+    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)]
+    if spans[0].size == 0:
+        return None
+    return tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in spans)
 
 
 def _percent(part: int, whole: int) -> float | None:

@@ -4,10 +4,15 @@ One volume's path from disk to mask (each forward step has its inverse beside it
 
     read_image (io)            -> CTImage, (z, y, x) LPS   | write_mask puts the mask back in the input's geometry
     lung labels (data.lungs)   -> (z, y, x) 0/1/2, grown to the lung field (lungs.lung_field)
-    to_unit (window)           -> [0, 1]
-    to_model_input (preprocess)-> (z, 1, S, S)             | to_input_grid: (z, S, S) -> (z, y, x)
-    engine.run in batches      -> logits -> sigmoid
-    threshold (bundle tau) -> keep inside lungs -> remove small components (postprocess)
+    per batch of slices:
+      to_unit (window)           -> [0, 1]
+      to_model_input (preprocess)-> (b, 1, S, S)           | to_input_grid: (b, S, S) -> (b, y, x)
+      engine.run                 -> logits -> sigmoid
+      threshold (bundle tau) -> keep inside lungs (postprocess)
+    remove small components (postprocess)
+
+Work goes a batch at a time and no volume of probabilities is kept: on 2 cores the fresh memory
+a volume needs costs as much time as the arithmetic (BENCHMARKS.md, `keep_freed_memory`).
 
 Slices without any lung are not sent through the network: their mask is empty anyway, since
 infection is kept inside the lung field only. With a second network in the bundle (SA-CPS), the
@@ -28,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -147,6 +152,7 @@ class Predictor:
         self.agreement_every = int(agreement_every)
         self.size_multiple = bundle.size_multiple
         self.versions = versions()
+        keep_freed_memory()
 
     @classmethod
     def from_bundle(
@@ -198,6 +204,7 @@ class Predictor:
                 onnx_sha256=None if resolved == "torch" else bundle.onnx_sha256(name),
                 available_providers=available_providers,
                 gpu_required=gpu_required,
+                arena=False,  # the process keeps freed memory (keep_freed_memory): one pool for all
             )
         first = engines["model"]
         logger.info("engine %s (%s), networks %s", first.name, first.provider, ", ".join(engines))
@@ -213,33 +220,49 @@ class Predictor:
 
     # ------------------------------------------------------------------ core
 
-    def probabilities(self, unit: np.ndarray, lung: np.ndarray, network: str = "model") -> np.ndarray:
-        """Infection probability (z, y, x) float32 on the input grid; 0 on slices without lung.
+    def probabilities(self, image: Any, lung: np.ndarray, network: str = "model") -> np.ndarray:
+        """Infection probability (z, y, x) float32 on the input grid; 0 on slices without lung and
+        outside the lung box (`_batches`). ``predict`` does not keep this volume; tests and benchmarks do."""
+        prob = np.zeros(np.shape(lung), np.float32)
+        for idx, (ys, xs), batch in self._batches(image, np.asarray(lung), network):
+            prob[idx, ys, xs] = batch
+        return prob
 
-        With ``lung_box`` set, every slice goes through the network as the volume's lung box
-        (`volume_box`) cut from the resized frame; the probability outside the box is 0.
+    def _batches(self, image: Any, lung: np.ndarray, network: str,
+                 slices: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, tuple[slice, slice], np.ndarray]]:
+        """(slice indices, in-plane window, probabilities there) batch by batch, on the input grid.
+
+        Only slices holding lung (of ``slices``, default all) go through the network, windowed a
+        batch at a time (no windowed copy of the volume). With ``lung_box`` set, every slice goes
+        as the volume's lung box (`volume_box`) cut from the resized frame, and the window is that
+        box when the model's grid is the input's (probability 0 outside it); else the whole frame.
         """
         from plsynth.data.preprocess import paste_at, to_input_grid, to_model_input, volume_box
+        from plsynth.data.window import to_unit
 
         size = self.bundle.image_size
         engine = self.engines[network]
-        z, y, x = unit.shape
-        prob = np.zeros((z, y, x), np.float32)
-        todo = np.flatnonzero(lung.reshape(z, -1).any(axis=1))
+        z, y, x = lung.shape
+        has_lung = lung.reshape(z, -1).any(axis=1)
+        todo = np.flatnonzero(has_lung) if slices is None else np.asarray(slices)[has_lung[slices]]
         box = None
-        if self.lung_box is not None and len(todo):
-            box = volume_box(lung[todo], size, self.lung_box, self.size_multiple)
+        if self.lung_box is not None and has_lung.any():
+            box = volume_box(lung[has_lung], size, self.lung_box, self.size_multiple)
+        whole = (slice(None), slice(None))
         for start in range(0, len(todo), self.batch_size):
             idx = todo[start : start + self.batch_size]
-            batch = to_model_input(unit[idx], lung[idx], size, self.bundle.lung_handling)
+            unit = to_unit(replace(image, array=image.array[idx]), self.bundle.window_hu,
+                           self.bundle.intensity, lung[idx])
+            batch = to_model_input(unit, lung[idx], size, self.bundle.lung_handling)
             if box is None:
-                out = sigmoid(self._run(engine, batch)[:, 0])
+                yield idx, whole, to_input_grid(sigmoid(self._run(engine, batch)[:, 0]), (y, x))
+                continue
+            y0, y1, x0, x1 = box
+            out = sigmoid(self._run(engine, np.ascontiguousarray(batch[..., y0:y1, x0:x1])))
+            if (y, x) == (size, size):
+                yield idx, (slice(y0, y1), slice(x0, x1)), out[:, 0]
             else:
-                y0, y1, x0, x1 = box
-                crops = np.ascontiguousarray(batch[..., y0:y1, x0:x1])
-                out = paste_at(sigmoid(self._run(engine, crops)), np.tile([[y0, x0]], (len(idx), 1)), size)[:, 0]
-            prob[idx] = to_input_grid(out, (y, x))
-        return prob
+                yield idx, whole, to_input_grid(paste_at(out, np.tile([[y0, x0]], (len(idx), 1)), size)[:, 0], (y, x))
 
     @staticmethod
     def _run(engine: Engine, batch: np.ndarray) -> np.ndarray:
@@ -248,14 +271,19 @@ class Predictor:
             raise RuntimeError(f"engine {engine.name} returned shape {logits.shape} for input {batch.shape}")
         return logits
 
-    def _mask(self, prob: np.ndarray, lung: np.ndarray, spacing: Any, clean: bool = True) -> np.ndarray:
-        """Threshold, clip to the lung field and (with ``clean``) drop components below the size floor."""
+    def _infection(self, image: Any, lung: np.ndarray, network: str, slices: np.ndarray | None = None,
+                   clean: bool = True) -> np.ndarray:
+        """One network's uint8 mask (z, y, x): thresholded and clipped to the lung field batch by batch
+        (no volume of probabilities is kept), then (with ``clean``) components below the size floor dropped."""
         from plsynth.deploy import postprocess as post
 
-        mask = post.keep_inside_lungs(post.threshold(prob, self.bundle.threshold), lung)
-        if not clean:
-            return mask
-        return post.remove_small_components(mask, post.min_voxels(self.min_size_mm3, spacing, self.min_size_px))
+        mask = np.zeros(lung.shape, np.uint8)
+        for idx, (ys, xs), prob in self._batches(image, lung, network, slices):
+            mask[idx, ys, xs] = post.keep_inside_lungs(post.threshold(prob, self.bundle.threshold), lung[idx, ys, xs])
+        if clean and (box := post.bounding_box(mask)) is not None:
+            mask[box] = post.remove_small_components(mask[box], post.min_voxels(self.min_size_mm3, image.spacing,
+                                                                                  self.min_size_px))
+        return mask
 
     def predict(self, image: Any, lung: np.ndarray) -> Prediction:
         """Infection mask for one CTImage given its lung labels (z, y, x), on the input's grid.
@@ -263,14 +291,11 @@ class Predictor:
         With a peer network: ``peer_infection`` holds its mask on the sampled slices (`agreement_slices`),
         thresholded and clipped, empty elsewhere, and ``agreement`` the Dice of the two masks there.
         """
-        from plsynth.data.window import to_unit
-
         lung = np.asarray(lung)
         if lung.shape != image.array.shape:
             raise ValueError(f"{image.source}: lung labels {lung.shape} differ from image {image.array.shape}")
-        unit = to_unit(image, self.bundle.window_hu, self.bundle.intensity, lung)
         started = time.perf_counter()
-        infection = self._mask(self.probabilities(unit, lung, "model"), lung, image.spacing)
+        infection = self._infection(image, lung, "model")
         result = Prediction(infection=infection, seconds_network=time.perf_counter() - started)
         if "peer" in self.engines:
             from plsynth.metrics import dice
@@ -278,11 +303,8 @@ class Predictor:
             started = time.perf_counter()
             sampled = agreement_slices(lung, self.agreement_every)
             # not cleaned of small components: on isolated slices that would judge 3D lesions by their 2D sections
-            peer = self._mask(self.probabilities(unit[sampled], lung[sampled], "peer"), lung[sampled], image.spacing,
-                              clean=False)
-            result.agreement = round(float(dice(infection[sampled], peer)), 4)
-            result.peer_infection = np.zeros_like(infection)
-            result.peer_infection[sampled] = peer
+            result.peer_infection = self._infection(image, lung, "peer", sampled, clean=False)
+            result.agreement = round(float(dice(infection[sampled], result.peer_infection[sampled])), 4)
             result.seconds_agreement = time.perf_counter() - started
         return result
 
@@ -441,6 +463,29 @@ class Predictor:
             written.append(write_mask(prediction.infection, image, final))
             info["mask"] = final.name
         return info
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed memory in the process for the next array (True when it could).
+
+    Why: a 512x512x300 volume allocates and frees several GB of arrays, each a fresh ``mmap`` that
+    the kernel must fault in and zero again. On virtual machines whose host takes freed guest pages
+    back, that first touch is a host fault: measured on the benchmark machine, 0.1 GB/s on fresh
+    pages against 14 GB/s on reused ones, several seconds per volume (BENCHMARKS.md). With large
+    blocks served from the heap and the heap never trimmed, the process reuses its own pages
+    (ONNX Runtime's included: `Predictor.from_bundle` turns its arena off); the resident size
+    stays at the largest volume's peak. Process-wide, so called when a `Predictor` is built; a
+    no-op where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def agreement_slices(lung: np.ndarray, every: int) -> np.ndarray:
