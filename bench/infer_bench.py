@@ -100,6 +100,23 @@ def flops_per_pixel(net) -> float:
     return total[0] / (64 * 64)
 
 
+def touch_gbps(size_mb: int = 256, rounds: int = 6) -> tuple[float, float]:
+    """(GB/s writing fresh pages, GB/s writing the same pages again): what a volume's new arrays
+    cost on this machine. Run in a child process of its own; every block stays allocated, so each
+    one is memory this process never had (as a volume's growing peak is)."""
+    import numpy as np
+
+    blocks, fresh = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        blocks.append(np.empty(size_mb * 2**20, np.uint8))
+        blocks[-1].fill(1)
+        fresh.append(size_mb / 1024 / (time.perf_counter() - started))
+    started = time.perf_counter()
+    blocks[0].fill(2)
+    return statistics.median(fresh), size_mb / 1024 / (time.perf_counter() - started)
+
+
 def peak_gflops(threads: int, seconds: float = 3.0) -> float:
     """fp32 GFLOP/s of one 3x3 convolution (64 -> 64 channels, 128x128) in ONNX Runtime on ``threads``
     threads, best of ``seconds``: the peak probe. ORT's own kernels (MLAS) pick the CPU's widest
@@ -176,7 +193,8 @@ def predictor(bundle, files: dict[str, Path] | None, threads: int, batch_size: i
         engines = {n: TorchEngine(net) for n, net in bundle.torch_networks().items()}
     else:
         files = files or {n: bundle.onnx_path(n) for n in bundle.network_names}
-        engines = {n: OrtEngine(p, ["CPUExecutionProvider"], threads=threads) for n, p in files.items()}
+        engines = {n: OrtEngine(p, ["CPUExecutionProvider"], threads=threads, arena=False)  # as Predictor.from_bundle
+                   for n, p in files.items()}
     return Predictor(bundle, {n: Timed(e) for n, e in engines.items()}, batch_size=batch_size,
                      lung_backend="classical", lung_box=margin)
 
@@ -200,8 +218,12 @@ def run_variant(args) -> None:
     if result.status != "ok":
         raise SystemExit(f"{args.variant}: {result.error}")
     row = result.row
+    started = time.perf_counter()  # the same volume again: a folder's next case, memory already the process's
+    again = next(pred.run(find_cases([work / "in" / "phantom.nii.gz"]), work / f"out-{args.variant}-again"))
+    seconds_again = time.perf_counter() - started
     print(json.dumps({
-        "variant": args.variant, "seconds": seconds, "seconds_lungs": row["seconds_lungs"],
+        "variant": args.variant, "seconds": seconds, "seconds_again": seconds_again, "again": again.status,
+        "seconds_lungs": row["seconds_lungs"],
         "seconds_network": row["seconds_network"], "seconds_agreement": row.get("seconds_agreement"),
         "agreement": row.get("agreement_dice"),
         "engine": {n: {"seconds": e.seconds, "pixels": e.pixels} for n, e in pred.engines.items()},
@@ -268,6 +290,8 @@ def speed_section(args, work: Path, lines: list[str]) -> None:
     _save_nifti(_nifti(big.hu, big.spacing, np.int16), work / "in" / "phantom.nii.gz")
     lung_slices = int(big.lung.reshape(args.slices, -1).any(1).sum())
     del big
+    touch = json.loads(subprocess.run([sys.executable, __file__, "--touch"], capture_output=True, text=True,
+                                      check=True).stdout.strip().splitlines()[-1])
     runs = {}
     for variant in VARIANTS:
         command = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--threads", str(args.threads),
@@ -290,12 +314,17 @@ def speed_section(args, work: Path, lines: list[str]) -> None:
         "",
         f"{lung_slices} of {args.slices} slices hold lung. Default bundle = two networks, the second one (agreement "
         f"flag) on every {AGREEMENT_EVERY}th lung slice. Lung box margin {args.margin} model pixels. "
-        "One network = end to end minus the second network's share.",
+        "One network = end to end minus the second network's share. Each variant in a fresh process (the first "
+        "volume of a plsynth-infer run), then the same volume again in that process (a folder's next case).",
         "",
-        "| variant | one network, end to end (s) | default two-network bundle, end to end (s) | lungs + field (s) | "
-        "network path, first net (s) | second net (s) | engine GFLOP/s (share of peak) | first net's pixels vs full frame | "
-        "peak RSS (GB) | Dice vs full-frame fp32 (untrained net) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"Memory on this machine (`touch_gbps`: 6 blocks of 256 MB kept, median, own process): writing fresh pages "
+        f"{touch[0]:.2f} GB/s, the same pages again {touch[1]:.1f} GB/s: every GB a volume newly touches costs "
+        f"~{1 / touch[0]:.0f} s here.",
+        "",
+        "| variant | one network, end to end (s) | default two-network bundle, end to end (s) | next volume, same process (s) | "
+        "lungs + field (s) | network path, first net (s) | second net (s) | engine GFLOP/s (share of peak) | "
+        "first net's pixels vs full frame | peak RSS (GB) | Dice vs full-frame fp32 (untrained net) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, r in runs.items():
         engine_s = sum(e["seconds"] for e in r["engine"].values())
@@ -303,7 +332,8 @@ def speed_section(args, work: Path, lines: list[str]) -> None:
         gflops = flops * pixels / engine_s / 1e9
         share = r["engine"]["model"]["pixels"] / runs["full"]["engine"]["model"]["pixels"]
         lines.append(
-            f"| {variant} | {r['seconds'] - (r['seconds_agreement'] or 0):.1f} | **{r['seconds']:.1f}** | {r['seconds_lungs']:.1f} | "
+            f"| {variant} | {r['seconds'] - (r['seconds_agreement'] or 0):.1f} | **{r['seconds']:.1f}** | "
+            f"{r['seconds_again']:.1f} | {r['seconds_lungs']:.1f} | "
             f"{r['seconds_network']:.1f} | {r['seconds_agreement'] or 0:.1f} | {gflops:.0f} ({gflops / peak:.0%}) | "
             f"{share:.2f} | {r['peak_rss_gb']:.2f} | {dice(masks[variant], masks['full']):.4f} |")
     lines += [
@@ -432,10 +462,13 @@ def main() -> None:
                         help="other bundles compared as plsynth-infer runs them (e.g. the same recipe on whole frames)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/infer_bench.md"))
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--touch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         return run_variant(args)
+    if args.touch:
+        return print(json.dumps(touch_gbps()))
 
     import onnxruntime
     import torch
