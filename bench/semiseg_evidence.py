@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override, repeatable")
     parser.add_argument("--run", type=Path, required=True, help="work folder (split info)")
     parser.add_argument("--draws", type=int, default=3, help="pool draws (seeds) per map")
+    parser.add_argument("--k", type=int, default=None, help="style codes averaged per draw (default: the bundle's synth.pool_k)")
     parser.add_argument("--unlabeled", type=int, default=40, help="unlabeled slices (evenly spaced) for pseudo maps")
     parser.add_argument("--backend", default="ort", choices=["torch", "ort"])
     parser.add_argument("--threads", type=int, default=2)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         if b.image_size != size:
             raise ValueError(f"{p}: input size {b.image_size} != data.image_size {size}")
     judge, teacher = judge_b.torch_networks()["model"].eval(), teacher_b.torch_networks()["model"].eval()
-    synth = LocalSynthesizer(args.synth, backend=args.backend, threads=args.threads)
+    synth = LocalSynthesizer(args.synth, backend=args.backend, threads=args.threads, k=args.k)
     if synth.image_size != size:
         raise ValueError(f"synthesizer size {synth.image_size} != data.image_size {size}")
 
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "command": " ".join(sys.argv), "label": args.label,
-        "synth": str(args.synth), "synth_sha256": synth.bundle_sha256, "synth_backend": synth.backend,
+        "synth": str(args.synth), "synth_sha256": synth.bundle_sha256, "synth_backend": synth.backend, "k": synth.k,
         "judge": str(args.judge), "teacher": str(args.teacher), "config": str(args.config),
         "overrides": args.overrides, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 1),
