@@ -51,8 +51,9 @@ FIELD_GREY_HU = PAPER_WINDOW_HU  # HU volumes are judged on the paper's lung win
 FIELD_SOLID_STD = 6.0  # grey levels: local s.d. below this (and brighter than lung) is solid organ, not lung
 FIELD_BONE = 250.0  # grey level of bone (saturated on a lung window): not tissue, not lung
 FIELD_WINDOW = 0.03  # local-statistics window, as a fraction of the slice width
-CAVITY_FRACTION = 0.8  # inner chest wall: this fraction of the outermost aerated lung's depth in the body  # inner chest wall: depth into the body of the outermost aerated lung, times this
-SLICE_THREADS = min(4, len(os.sched_getaffinity(0)))  # per-slice work runs on this many threads (ndimage releases the GIL)
+CAVITY_FRACTION = 0.8  # inner chest wall: this fraction of the outermost aerated lung's depth in the body
+SLICE_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+# ^ per-slice work runs on this many threads (ndimage releases the GIL); the CPUs this process may use
 IN_PLANE = np.array([[[0, 0, 0], [0, 0, 0], [0, 0, 0]],
                      [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
                      [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], dtype=bool)  # 2D 4-connectivity, no z links
