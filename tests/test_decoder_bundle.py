@@ -159,3 +159,21 @@ def test_a_rewrite_that_fails_at_the_final_rename_keeps_the_old_bundle(bundle, t
     assert (path / "meta.json").read_text() == before
     assert load_decoder_bundle(path).sha256 == bundle_sha256(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temporary left behind
+
+
+def test_a_training_run_draws_with_its_own_config_pool_k_and_mode(tmp_path):
+    """synth.pool_k / synth.pool_mode of the run's config are use-time choices: the in-process
+    synthesizer and the Ray actor's decoder factory take them, not the bundle's training values."""
+    import dataclasses
+
+    from plsynth.synth_service.actor import BundleDecoderFactory
+    from plsynth.training.methods import make_synthesis_client
+
+    path, _ = write_synth_bundle(tmp_path / "bundle", Config(synth=TINY))
+    built = load_decoder_bundle(path).config
+    cfg = Config(synth=dataclasses.replace(TINY, bundle=str(path), backend="torch", pool_k=built.pool_k + 1,
+                                           pool_mode="all"))
+    local = make_synthesis_client(cfg)
+    assert (local.k, local.pool_mode) == (built.pool_k + 1, "all") != (built.pool_k, built.pool_mode)
+    factory = BundleDecoderFactory(str(path), backend="torch", k=cfg.synth.pool_k, pool_mode=cfg.synth.pool_mode)
+    assert (factory().local.k, factory().local.pool_mode) == (built.pool_k + 1, "all")

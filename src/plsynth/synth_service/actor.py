@@ -103,6 +103,8 @@ class BundleDecoderFactory:
     seed: int = 0
     max_batch: int = RayConfig.synth_max_batch  # TensorRT profile maximum
     fp16: bool = False
+    k: int | None = None  # style codes averaged per draw (None: the bundle's synth.pool_k)
+    pool_mode: str | None = None  # N+, N or self (None: the bundle's synth.pool_mode)
 
     def __call__(self) -> BatchDecoder:
         import torch
@@ -116,9 +118,10 @@ class BundleDecoderFactory:
 
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                          if p in onnxruntime.get_available_providers()]
-            local = LocalSynthesizer(self.bundle, backend="ort", seed=self.seed, providers=providers)
+            local = LocalSynthesizer(self.bundle, backend="ort", seed=self.seed, providers=providers, k=self.k,
+                                     pool_mode=self.pool_mode)
             return LocalDecoderAdapter(local)
-        local = LocalSynthesizer(self.bundle, backend="torch", seed=self.seed,
+        local = LocalSynthesizer(self.bundle, backend="torch", seed=self.seed, k=self.k, pool_mode=self.pool_mode,
                                  device=device if backend == "torch" else "cpu")
         if backend == "trt":  # NEVER RUN HERE (no TensorRT on the CPU machines)
             from plsynth.bundles.tensorrt_engine import open_trt_engine
@@ -355,7 +358,7 @@ def start_synthesis_actors(cfg: Any, bundle: str, count: int | None = None, *, b
     """Start (or join) ``count`` actors named ``name``, ``name-1``, ... from a Config's ``ray`` section."""
     count = cfg.ray.synth_actors if count is None else count
     factory = BundleDecoderFactory(str(bundle), backend=backend or cfg.ray.synth_backend, seed=cfg.synth.seed,
-                                   max_batch=cfg.ray.synth_max_batch)
+                                   max_batch=cfg.ray.synth_max_batch, k=cfg.synth.pool_k, pool_mode=cfg.synth.pool_mode)
     num_gpus = cfg.ray.synth_actor_gpus if cfg.ray.use_gpu else 0.0
     return [get_or_create_actor(factory, name=name if i == 0 else f"{name}-{i}", num_cpus=cfg.ray.synth_actor_cpus,
                                 num_gpus=num_gpus, max_batch=cfg.ray.synth_max_batch,

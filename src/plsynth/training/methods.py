@@ -238,4 +238,5 @@ def make_synthesis_client(cfg: Config, seed: int | None = None) -> Any:
         return connect_service(cfg, seed=seed)
     from plsynth.synth_service.local import LocalSynthesizer
 
-    return LocalSynthesizer(cfg.synth.bundle, backend=cfg.synth.backend, seed=seed)
+    return LocalSynthesizer(cfg.synth.bundle, backend=cfg.synth.backend, seed=seed, k=cfg.synth.pool_k,
+                            pool_mode=cfg.synth.pool_mode)  # the run's draw, not the bundle's training one
