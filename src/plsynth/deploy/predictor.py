@@ -34,7 +34,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -499,7 +499,9 @@ def give_back_freed_memory() -> bool:
     return True
 
 
+@cache
 def _glibc():
+    """The C library when it is glibc (it has mallopt and malloc_trim), else None; looked up once."""
     import ctypes
     import ctypes.util
 
