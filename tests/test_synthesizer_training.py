@@ -158,3 +158,44 @@ def test_synthesizer_flip_mirrors_left_and_right_when_the_lungs_lie_one_above_th
     assert torch.all(out["lung"][:, 8, 16] == 1) and torch.all(out["lung"][:, 23, 16] == 2)  # class 1 stays on top
     # in a flipped slice the infection moved with its lung: bottom rows, same columns
     assert torch.all(out["label"][flipped][:, 0, 24:26, 8:12] == 1)
+
+
+def test_a_frozen_segmenter_adds_its_loss_on_the_drawn_infection_and_only_the_generator_learns(smoke, tmp_path):
+    """synth.segmenter / lambda_seg: the generator is also trained to make a frozen segmenter find the
+    map's infection in the drawn image; the segmenter's weights never change."""
+    from _fixtures import tiny_config, write_tiny_bundle
+
+    from plsynth.data.semantic import INFECTION
+    from plsynth.training.losses import seg_loss
+
+    cfg, splits, _ = smoke
+    with pytest.raises(ValueError, match="synth.segmenter"):
+        dataclasses.replace(cfg.synth, lambda_seg=1.0)
+    missing = dataclasses.replace(cfg.synth, image_size=32, width=4, style_dim=8, num_up=3,
+                                  segmenter=str(tmp_path / "nowhere"), lambda_seg=1.0)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_nets(cfg.replace(synth=missing))
+
+    bundle = write_tiny_bundle(tmp_path / "seg", tiny_config(16), seeds=(3,))  # a 16 px segmenter: resized to it
+    tiny = dataclasses.replace(missing, segmenter=str(bundle), lambda_seg=2.0, lambda_l1=0.0)
+    cfg1 = cfg.replace(synth=tiny)
+    torch.manual_seed(0)
+    nets = build_nets(cfg1)
+    frozen = {k: v.clone() for k, v in nets.consistency.state_dict().items()}
+    batch = next(iter(torch.utils.data.DataLoader(splits.labeled, batch_size=4)))
+    image, onehot = prepare_batch(batch, 32)
+    assert onehot[:, INFECTION].any()
+
+    decoder_before = [p.detach().clone() for p in nets.decoder.parameters()]
+    losses = gan_step(nets, image, onehot, cfg1)
+    assert losses["g_seg"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(decoder_before, nets.decoder.parameters()))
+    assert all(torch.equal(frozen[k], v) for k, v in nets.consistency.state_dict().items())
+    assert not nets.consistency.training and not any(p.requires_grad for p in nets.consistency.parameters())
+
+    # the term is the segmentation loss SA-CPS uses, of the frozen net on the drawn image at its size
+    fake = torch.rand(4, 1, 32, 32) * 2 - 1
+    small = torch.nn.functional.interpolate((fake + 1) / 2, size=(16, 16), mode="bilinear", align_corners=False)
+    target = torch.nn.functional.interpolate(onehot[:, INFECTION:INFECTION + 1], size=(16, 16), mode="nearest")
+    with torch.no_grad():
+        assert torch.allclose(nets.consistency(fake, onehot), seg_loss(nets.consistency.net(small), target))

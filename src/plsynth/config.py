@@ -141,6 +141,10 @@ class SynthConfig:
     discriminator: Literal["patch", "oasis"] = "oasis"
     d_width: int = 0  # discriminator width; 0 = width
     lambda_labelmix: float = 10.0  # OASIS LabelMix consistency weight (oasis only)
+    # a frozen segmenter bundle trained on the labeled slices only (e.g. the baseline): its loss
+    # against the map's infection on the drawn image is added to the generator's (0 = off)
+    segmenter: str = ""
+    lambda_seg: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_up < 1 or self.image_size % 2**self.num_up:
@@ -152,8 +156,10 @@ class SynthConfig:
         for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):
             if getattr(self, name) < 1:
                 raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.norm_hidden < 0 or self.lambda_l1 < 0 or self.lambda_feat < 0 or self.lambda_vgg < 0:
+        if self.lr <= 0 or self.norm_hidden < 0 or min(self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
             raise ValueError("synth.lr must be > 0 and synth.norm_hidden / lambda_* must be >= 0")
+        if self.lambda_seg and not self.segmenter:
+            raise ValueError("synth.lambda_seg > 0 needs synth.segmenter (a segmenter bundle trained on the labeled slices)")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ image's style under its map, the decoder reconstructs it (with fresh noise); hin
 a multi-scale PatchGAN fed (map, image) and discriminator feature matching (``lambda_feat``),
 or (``synth.discriminator: oasis``) OASIS's per-pixel (4 + 1)-class loss with LabelMix; a
 VGG19 perceptual loss only when ``synth.vgg_weights`` names a local file (never downloaded);
-a pixel L1 (``lambda_l1``, not in SEAN: it stands in for VGG where no weights exist); Adam
+a pixel L1 (``lambda_l1``, not in SEAN: it stands in for VGG where no weights exist); with
+``synth.segmenter`` / ``lambda_seg``, a frozen segmenter trained on the labeled slices must find
+the map's infection, and nothing else, in the drawn image (``ConsistencyLoss``); Adam
 with two time-scale rates (G and E: lr / 2, D: lr * 2, betas (beta1, beta2)), constant for the
 first half of the epochs then linearly decayed (SEAN: 50 + 50 epochs).
 
@@ -146,6 +148,45 @@ class VGGLoss(nn.Module):
         return total
 
 
+# -- label consistency (optional, a frozen segmenter) ---------------------------------------------
+
+
+class ConsistencyLoss(nn.Module):
+    """The segmentation loss of a frozen segmenter on the drawn image against the map's infection.
+
+    The adversarial signal alone lets the generator draw infection faintly, or texture the segmenter
+    reads as infection on infection-free lung; SA-CPS trains on these pairs with exactly this loss,
+    so the generator is asked for images on which it is low. The segmenter (``model`` of a bundle
+    trained on real labeled slices only, e.g. the baseline) reads images in [0, 1] at its own size.
+    """
+
+    def __init__(self, bundle: str | Path, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        from plsynth.bundles.segmenter import load_bundle
+
+        path = Path(bundle).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"synth.segmenter: {path} is not a segmenter bundle folder")
+        loaded = load_bundle(path)
+        self.size = loaded.image_size
+        self.meta_sha256 = loaded.meta_sha256()
+        self.net = loaded.torch_networks(str(device))["model"]
+        self.requires_grad_(False).eval()
+
+    def forward(self, fake: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        from plsynth.data.semantic import INFECTION
+        from plsynth.training.losses import seg_loss
+
+        image, target = (fake + 1) / 2, onehot[:, INFECTION : INFECTION + 1]
+        if image.shape[-1] != self.size or image.shape[-2] != self.size:
+            image = F.interpolate(image, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            target = F.interpolate(target, size=(self.size, self.size), mode="nearest")
+        return seg_loss(self.net(image), target)
+
+    def train(self, mode: bool = True) -> "ConsistencyLoss":
+        return super().train(False)  # frozen: instance/batch norm stay in eval
+
+
 # -- one GAN step -------------------------------------------------------------------------------
 
 
@@ -157,6 +198,7 @@ class SynthNets:
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     vgg: VGGLoss | None = None
+    consistency: ConsistencyLoss | None = None
 
 
 def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
@@ -180,7 +222,8 @@ def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
         vgg = VGGLoss(path).to(device)
     else:
         log.info("VGG perceptual loss off (synth.vgg_weights is empty)")
-    return SynthNets(decoder, encoder, discriminator, opt_g, opt_d, vgg)
+    consistency = ConsistencyLoss(s.segmenter, device).to(device) if s.lambda_seg else None
+    return SynthNets(decoder, encoder, discriminator, opt_g, opt_d, vgg, consistency)
 
 
 def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Config) -> dict[str, float]:
@@ -203,6 +246,8 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
         losses["g_l1"] = s.lambda_l1 * F.l1_loss(fake, image)
     if nets.vgg is not None:
         losses["g_vgg"] = s.lambda_vgg * nets.vgg(fake, image)
+    if nets.consistency is not None:
+        losses["g_seg"] = s.lambda_seg * nets.consistency(fake, onehot)
     g_total = torch.stack(list(losses.values())).sum()
     nets.opt_g.zero_grad(set_to_none=True)
     g_total.backward()
@@ -395,10 +440,13 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
         "history": history,
         "vgg_loss": bool(s.vgg_weights),
     }
+    if nets.consistency is not None:
+        extra["consistency_segmenter"] = {"path": str(s.segmenter), "meta_sha256": nets.consistency.meta_sha256}
     return write_decoder_bundle(out / "bundle", nets.decoder, nets.encoder, pool, cfg, extra=extra)
 
 
 __all__ = [
+    "ConsistencyLoss",
     "VGGLoss",
     "augment_batch",
     "build_nets",
