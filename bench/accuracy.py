@@ -108,7 +108,7 @@ CLAIMS = {"cps": "baseline", "sa-cps": "cps", "sa-cps-synth": "baseline", "st": 
           "sa-st-synth": "baseline", "sa-st-cps": "sa-st"}
 # keys that name places on one machine, not the experiment: left out of a row's digest
 MACHINE_KEYS = {("data", "root"), ("data", "unlabeled_root"), ("data", "cache_dir"), ("synth", "bundle"),
-                ("train", "teacher")}
+                ("synth", "segmenter"), ("train", "teacher")}
 
 
 def row_config(base: dict, row: dict):
