@@ -266,6 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     synth_bundle = Path(base.synth.bundle) if base.synth.bundle else None
     uses_synth = any(r["trained"].startswith("sa-") for r in todo)
     train_synth = uses_synth and not (synth_bundle and (synth_bundle / "meta.json").is_file())
+    # a synthesizer trained here with a label-consistency term (synth.lambda_seg) takes the first seed's
+    # baseline as its frozen segmenter when the configured one does not exist; that baseline is trained first
+    segmenter_row = None
+    if train_synth and base.synth.lambda_seg and not (Path(base.synth.segmenter) / "meta.json").is_file():
+        first = f"baseline-s{args.seeds[0]}"
+        segmenter_row = next((r for r in rows if r["method"] == "baseline" and r["seed"] == args.seeds[0]), None) or {
+            "method": "baseline", "seed": args.seeds[0], "trained": "baseline", "teacher": "", "teacher_row": "",
+            "switches": {}, "run": str(out / first)}
+        base = base.replace(synth=dataclasses.replace(base.synth, segmenter=str(out / first / "bundle")))
     if args.dry_run:
         t = base.train
         print(json.dumps({
@@ -275,20 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             "val_every_iters": t.val_every_iters, "bundle_from": t.bundle_from, "cache_dir": base.data.cache_dir,
             "synthesizer": str(out / "synthesizer") if train_synth else (str(synth_bundle) if synth_bundle else None),
             "train_synthesizer": train_synth, "rows": rows, "train": [r["run"] for r in todo],
+            "synth_segmenter": base.synth.segmenter if train_synth and base.synth.lambda_seg else None,
             "results": str(args.results),
         }, indent=2))
         return 0
-    if uses_synth:
-        if train_synth:
-            from plsynth.training.synthesizer import train_synthesizer
-
-            synth_out = out / "synthesizer"
-            if not (synth_out / "bundle" / "meta.json").is_file():
-                logging.info("training the synthesizer once for all SA-CPS runs: %s", synth_out)
-                train_synthesizer(base, synth_out)
-            synth_bundle = synth_out / "bundle"
-        base = base.replace(synth=dataclasses.replace(base.synth, bundle=str(synth_bundle)))
-        base_dict = base.to_dict()
 
     def keep(row: dict, result: dict) -> None:
         """Write this row into the record as it is on disk now: another call (e.g. on the other core) may
@@ -303,6 +302,21 @@ def main(argv: list[str] | None = None) -> int:
         results[row["method"]] = sorted([*kept, result], key=lambda r: r["seed"])
         record.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps(saved, indent=2) + "\n")
+
+    if uses_synth:
+        if train_synth:
+            from plsynth.training.synthesizer import train_synthesizer
+
+            synth_out = out / "synthesizer"
+            if not (synth_out / "bundle" / "meta.json").is_file():
+                if segmenter_row is not None and not (Path(base.synth.segmenter) / "meta.json").is_file():
+                    logging.info("training %s first: the synthesizer's frozen segmenter", segmenter_row["run"])
+                    keep(segmenter_row, train_row(base_dict, segmenter_row))
+                logging.info("training the synthesizer once for all SA-CPS runs: %s", synth_out)
+                train_synthesizer(base, synth_out)
+            synth_bundle = synth_out / "bundle"
+        base = base.replace(synth=dataclasses.replace(base.synth, bundle=str(synth_bundle)))
+        base_dict = base.to_dict()
 
     for row in rows:
         if row not in todo:

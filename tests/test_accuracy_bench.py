@@ -75,3 +75,19 @@ def test_a_recorded_row_survives_its_run_folder_and_the_table_pairs_each_claim_b
     assert not (out / "baseline-s0").exists() and not (out / "cps-s0").exists()  # nothing retrained
     assert json.loads(record.read_text())["results"]["cps"][0]["dice"] == cps["dice"]
     assert f"| cps > baseline | s0 {cps['dice'] - base['dice']:+.3f} |" in (tmp_path / "table.md").read_text()
+
+
+def test_a_synthesizer_with_a_consistency_term_gets_the_first_seeds_baseline_trained_first(tmp_path):
+    """synth.lambda_seg needs a frozen segmenter; when the configured one does not exist the bench
+    trains the first seed's baseline, then the synthesizer on it, then the SA-CPS row."""
+    out, record = tmp_path / "runs", tmp_path / "accuracy.json"
+    args = ("--methods", "sa-cps", "--set", "synth.lambda_seg=1.0", "--set", f"synth.segmenter={tmp_path / 'none'}",
+            "--set", "synth.epochs=1")
+    plan = json.loads(_bench(out, record, *args, "--dry-run").stdout)
+    assert plan["train_synthesizer"] and plan["synth_segmenter"] == str(out / "baseline-s0" / "bundle")
+    run = _bench(out, record, *args)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    meta = json.loads((out / "synthesizer" / "bundle" / "meta.json").read_text())
+    used = json.dumps(meta)
+    assert str(out / "baseline-s0" / "bundle") in used and "consistency_segmenter" in used
+    assert set(json.loads(record.read_text())["results"]) == {"baseline", "sa-cps"}
