@@ -166,6 +166,7 @@ def test_a_frozen_segmenter_adds_its_loss_on_the_drawn_infection_and_only_the_ge
     from _fixtures import tiny_config, write_tiny_bundle
 
     from plsynth.data.semantic import INFECTION
+    from plsynth.errors import BundleError
     from plsynth.training.losses import seg_loss
 
     cfg, splits, _ = smoke
@@ -173,7 +174,7 @@ def test_a_frozen_segmenter_adds_its_loss_on_the_drawn_infection_and_only_the_ge
         dataclasses.replace(cfg.synth, lambda_seg=1.0)
     missing = dataclasses.replace(cfg.synth, image_size=32, width=4, style_dim=8, num_up=3,
                                   segmenter=str(tmp_path / "nowhere"), lambda_seg=1.0)
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(BundleError, match="nowhere"):
         build_nets(cfg.replace(synth=missing))
 
     bundle = write_tiny_bundle(tmp_path / "seg", tiny_config(16), seeds=(3,))  # a 16 px segmenter: resized to it

@@ -163,10 +163,11 @@ class ConsistencyLoss(nn.Module):
     def __init__(self, bundle: str | Path, device: str | torch.device = "cpu") -> None:
         super().__init__()
         from plsynth.bundles.segmenter import load_bundle
+        from plsynth.errors import BundleError
 
         path = Path(bundle).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"synth.segmenter: {path} is not a segmenter bundle folder")
+        if not (path / "meta.json").is_file():
+            raise BundleError(f"synth.segmenter: {path} is not a segmenter bundle (train the baseline first)")
         loaded = load_bundle(path)
         self.size = loaded.image_size
         self.meta_sha256 = loaded.meta_sha256()
