@@ -234,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.methods if m not in ROWS]
     if unknown:
         parser.error(f"unknown row(s) {unknown}; rows: {', '.join(ROWS)}")
-    rows = []
-    for method in args.methods:
-        for seed in args.seeds:
-            trained, teacher_row, switches = ROWS[method]
-            teacher = str(out / f"{teacher_row}-s{seed}" / "bundle") if teacher_row else ""
-            rows.append({"method": method, "seed": seed, "trained": trained, "teacher": teacher,
-                         "teacher_row": teacher_row, "switches": switches, "run": str(out / f"{method}-s{seed}")})
+    def row_for(method: str, seed: int) -> dict:
+        trained, teacher_row, switches = ROWS[method]
+        teacher = str(out / f"{teacher_row}-s{seed}" / "bundle") if teacher_row else ""
+        return {"method": method, "seed": seed, "trained": trained, "teacher": teacher,
+                "teacher_row": teacher_row, "switches": switches, "run": str(out / f"{method}-s{seed}")}
+
+    rows = [row_for(method, seed) for method in args.methods for seed in args.seeds]
     base_dict = base.to_dict()
 
     def recorded(row: dict) -> dict | None:
@@ -270,11 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     # baseline as its frozen segmenter when the configured one does not exist; that baseline is trained first
     segmenter_row = None
     if train_synth and base.synth.lambda_seg and not (Path(base.synth.segmenter) / "meta.json").is_file():
-        first = f"baseline-s{args.seeds[0]}"
-        segmenter_row = next((r for r in rows if r["method"] == "baseline" and r["seed"] == args.seeds[0]), None) or {
-            "method": "baseline", "seed": args.seeds[0], "trained": "baseline", "teacher": "", "teacher_row": "",
-            "switches": {}, "run": str(out / first)}
-        base = base.replace(synth=dataclasses.replace(base.synth, segmenter=str(out / first / "bundle")))
+        segmenter_row = next((r for r in todo if r["method"] == "baseline" and r["seed"] == args.seeds[0]),
+                             None) or row_for("baseline", args.seeds[0])
+        base = base.replace(synth=dataclasses.replace(base.synth, segmenter=str(Path(segmenter_row["run"]) / "bundle")))
     if args.dry_run:
         t = base.train
         print(json.dumps({
@@ -312,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 if segmenter_row is not None and not (Path(base.synth.segmenter) / "meta.json").is_file():
                     logging.info("training %s first: the synthesizer's frozen segmenter", segmenter_row["run"])
                     keep(segmenter_row, train_row(base_dict, segmenter_row))
+                    todo = [r for r in todo if r is not segmenter_row]  # trained: not again in the loop below
                 logging.info("training the synthesizer once for all SA-CPS runs: %s", synth_out)
                 train_synthesizer(base, synth_out)
             synth_bundle = synth_out / "bundle"
