@@ -92,6 +92,19 @@ def _seconds_per_iteration(run: Path) -> float:
     return statistics.median(times) if times else float("nan")
 
 
+LOSS_WINDOW = 100  # iterations: where a loss term "ends" is its mean over the run's last 100 steps
+
+
+def final_terms(run: Path, window: int = LOSS_WINDOW) -> dict[str, float]:
+    """Each loss term's mean over the last ``window`` steps of log.csv (a resumed run's repeated steps
+    count once, as their later row): whether SA-CPS's synthetic term ends at or below its pseudo-label term."""
+    with open(run / "log.csv", newline="") as handle:
+        by_step = {int(r["step"]): r for r in csv.DictReader(handle)}
+    last = [by_step[s] for s in sorted(by_step)[-window:]]
+    return {k: statistics.mean(float(r[k]) for r in last) for k in ("loss_s", "loss_pseudo", "loss_synthetic")
+            if last and all(r.get(k) for r in last)}
+
+
 # benchmark row -> (method trained, teacher row, Table II / III switches); the paper's names
 ROWS = {
     "baseline": ("baseline", "", {}),
@@ -150,7 +163,8 @@ def train_row(base: dict, row: dict) -> dict:
     tic = time.perf_counter()
     load = os.getloadavg()
     train(cfg, run)
-    return {"seed": row["seed"], **_final_val(run), "seconds_per_iteration": _seconds_per_iteration(run),
+    return {"seed": row["seed"], **_final_val(run), "final_terms": final_terms(run),
+            "seconds_per_iteration": _seconds_per_iteration(run),
             "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run), "digest": config_digest(cfg),
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average": [round(x, 1) for x in (*load, *os.getloadavg())]}
@@ -182,7 +196,7 @@ def tune_rows(base, rows: list[dict], out: Path, name: str, cpus: float) -> list
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} Tune trial(s) of {name} failed; first: {grid.errors[0]}")
     by_run = {r.metrics["run"]: {k: r.metrics[k] for k in ("seed", "step", "dice", "nsd", "cases", "curve", "plateaued",
-                                                            "seconds_per_iteration", "wall_seconds", "run", "digest", "finished",
+                                                            "final_terms", "seconds_per_iteration", "wall_seconds", "run", "digest", "finished",
                                                             "load_average")}
               for r in grid}
     return [by_run[row["run"]] for row in rows]
@@ -393,6 +407,15 @@ def table(results: dict[str, list[dict]], methods: list[str], base, config: Path
             diffs = paired(results, method, other)
             lines.append(f"| {method} > {other} | {', '.join(f's{s} {d:+.3f}' for s, d in diffs)} "
                          f"| {statistics.mean(d for _, d in diffs):+.4f} | {sum(d > 0 for _, d in diffs)}/{len(diffs)} |")
+    ended = [(m, r) for m in methods for r in results[m] if {"loss_pseudo", "loss_synthetic"} <= set(r.get("final_terms", {}))]
+    if ended:
+        lines += ["", f"Where the loss terms end (mean of the last {LOSS_WINDOW} iterations of log.csv; the synthetic "
+                  "pairs are as easy to fit as the pseudo-labelled real slices when the synthetic term ends at or below "
+                  "the pseudo-label term):", "",
+                  "| row | seed | pseudo-label term | synthetic term | synthetic <= pseudo |", "|---|---|---|---|---|"]
+        for method, r in ended:
+            pseudo, synthetic = r["final_terms"]["loss_pseudo"], r["final_terms"]["loss_synthetic"]
+            lines.append(f"| {method} | {r['seed']} | {pseudo:.3f} | {synthetic:.3f} | {'yes' if synthetic <= pseudo else 'no'} |")
     if any(ROWS[m][1] for m in methods):
         lines += ["", "Teachers: `st`, `sa-st` and `sa-st-synth` learn from the same seed's `baseline` run, `sa-st-cps` "
                   "(the paper's SA-ST (+SA-CPS)) from its `sa-cps` run; the student has the same iteration budget."]

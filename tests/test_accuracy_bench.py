@@ -1,4 +1,4 @@
-"""bench/accuracy.py: the plateau rule of its table, and the GPU preset's plan.
+"""bench/accuracy.py: the plateau rule and the loss-term ends of its table, and the GPU preset's plan.
 
 No GPU exists on this machine, so the GPU preset is checked by its dry run (the plan it would
 run: config, device, AMP, sizes, rows); the training itself is the code every CPU test runs.
@@ -12,10 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from accuracy import PLATEAU_TOLERANCE, plateaued  # noqa: E402
+from accuracy import PLATEAU_TOLERANCE, final_terms, plateaued  # noqa: E402
 
 
 def test_a_curve_plateaus_when_its_last_quarter_stays_within_the_tolerance_of_the_final_value():
@@ -24,6 +26,18 @@ def test_a_curve_plateaus_when_its_last_quarter_stays_within_the_tolerance_of_th
     flat = [(100, 0.50), (200, 0.68), (300, 0.70 - PLATEAU_TOLERANCE / 2), (400, 0.70)]
     assert plateaued(flat) is True
     assert plateaued([(200, 0.6), (400, 0.7)]) is None  # one point in the last quarter: no verdict
+
+
+def test_a_loss_term_ends_at_its_mean_over_the_last_steps_counting_a_resumed_step_once(tmp_path):
+    """A killed run resumed from its step-2 checkpoint logs steps 2-3 twice; the later rows count."""
+    rows = ["step,epoch,lr,loss,loss_s,loss_pseudo,loss_synthetic,seconds"]
+    rows += [f"{step},0,0.01,9,1,{pseudo},{synthetic},0.5" for step, pseudo, synthetic in
+             [(0, 9, 9), (1, 0.5, 0.1), (2, 9, 9), (3, 9, 9), (2, 0.3, 0.2), (3, 0.4, 0.6)]]
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    ended = final_terms(tmp_path, window=3)
+    assert ended["loss_pseudo"] == pytest.approx(0.4) and ended["loss_synthetic"] == pytest.approx(0.3)
+    (tmp_path / "log.csv").write_text("\n".join(r.rsplit(",", 3)[0] + ",,,0.5" if i else r for i, r in enumerate(rows)))
+    assert set(final_terms(tmp_path)) == {"loss_s"}  # a baseline logs no pseudo or synthetic term
 
 
 def test_the_gpu_preset_is_one_flag_and_plans_cuda_amp_at_256_px(tmp_path):
@@ -90,4 +104,9 @@ def test_a_synthesizer_with_a_consistency_term_gets_the_first_seeds_baseline_tra
     meta = json.loads((out / "synthesizer" / "bundle" / "meta.json").read_text())
     used = json.dumps(meta)
     assert str(out / "baseline-s0" / "bundle") in used and "consistency_segmenter" in used
-    assert set(json.loads(record.read_text())["results"]) == {"baseline", "sa-cps"}
+    results = json.loads(record.read_text())["results"]
+    assert set(results) == {"baseline", "sa-cps"}
+    ended = results["sa-cps"][0]["final_terms"]  # the table says where SA-CPS's two unlabeled terms end
+    verdict = "yes" if ended["loss_synthetic"] <= ended["loss_pseudo"] else "no"
+    assert (f"| sa-cps | 0 | {ended['loss_pseudo']:.3f} | {ended['loss_synthetic']:.3f} | {verdict} |"
+            in (tmp_path / "table.md").read_text())
