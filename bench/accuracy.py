@@ -407,7 +407,8 @@ def table(results: dict[str, list[dict]], methods: list[str], base, config: Path
             diffs = paired(results, method, other)
             lines.append(f"| {method} > {other} | {', '.join(f's{s} {d:+.3f}' for s, d in diffs)} "
                          f"| {statistics.mean(d for _, d in diffs):+.4f} | {sum(d > 0 for _, d in diffs)}/{len(diffs)} |")
-    ended = [(m, r) for m in methods for r in results[m] if {"loss_pseudo", "loss_synthetic"} <= set(r.get("final_terms", {}))]
+    ended = [(m, r) for m in methods for r in results[m] if ROWS[m][2].get("use_pseudo", True)  # the pseudo term trains
+             and {"loss_pseudo", "loss_synthetic"} <= set(r.get("final_terms", {}))]
     if ended:
         lines += ["", f"Where the loss terms end (mean of the last {LOSS_WINDOW} iterations of log.csv; the synthetic "
                   "pairs are as easy to fit as the pseudo-labelled real slices when the synthetic term ends at or below "
