@@ -87,8 +87,9 @@ def _final_val(run: Path) -> dict:
 
 
 def _seconds_per_iteration(run: Path) -> float:
-    with open(run / "log.csv", newline="") as handle:
-        times = [float(r["seconds"]) for r in csv.DictReader(handle)]
+    from plsynth.training.run_log import read_rows
+
+    times = [float(r["seconds"]) for r in read_rows(run / "log.csv")]
     return statistics.median(times) if times else float("nan")
 
 
@@ -96,11 +97,11 @@ LOSS_WINDOW = 100  # iterations: where a loss term "ends" is its mean over the r
 
 
 def final_terms(run: Path, window: int = LOSS_WINDOW) -> dict[str, float]:
-    """Each loss term's mean over the last ``window`` steps of log.csv (a resumed run's repeated steps
-    count once, as their later row): whether SA-CPS's synthetic term ends at or below its pseudo-label term."""
-    with open(run / "log.csv", newline="") as handle:
-        by_step = {int(r["step"]): r for r in csv.DictReader(handle)}
-    last = [by_step[s] for s in sorted(by_step)[-window:]]
+    """Each loss term's mean over the last ``window`` rows of log.csv (RunLog drops a resumed run's
+    repeated steps): whether SA-CPS's synthetic term ends at or below its pseudo-label term."""
+    from plsynth.training.run_log import read_rows
+
+    last = read_rows(run / "log.csv")[-window:]
     return {k: statistics.mean(float(r[k]) for r in last) for k in ("loss_s", "loss_pseudo", "loss_synthetic")
             if last and all(r.get(k) for r in last)}
 

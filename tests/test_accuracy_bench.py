@@ -30,14 +30,21 @@ def test_a_curve_plateaus_when_its_last_quarter_stays_within_the_tolerance_of_th
 
 def test_a_loss_term_ends_at_its_mean_over_the_last_steps_counting_a_resumed_step_once(tmp_path):
     """A killed run resumed from its step-2 checkpoint logs steps 2-3 twice; the later rows count."""
-    rows = ["step,epoch,lr,loss,loss_s,loss_pseudo,loss_synthetic,seconds"]
-    rows += [f"{step},0,0.01,9,1,{pseudo},{synthetic},0.5" for step, pseudo, synthetic in
-             [(0, 9, 9), (1, 0.5, 0.1), (2, 9, 9), (3, 9, 9), (2, 0.3, 0.2), (3, 0.4, 0.6)]]
-    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    from plsynth.training.run_log import RunLog
+
+    def log(start: int, rows: list[tuple[int, float, float]], out=tmp_path) -> None:
+        run_log = RunLog(out, start_step=start)
+        for step, pseudo, synthetic in rows:
+            row = {"step": step, "epoch": 0, "lr": 0.01, "loss": 9, "loss_s": 1, "seconds": 0.5}
+            run_log.train(row | ({"loss_pseudo": pseudo, "loss_synthetic": synthetic} if pseudo is not None else {}))
+        run_log.close()
+
+    log(0, [(0, 9, 9), (1, 0.5, 0.1), (2, 9, 9), (3, 9, 9)])
+    log(2, [(2, 0.3, 0.2), (3, 0.4, 0.6)])  # killed after step 3, resumed from the step-2 checkpoint
     ended = final_terms(tmp_path, window=3)
     assert ended["loss_pseudo"] == pytest.approx(0.4) and ended["loss_synthetic"] == pytest.approx(0.3)
-    (tmp_path / "log.csv").write_text("\n".join(r.rsplit(",", 3)[0] + ",,,0.5" if i else r for i, r in enumerate(rows)))
-    assert set(final_terms(tmp_path)) == {"loss_s"}  # a baseline logs no pseudo or synthetic term
+    log(0, [(0, None, None), (1, None, None)], out=tmp_path / "baseline")
+    assert set(final_terms(tmp_path / "baseline")) == {"loss_s"}  # a baseline logs no pseudo or synthetic term
 
 
 def test_the_gpu_preset_is_one_flag_and_plans_cuda_amp_at_256_px(tmp_path):
