@@ -56,6 +56,8 @@ import sys
 import time
 from pathlib import Path
 
+import machine
+
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"cpu": REPO / "configs" / "semiseg-cpu.yaml", "gpu": REPO / "configs" / "semiseg-gpu.yaml"}
 
@@ -168,7 +170,7 @@ def train_row(base: dict, row: dict) -> dict:
             "seconds_per_iteration": _seconds_per_iteration(run),
             "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run), "digest": config_digest(cfg),
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "load_average": [round(x, 1) for x in (*load, *os.getloadavg())]}
+            "load_average": [round(x, 1) for x in (*load, *os.getloadavg())], "machine": machine.describe()}
 
 
 def _trial(config: dict, base: dict) -> None:
@@ -198,7 +200,7 @@ def tune_rows(base, rows: list[dict], out: Path, name: str, cpus: float) -> list
         raise RuntimeError(f"{len(grid.errors)} Tune trial(s) of {name} failed; first: {grid.errors[0]}")
     by_run = {r.metrics["run"]: {k: r.metrics[k] for k in ("seed", "step", "dice", "nsd", "cases", "curve", "plateaued",
                                                             "final_terms", "seconds_per_iteration", "wall_seconds", "run", "digest", "finished",
-                                                            "load_average")}
+                                                            "load_average", "machine")}
               for r in grid}
     return [by_run[row["run"]] for row in rows]
 
@@ -332,9 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         base = base.replace(synth=dataclasses.replace(base.synth, bundle=str(synth_bundle)))
         base_dict = base.to_dict()
 
+    here = machine.describe()
     for row in rows:
         if row not in todo:
-            logging.info("%s seed %d: recorded in %s, not retrained", row["method"], row["seed"], record)
+            ran_on = recorded(row).get("machine", "an unrecorded machine")
+            logging.info("%s seed %d: recorded in %s, not retrained%s", row["method"], row["seed"], record,
+                         "" if ran_on == here else f" (it ran on {ran_on}, not this machine: training is not "
+                         "bit-reproducible across CPUs)")
     if args.tune:
         from plsynth.training.ray_entry import connect_ray
 
@@ -418,6 +424,16 @@ def table(results: dict[str, list[dict]], methods: list[str], base, config: Path
         for method, r in ended:
             pseudo, synthetic = r["final_terms"]["loss_pseudo"], r["final_terms"]["loss_synthetic"]
             lines.append(f"| {method} | {r['seed']} | {pseudo:.3f} | {synthetic:.3f} | {'yes' if synthetic <= pseudo else 'no'} |")
+    machines: dict[str, list[str]] = {}
+    for m in methods:
+        for r in results[m]:
+            machines.setdefault(r.get("machine", "not recorded"), []).append(f"{m} s{r['seed']}")
+    if len(machines) > 1:  # a table built over sessions: training differs across CPUs, so say which row ran where
+        lines += ["", "Machines (rows of one table trained on different machines; training is not bit-reproducible "
+                  "across CPUs, so a paired difference across machines carries that noise too):", ""]
+        lines += [f"- {name}: {', '.join(runs)}" for name, runs in machines.items()]
+    elif machines:
+        lines += ["", f"Machine: {next(iter(machines))}."]
     if any(ROWS[m][1] for m in methods):
         lines += ["", "Teachers: `st`, `sa-st` and `sa-st-synth` learn from the same seed's `baseline` run, `sa-st-cps` "
                   "(the paper's SA-ST (+SA-CPS)) from its `sa-cps` run; the student has the same iteration budget."]

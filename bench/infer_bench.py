@@ -40,7 +40,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -49,6 +48,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import machine
 
 VARIANTS = ("full", "box", "box-int8")
 
@@ -480,8 +481,7 @@ def main() -> None:
         "# plsynth-infer benchmark",
         "",
         f"Command: `.venv/bin/python {' '.join(['bench/infer_bench.py', *sys.argv[1:]])}`",
-        f"Date: {dt.datetime.now().isoformat(timespec='minutes')}; machine: {_cpu_name()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
+        f"Date: {dt.datetime.now().isoformat(timespec='minutes')}; machine: {machine.describe()}, onnxruntime {onnxruntime.__version__}; "
         f"{args.threads} threads; load average at the start {os.getloadavg()[0]:.2f}.",
         "",
     ]
@@ -496,16 +496,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+import machine
+
 
 # the figure of the per-slice implementation this bench replaced (kept as text: the old code is gone)
 BEFORE = ("the per-slice loop over full slices (commit 85a8b9c and earlier) took 10.57 s per 48x256x256 volume "
@@ -105,8 +107,7 @@ def main() -> None:
         f"Command: `.venv/bin/python bench/lung_dice.py --n {args.n} --shape {' '.join(map(str, args.shape))}"
         + (f" --big {' '.join(map(str, args.big))}" if args.big else "")
         + (f" --half-res {args.half_res}" if args.half_res else "") + "`  ",
-        f"Machine: {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, shared with "
-        "other jobs), Python " + platform.python_version() + f"  \nDate: {datetime.date.today().isoformat()}",
+        f"Machine: {platform.node()} ({machine.describe()}, shared with other jobs)  \nDate: {datetime.date.today().isoformat()}",
         "",
         f"- All {args.n} phantoms (seeds 0..{args.n - 1}): Dice (both lungs) {summary(rows)}",
         f"- {args.heavy} most lesion-heavy (largest infected share of lung): Dice {summary(heavy)}",

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+import machine
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -196,7 +197,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results/lung_field.md")
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    lines = [f"# Lungs vs lung field ({datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
+    lines = [f"# Lungs vs lung field ({datetime.date.today()}, {machine.cpu()}, "
              f"load average {load:.1f} at start)", "", "`" + " ".join(["python"] + sys.argv) + "`", ""]
     lines += semiseg_rows(args.root) + [""]
     if args.unlabeled:

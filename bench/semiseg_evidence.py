@@ -34,12 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+import machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(sys.argv), "label": args.label,
         "synth": str(args.synth), "synth_sha256": synth.bundle_sha256, "synth_backend": synth.backend, "k": synth.k,
         "judge": str(args.judge), "teacher": str(args.teacher), "config": str(args.config),
-        "overrides": args.overrides, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "overrides": args.overrides, "machine": machine.describe(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 1),
         "summary": summary, "rows": all_rows,
     }

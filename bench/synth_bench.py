@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+import machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,8 +111,8 @@ def main() -> None:
         "# Synthesizer decoder benchmark",
         "",
         f"Command: `.venv/bin/python bench/synth_bench.py --batch {args.batch} --reps {args.reps} --threads {args.threads}`",
-        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: {os.cpu_count()}-core CPU "
-        f"({platform.processor() or platform.machine()}), no GPU; torch {torch.__version__}, threads {args.threads}; "
+        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: {machine.describe()}; "
+        f"threads {args.threads}; "
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (the machine is shared: "
         "throughput figures are noisy when the load exceeds the 2 cores).",
         "",

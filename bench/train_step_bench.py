@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+import machine
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from ray_bench import write_results  # noqa: E402
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": "python bench/train_step_bench.py " + " ".join(argv),
         "date_utc": started.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "machine": f"{machine.describe()}, {platform.platform()}",
         "torch": torch.__version__,
         "load_average_before": load_before, "load_average_after": load_after,
         "config": str(args.config), "image_size": cfg.data.image_size,

@@ -17,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+import machine  # noqa: E402
 from accuracy import PLATEAU_TOLERANCE, final_terms, plateaued  # noqa: E402
 
 
@@ -74,7 +75,8 @@ def _bench(out: Path, record: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_a_recorded_row_survives_its_run_folder_and_the_table_pairs_each_claim_by_seed(tmp_path):
     """A table built over sessions: the record keeps every finished row, a later call whose run folders
-    are gone does not retrain a row recorded with the same config, and does retrain a changed one."""
+    are gone does not retrain a row recorded with the same config, and does retrain a changed one;
+    rows from another machine are reused, and the table says which row ran where."""
     out, record = tmp_path / "runs", tmp_path / "kept" / "accuracy.json"
     first = _bench(out, record, "--methods", "baseline", "cps")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -82,6 +84,7 @@ def test_a_recorded_row_survives_its_run_folder_and_the_table_pairs_each_claim_b
     base, cps = results["baseline"][0], results["cps"][0]
     table = (tmp_path / "table.md").read_text()
     assert f"| cps > baseline | s0 {cps['dice'] - base['dice']:+.3f} |" in table
+    assert base["machine"] == machine.describe() and f"Machine: {machine.describe()}." in table
 
     import shutil
     shutil.rmtree(out)  # the next session finds the run folder gone
@@ -91,11 +94,17 @@ def test_a_recorded_row_survives_its_run_folder_and_the_table_pairs_each_claim_b
     changed = json.loads(_bench(out, record, "--methods", "baseline", "--dry-run", "--set", "optim.lr=0.02").stdout)
     assert changed["train"] == [str(out / "baseline-s0")]  # another experiment: not the recorded row
 
+    kept = json.loads(record.read_text())
+    kept["results"]["baseline"][0]["machine"] = "another CPU, 2 CPUs"  # the baseline row ran in another session
+    record.write_text(json.dumps(kept))
     again = _bench(out, record, "--methods", "baseline", "cps")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert not (out / "baseline-s0").exists() and not (out / "cps-s0").exists()  # nothing retrained
+    assert "it ran on another CPU, 2 CPUs, not this machine" in again.stderr
     assert json.loads(record.read_text())["results"]["cps"][0]["dice"] == cps["dice"]
-    assert f"| cps > baseline | s0 {cps['dice'] - base['dice']:+.3f} |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert f"| cps > baseline | s0 {cps['dice'] - base['dice']:+.3f} |" in table
+    assert "- another CPU, 2 CPUs: baseline s0" in table and f"- {machine.describe()}: cps s0" in table
 
 
 def test_a_synthesizer_with_a_consistency_term_gets_the_first_seeds_baseline_trained_first(tmp_path):
