@@ -200,3 +200,34 @@ def test_a_frozen_segmenter_adds_its_loss_on_the_drawn_infection_and_only_the_ge
     target = torch.nn.functional.interpolate(onehot[:, INFECTION:INFECTION + 1], size=(16, 16), mode="nearest")
     with torch.no_grad():
         assert torch.allclose(nets.consistency(fake, onehot), seg_loss(nets.consistency.net(small), target))
+
+
+def test_a_frozen_segmenter_sees_the_drawn_image_as_it_saw_its_training_slices(tmp_path):
+    """A segmenter trained on lung boxes (the covid19-20 and mosmed presets) or on lung-masked slices
+    judges the drawn image cut to the map's lung box, or black outside the map's lung field, as it was trained."""
+    from _fixtures import tiny_config, write_tiny_bundle
+
+    from plsynth.data.semantic import INFECTION, LEFT_LUNG, NUM_CLASSES
+    from plsynth.training.synthesizer import ConsistencyLoss
+
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    labels[:, 2:14, 2:14] = LEFT_LUNG  # lung in one corner: its box is a fraction of the frame
+    labels[:, 5:9, 5:9] = INFECTION
+    onehot = torch.nn.functional.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
+    fake = torch.rand(2, 1, 32, 32) * 2 - 1
+    seen = []
+
+    def judge(cfg):
+        loss = ConsistencyLoss(write_tiny_bundle(tmp_path / str(len(seen)), cfg, seeds=(3,)))
+        loss.net.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+        with torch.no_grad():
+            return float(loss(fake, onehot))
+
+    tiny = tiny_config(16)
+    whole = judge(tiny)
+    assert seen[-1].shape[-2:] == (16, 16)
+    boxed = judge(tiny.replace(data=dataclasses.replace(tiny.data, lung_box=2)))
+    # 12 px of lung at 32 px = 6 px at 16, + 2 px margin each side = 10, rounded up to the U-Net's multiple of 4
+    assert seen[-1].shape[-2:] == (12, 12) and boxed != pytest.approx(whole)
+    judge(tiny.replace(data=dataclasses.replace(tiny.data, lung_handling="mask")))
+    assert seen[-1][:, :, 7:, :].abs().max() == 0 and seen[-1][:, :, 1:7, 1:7].min() > 0  # lung: rows and columns 1-6 at 16 px

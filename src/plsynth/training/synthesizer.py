@@ -157,7 +157,9 @@ class ConsistencyLoss(nn.Module):
     The adversarial signal alone lets the generator draw infection faintly, or texture the segmenter
     reads as infection on infection-free lung; SA-CPS trains on these pairs with exactly this loss,
     so the generator is asked for images on which it is low. The segmenter (``model`` of a bundle
-    trained on real labeled slices only, e.g. the baseline) reads images in [0, 1] at its own size.
+    trained on real labeled slices only, e.g. the baseline) sees the drawn image as it saw its
+    training slices: in [0, 1] at its own size, black outside the lung field if it was trained so
+    (``lung_handling: mask``), cut to the map's lung boxes if it was trained on them (``lung_box``).
     """
 
     def __init__(self, bundle: str | Path, device: str | torch.device = "cpu") -> None:
@@ -170,19 +172,25 @@ class ConsistencyLoss(nn.Module):
             raise BundleError(f"synth.segmenter: {path} is not a segmenter bundle (train the baseline first)")
         loaded = load_bundle(path)
         self.size = loaded.image_size
+        self.view = loaded.field_of_view
+        self.mask_outside = loaded.lung_handling == "mask"
         self.meta_sha256 = loaded.meta_sha256()
         self.net = loaded.torch_networks(str(device))["model"]
         self.requires_grad_(False).eval()
 
     def forward(self, fake: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        from plsynth.data.semantic import INFECTION
+        from plsynth.data.preprocess import run_on_lung_boxes
+        from plsynth.data.semantic import BACKGROUND, INFECTION
         from plsynth.training.losses import seg_loss
 
         image, target = (fake + 1) / 2, onehot[:, INFECTION : INFECTION + 1]
+        field = 1 - onehot[:, BACKGROUND : BACKGROUND + 1]  # lung classes and infection: the map's lung field
+        if self.mask_outside:
+            image = image * field
         if image.shape[-1] != self.size or image.shape[-2] != self.size:
             image = F.interpolate(image, size=(self.size, self.size), mode="bilinear", align_corners=False)
-            target = F.interpolate(target, size=(self.size, self.size), mode="nearest")
-        return seg_loss(self.net(image), target)
+            target, field = (F.interpolate(t, size=(self.size, self.size), mode="nearest") for t in (target, field))
+        return seg_loss(run_on_lung_boxes(self.net, image, field[:, 0], self.view), target)
 
     def train(self, mode: bool = True) -> "ConsistencyLoss":
         return super().train(False)  # frozen: instance/batch norm stay in eval
