@@ -64,6 +64,18 @@ def test_the_gpu_preset_is_one_flag_and_plans_cuda_amp_at_256_px(tmp_path):
     assert not (tmp_path / "accuracy.json").exists() and not (tmp_path / "synthesizer").exists()  # nothing ran
 
 
+
+def test_the_cpu_preset_plans_its_synthesizers_frozen_baseline_first(tmp_path):
+    """semiseg-cpu trains its synthesizer against a frozen baseline (synth.lambda_seg): a fresh OUT plans
+    the first seed's baseline as that segmenter, trained before the synthesizer."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--preset", "cpu", "--dry-run",
+                           "--methods", "sa-cps", "--seeds", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)
+    assert plan["train_synthesizer"] and plan["synth_segmenter"] == str(tmp_path / "baseline-s1" / "bundle")
+
 def _bench(out: Path, record: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--config",
