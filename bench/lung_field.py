@@ -158,8 +158,8 @@ def bundle_rows(bundle: Path, config: Path, root: Path, cache: Path) -> list[str
             raw = post.threshold(prob, predictor.bundle.threshold)
             small = post.min_voxels(predictor.min_size_mm3, None, predictor.min_size_px)
             scores["network alone (no clip)"].append(dice(raw[0], label))
-            for name, region in (("clipped to the lungs (before)", lungs), ("clipped to the field (after, in process)", field)):
-                scores[name].append(dice(post.remove_small_components(post.keep_inside_lungs(raw, region), small)[0], label))
+            for row, region in (("clipped to the lungs (before)", lungs), ("clipped to the field (after, in process)", field)):
+                scores[row].append(dice(post.remove_small_components(post.keep_inside_lungs(raw, region), small)[0], label))
             scores["plsynth-infer (after)"].append(dice(np.asarray(Image.open(out / f"{name}.png")) > 127, label))
     lines = [f"| bundle `{bundle}` on its {len(names)} validation slices, native size | mean per-image Dice |", "|---|---|"]
     lines += [f"| {k} | {np.mean(v):.4f} |" for k, v in scores.items()]
