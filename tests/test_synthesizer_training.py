@@ -231,3 +231,44 @@ def test_a_frozen_segmenter_sees_the_drawn_image_as_it_saw_its_training_slices(t
     assert seen[-1].shape[-2:] == (12, 12) and boxed != pytest.approx(whole)
     judge(tiny.replace(data=dataclasses.replace(tiny.data, lung_handling="mask")))
     assert seen[-1][:, :, 7:, :].abs().max() == 0 and seen[-1][:, :, 1:7, 1:7].min() > 0  # lung: rows and columns 1-6 at 16 px
+
+
+def test_the_texture_term_asks_for_the_real_lungs_kind_of_texture_not_its_places(smoke, tmp_path):
+    """synth.lambda_texture: per map region, the frozen segmenter's first encoder features of the drawn
+    image must have the real slice's Gram matrices. The real texture moved elsewhere in its region
+    costs little; the region drawn flat at its mean grey (what a pixel L1 asks for) costs much more."""
+    from _fixtures import tiny_config, write_tiny_bundle
+
+    from plsynth.data.semantic import BACKGROUND, LEFT_LUNG, NUM_CLASSES
+
+    cfg, splits, _ = smoke
+    with pytest.raises(ValueError, match="synth.segmenter"):
+        dataclasses.replace(cfg.synth, lambda_texture=1.0)
+    bundle = write_tiny_bundle(tmp_path / "seg", tiny_config(32), seeds=(3,))
+    tiny = dataclasses.replace(cfg.synth, image_size=32, width=4, style_dim=8, num_up=3,
+                               segmenter=str(bundle), lambda_texture=1.0)
+    cfg1 = cfg.replace(synth=tiny)
+    nets = build_nets(cfg1)
+
+    labels = torch.full((2, 32, 32), BACKGROUND, dtype=torch.long)
+    labels[:, 4:28, 4:28] = LEFT_LUNG
+    onehot = torch.nn.functional.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
+    g = torch.Generator().manual_seed(0)
+    real = torch.full((2, 1, 32, 32), -0.8)
+    real[:, :, 4:28, 4:28] = -0.5 + 0.6 * (torch.rand(2, 1, 24, 24, generator=g) > 0.85)  # sparse bright dots
+    moved = real.clone()
+    moved[:, :, 4:28, 4:28] = real[:, :, 4:28, 4:28].roll((7, 11), (2, 3))  # same dots, other places
+    flat = real.clone()
+    flat[:, :, 4:28, 4:28] = real[:, :, 4:28, 4:28].mean()
+    with torch.no_grad():
+        same, shifted, mean = (float(nets.consistency.texture(x, real, onehot)) for x in (real, moved, flat))
+    assert same == pytest.approx(0.0, abs=1e-6)
+    assert mean > 3 * shifted  # a pixel L1 would rank them the other way round
+    assert torch.nn.functional.l1_loss(flat, real) < torch.nn.functional.l1_loss(moved, real)
+
+    batch = next(iter(torch.utils.data.DataLoader(splits.labeled, batch_size=4)))
+    image, onehot = prepare_batch(batch, 32)
+    frozen = {k: v.clone() for k, v in nets.consistency.state_dict().items()}
+    losses = gan_step(nets, image, onehot, cfg1)
+    assert losses["g_texture"] > 0 and "g_seg" not in losses
+    assert all(torch.equal(frozen[k], v) for k, v in nets.consistency.state_dict().items())

@@ -145,6 +145,9 @@ class SynthConfig:
     # against the map's infection on the drawn image is added to the generator's (0 = off)
     segmenter: str = ""
     lambda_seg: float = 0.0
+    # texture: the frozen segmenter's first encoder features must have the real slice's second-order
+    # statistics (Gram matrices) in each map region, where a pixel L1 pulls the lung flat (0 = off)
+    lambda_texture: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_up < 1 or self.image_size % 2**self.num_up:
@@ -156,10 +159,10 @@ class SynthConfig:
         for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):
             if getattr(self, name) < 1:
                 raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.norm_hidden < 0 or min(self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
+        if self.lr <= 0 or self.norm_hidden < 0 or min(self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg, self.lambda_texture) < 0:
             raise ValueError("synth.lr must be > 0 and synth.norm_hidden / lambda_* must be >= 0")
-        if self.lambda_seg and not self.segmenter:
-            raise ValueError("synth.lambda_seg > 0 needs synth.segmenter (a segmenter bundle trained on the labeled slices)")
+        if (self.lambda_seg or self.lambda_texture) and not self.segmenter:
+            raise ValueError("synth.lambda_seg / lambda_texture > 0 need synth.segmenter (a segmenter bundle trained on the labeled slices)")
 
 
 @dataclass(frozen=True)
