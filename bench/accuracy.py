@@ -268,14 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         return next((r for r in results.get(row["method"], []) if r["seed"] == row["seed"] and r.get("digest") == digest),
                     None)
 
-    listed = {(r["method"], r["seed"]) for r in rows}
+    prior = {(r["method"], r["seed"]): recorded(r) for r in rows}  # once: the digest must not see later changes
+    listed = set(prior)
     for row in rows:  # a teacher must exist already or be trained by this call
-        if not row["teacher_row"] or recorded(row) or (Path(row["teacher"]) / "meta.json").is_file():
+        if not row["teacher_row"] or prior[row["method"], row["seed"]] or (Path(row["teacher"]) / "meta.json").is_file():
             continue
         if (row["teacher_row"], row["seed"]) not in listed:
             parser.error(f"{row['method']} needs its teacher {row['teacher']}: run {row['teacher_row']} with seed "
                          f"{row['seed']} first")
-    todo = [r for r in rows if not recorded(r)]
+    todo = [r for r in rows if not prior[r["method"], r["seed"]]]
     # a recorded teacher whose run folder is gone is trained again for the students that still need it
     needed = {(r["teacher_row"], r["seed"]) for r in todo
               if r["teacher_row"] and not (Path(r["teacher"]) / "meta.json").is_file()}
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     here = machine.describe()
     for row in rows:
         if row not in todo:
-            ran_on = recorded(row).get("machine", "an unrecorded machine")
+            ran_on = prior[row["method"], row["seed"]].get("machine", "an unrecorded machine")
             logging.info("%s seed %d: recorded in %s, not retrained%s", row["method"], row["seed"], record,
                          "" if ran_on == here else f" (it ran on {ran_on}, not this machine: training is not "
                          "bit-reproducible across CPUs)")
