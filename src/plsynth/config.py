@@ -145,9 +145,6 @@ class SynthConfig:
     # against the map's infection on the drawn image is added to the generator's (0 = off)
     segmenter: str = ""
     lambda_seg: float = 0.0
-    # texture: the frozen segmenter's first encoder features must have the real slice's second-order
-    # statistics (Gram matrices) in each map region, where a pixel L1 pulls the lung flat (0 = off)
-    lambda_texture: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_up < 1 or self.image_size % 2**self.num_up:
@@ -159,10 +156,10 @@ class SynthConfig:
         for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):
             if getattr(self, name) < 1:
                 raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.norm_hidden < 0 or min(self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg, self.lambda_texture) < 0:
+        if self.lr <= 0 or self.norm_hidden < 0 or min(self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
             raise ValueError("synth.lr must be > 0 and synth.norm_hidden / lambda_* must be >= 0")
-        if (self.lambda_seg or self.lambda_texture) and not self.segmenter:
-            raise ValueError("synth.lambda_seg / lambda_texture > 0 need synth.segmenter (a segmenter bundle trained on the labeled slices)")
+        if self.lambda_seg and not self.segmenter:
+            raise ValueError("synth.lambda_seg > 0 needs synth.segmenter (a segmenter bundle trained on the labeled slices)")
 
 
 @dataclass(frozen=True)
@@ -327,7 +324,8 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 # Keys (and values) that once did nothing. Configs that hold them still load: a YAML file with a
 # warning (its author can delete the key), a stored copy (checkpoint, bundle) with a log line only,
 # so that every plsynth-infer run on an old bundle does not warn about a training knob.
-REMOVED_KEYS = {"train.num_workers": "it never started DataLoader workers (batches are built in-process)"}
+REMOVED_KEYS = {"train.num_workers": "it never started DataLoader workers (batches are built in-process)",
+                "synth.lambda_texture": "a texture term from the frozen segmenter, tried and not kept (BENCHMARKS.md, issue 11)"}
 REMOVED_VALUES = {("synth.backend", "trt"): ("torch", "trainers never ran TensorRT; the synthesis actor does (ray.synth_backend)")}
 
 

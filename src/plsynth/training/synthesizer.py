@@ -180,47 +180,17 @@ class ConsistencyLoss(nn.Module):
 
     def forward(self, fake: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         from plsynth.data.preprocess import run_on_lung_boxes
-        from plsynth.data.semantic import INFECTION
+        from plsynth.data.semantic import BACKGROUND, INFECTION
         from plsynth.training.losses import seg_loss
 
-        image, onehot = self._as_trained(fake, onehot)
-        target, field = onehot[:, INFECTION : INFECTION + 1], self._field(onehot)
-        return seg_loss(run_on_lung_boxes(self.net, image, field[:, 0], self.view), target)
-
-    def texture(self, fake: torch.Tensor, real: torch.Tensor, onehot: torch.Tensor, levels: int = 2) -> torch.Tensor:
-        """Relative L1 between the Gram matrices of the segmenter's first ``levels`` encoder features
-        on ``fake`` and on ``real``, per map region (Gatys-style texture statistics, which do not ask
-        for vessels at the real slice's places, only for the real lung's kind of texture)."""
-        x, onehot = self._as_trained(fake, onehot)
-        with torch.no_grad():
-            y, _ = self._as_trained(real, onehot)
-        total = x.new_zeros(())
-        for level in range(levels):
-            block = self.net.inc if level == 0 else self.net.downs[level - 1]
-            x = block(x)
-            with torch.no_grad():
-                y = block(y)
-            regions = F.interpolate(onehot, size=x.shape[-2:], mode="area")  # (B, C, h, w) region weights
-            area = regions.sum((2, 3)).clamp_min(1.0)[..., None, None]  # (B, C, 1, 1)
-            gram_x = torch.einsum("bkhw,bfhw,bghw->bkfg", regions, x, x) / area
-            gram_y = torch.einsum("bkhw,bfhw,bghw->bkfg", regions, y, y) / area
-            total = total + (gram_x - gram_y).abs().mean() / gram_y.abs().mean().clamp_min(1e-6)
-        return total / levels
-
-    def _field(self, onehot: torch.Tensor) -> torch.Tensor:
-        from plsynth.data.semantic import BACKGROUND
-
-        return 1 - onehot[:, BACKGROUND : BACKGROUND + 1]  # lung classes and infection: the map's lung field
-
-    def _as_trained(self, image: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The drawn image in [0, 1] as the segmenter saw its slices, and the map at its size."""
-        image = (image + 1) / 2
+        image, target = (fake + 1) / 2, onehot[:, INFECTION : INFECTION + 1]
+        field = 1 - onehot[:, BACKGROUND : BACKGROUND + 1]  # lung classes and infection: the map's lung field
         if self.mask_outside:
-            image = image * self._field(onehot)
+            image = image * field
         if image.shape[-1] != self.size or image.shape[-2] != self.size:
             image = F.interpolate(image, size=(self.size, self.size), mode="bilinear", align_corners=False)
-            onehot = F.interpolate(onehot, size=(self.size, self.size), mode="nearest")
-        return image, onehot
+            target, field = (F.interpolate(t, size=(self.size, self.size), mode="nearest") for t in (target, field))
+        return seg_loss(run_on_lung_boxes(self.net, image, field[:, 0], self.view), target)
 
     def train(self, mode: bool = True) -> "ConsistencyLoss":
         return super().train(False)  # frozen: instance/batch norm stay in eval
@@ -261,7 +231,7 @@ def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
         vgg = VGGLoss(path).to(device)
     else:
         log.info("VGG perceptual loss off (synth.vgg_weights is empty)")
-    consistency = ConsistencyLoss(s.segmenter, device).to(device) if s.lambda_seg or s.lambda_texture else None
+    consistency = ConsistencyLoss(s.segmenter, device).to(device) if s.lambda_seg else None
     return SynthNets(decoder, encoder, discriminator, opt_g, opt_d, vgg, consistency)
 
 
@@ -285,10 +255,8 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
         losses["g_l1"] = s.lambda_l1 * F.l1_loss(fake, image)
     if nets.vgg is not None:
         losses["g_vgg"] = s.lambda_vgg * nets.vgg(fake, image)
-    if s.lambda_seg:
+    if nets.consistency is not None:
         losses["g_seg"] = s.lambda_seg * nets.consistency(fake, onehot)
-    if s.lambda_texture:
-        losses["g_texture"] = s.lambda_texture * nets.consistency.texture(fake, image, onehot)
     g_total = torch.stack(list(losses.values())).sum()
     nets.opt_g.zero_grad(set_to_none=True)
     g_total.backward()
