@@ -321,7 +321,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     return config_from_dict(raw, where=str(path))
 
 
-# Keys (and values) that once did nothing. Configs that hold them still load: a YAML file with a
+# Keys (and values) that are gone (they did nothing, or were tried and not kept). Configs that hold them still load: a YAML file with a
 # warning (its author can delete the key), a stored copy (checkpoint, bundle) with a log line only,
 # so that every plsynth-infer run on an old bundle does not warn about a training knob.
 REMOVED_KEYS = {"train.num_workers": "it never started DataLoader workers (batches are built in-process)",
