@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         return next((r for r in results.get(row["method"], []) if r["seed"] == row["seed"] and r.get("digest") == digest),
                     None)
 
-    prior = {(r["method"], r["seed"]): recorded(r) for r in rows}  # once: the digest must not see later changes
+    prior = {(r["method"], r["seed"]): recorded(r) for r in rows}  # each row's record, looked up once
     listed = set(prior)
     for row in rows:  # a teacher must exist already or be trained by this call
         if not row["teacher_row"] or prior[row["method"], row["seed"]] or (Path(row["teacher"]) / "meta.json").is_file():

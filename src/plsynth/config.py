@@ -321,9 +321,10 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     return config_from_dict(raw, where=str(path))
 
 
-# Keys (and values) that are gone (they did nothing, or were tried and not kept). Configs that hold them still load: a YAML file with a
-# warning (its author can delete the key), a stored copy (checkpoint, bundle) with a log line only,
-# so that every plsynth-infer run on an old bundle does not warn about a training knob.
+# Keys (and values) that are gone: they did nothing, or were tried and not kept. Configs that hold
+# them still load: a YAML file with a warning (its author can delete the key), a stored copy
+# (checkpoint, bundle) with a log line only, so that every plsynth-infer run on an old bundle does
+# not warn about a training knob.
 REMOVED_KEYS = {"train.num_workers": "it never started DataLoader workers (batches are built in-process)",
                 "synth.lambda_texture": "a texture term from the frozen segmenter, tried and not kept (BENCHMARKS.md, issue 11)"}
 REMOVED_VALUES = {("synth.backend", "trt"): ("torch", "trainers never ran TensorRT; the synthesis actor does (ray.synth_backend)")}
