@@ -130,9 +130,6 @@ class SynthConfig:
     seed: int = 0
     norm_hidden: int = 0  # hidden width of SPADE/style branches in each ACE; 0 = min(128, 2 * width) (SEAN: 128)
     lambda_l1: float = 1.0  # pixel L1 of the reconstruction; not in SEAN, stands in for VGG on CPU presets (0 = off)
-    # the L1 compares l1_pool x l1_pool block means (1 = pixels): it anchors brightness and lesions
-    # and leaves finer detail to the discriminator and the noise (pix2pix: L1 for low frequencies)
-    l1_pool: int = 1
     grid_samples: int = 4  # rows of the per-epoch image grid
     # training augmentation, joint on image and map (BENCHMARKS.md, "Synthesizer on maps it never saw")
     flip: bool = True  # horizontal flips with the left/right lung labels swapped (never vertical)
@@ -156,7 +153,7 @@ class SynthConfig:
             raise ValueError(f"synth.image_size / 2**num_up must be >= 2, got {self.image_size}, {self.num_up}")
         if self.d_width < 0 or self.rotate_degrees < 0 or not 0 <= self.scale < 1 or not 0 <= self.intensity < 1:
             raise ValueError("synth.d_width / rotate_degrees must be >= 0, synth.scale and intensity in [0, 1)")
-        for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d", "l1_pool"):
+        for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):
             if getattr(self, name) < 1:
                 raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.norm_hidden < 0 or min(self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
@@ -329,7 +326,8 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 # (checkpoint, bundle) with a log line only, so that every plsynth-infer run on an old bundle does
 # not warn about a training knob.
 REMOVED_KEYS = {"train.num_workers": "it never started DataLoader workers (batches are built in-process)",
-                "synth.lambda_texture": "a texture term from the frozen segmenter, tried and not kept (BENCHMARKS.md, issue 11)"}
+                "synth.lambda_texture": "a texture term from the frozen segmenter, tried and not kept (BENCHMARKS.md, issue 11)",
+                "synth.l1_pool": "the pixel L1 on block means, tried and not kept (BENCHMARKS.md, issue 11)"}
 REMOVED_VALUES = {("synth.backend", "trt"): ("torch", "trainers never ran TensorRT; the synthesis actor does (ray.synth_backend)")}
 
 

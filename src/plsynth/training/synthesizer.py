@@ -252,7 +252,7 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
             pred_real = nets.discriminator(onehot, image)
         losses = {"g_gan": hinge_g_loss(pred_fake), "g_feat": s.lambda_feat * feature_matching_loss(pred_real, pred_fake)}
     if s.lambda_l1:
-        losses["g_l1"] = s.lambda_l1 * F.l1_loss(F.avg_pool2d(fake, s.l1_pool), F.avg_pool2d(image, s.l1_pool))
+        losses["g_l1"] = s.lambda_l1 * F.l1_loss(fake, image)
     if nets.vgg is not None:
         losses["g_vgg"] = s.lambda_vgg * nets.vgg(fake, image)
     if nets.consistency is not None:
