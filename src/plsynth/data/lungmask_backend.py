@@ -85,6 +85,10 @@ def lungmask_lung_mask(image: CTImage, model: str = "R231", weights: str | os.Pa
     path = resolve_lungmask_weights(model, weights)
     from lungmask import LMInferer
 
+    from plsynth.torch_setup import flush_denormals
+
+    flush_denormals()  # lungmask may be the process's first torch use (plsynth-infer with ORT)
+
     inferer = LMInferer(modelpath=str(path), force_cpu=force_cpu, batch_size=batch_size, tqdm_disable=True)
     logger.info("lungmask %s from %s on %s", model, path, image.source)
     labels = inferer.apply(np.asarray(image.array, dtype=np.float32))  # (z, y, x) LPS, lungmask: 1 right 2 left

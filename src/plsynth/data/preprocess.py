@@ -39,11 +39,11 @@ def _resize_bilinear(slices: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     ``align_corners=False`` (pixel areas, not centres, are matched), so resizing there and back
     keeps the image registered; antialiasing on down-sizing avoids aliasing of thin structures.
     """
+    if slices.shape[1:] == tuple(shape):
+        return np.ascontiguousarray(slices, dtype=np.float32)
     import torch
     import torch.nn.functional as F
 
-    if slices.shape[1:] == tuple(shape):
-        return np.ascontiguousarray(slices, dtype=np.float32)
     shrink = slices.shape[1] > shape[0] or slices.shape[2] > shape[1]
     with torch.no_grad():
         t = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]

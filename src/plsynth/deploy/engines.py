@@ -109,8 +109,9 @@ def resolve_engine(
     ort_available = available_ort_providers() if ort_available is None else list(ort_available)
     if engine in ("trt", "auto") and device != "cpu":
         ok, reason = tensorrt_status() if trt_status is None else trt_status
-        cuda = torch_cuda_available() if cuda_available is None else cuda_available
-        if ok and cuda:
+        # the CUDA probe imports torch (1.2 s): only asked where TensorRT could run
+        cuda = ok and (torch_cuda_available() if cuda_available is None else cuda_available)
+        if cuda:
             return "trt"
         if engine == "trt":
             why = reason if not ok else "no CUDA device visible to torch"
@@ -175,6 +176,9 @@ class OrtEngine:
         ort.disable_telemetry_events()  # a no-op off Windows; the guide promises no telemetry
         options = ort.SessionOptions()
         options.enable_cpu_mem_arena = bool(arena)
+        # subnormals as zero in ORT's own threads (torch_setup.flush_denormals says why): ORT
+        # sets this itself, so the ORT engine needs no torch in the process
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1

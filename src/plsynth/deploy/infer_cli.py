@@ -66,9 +66,7 @@ def infer(
     from plsynth.atomic import folder_lock
     from plsynth.data.io import find_cases
     from plsynth.deploy.predictor import Predictor
-    from plsynth.torch_setup import flush_denormals
 
-    flush_denormals()  # before the first parallel op creates torch's thread pool
     cases = find_cases(inputs)
     if not cases:
         _fail(ExitCode.NO_INPUT, f"no cases found in {', '.join(str(p) for p in inputs)}")
