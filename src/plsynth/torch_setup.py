@@ -20,7 +20,8 @@ def flush_denormals() -> None:
 
     The setting belongs to the calling thread, and threads inherit it when they are created:
     call this before the first parallel torch op of the process creates its thread pool (every
-    CLI command does), or the pool's workers keep computing with subnormals.
+    training command does; in plsynth-infer the torch engine and lungmask do, and ONNX Runtime
+    sets the same for its own threads), or the pool's workers keep computing with subnormals.
     """
     global _flushing
     torch.set_flush_denormal(True)
