@@ -73,14 +73,24 @@ def export_onnx(
     return path
 
 
+def ort_options(threads: int = 0):
+    """Session options of every plsynth ONNX Runtime session: ``threads`` intra-op threads (0 = ORT's
+    default) and subnormals as zero in ORT's own threads (`torch_setup.flush_denormals` says why),
+    set by ORT itself so that a session needs no torch in the process."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    return options
+
+
 def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None):
     """An ONNX Runtime session over ``path`` (CPU unless other providers are asked for)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), ort_options(threads), providers=providers or ["CPUExecutionProvider"])
 
 
 def parity_slices(size: int, window_hu: tuple[float, float], lung_handling: str) -> np.ndarray:

@@ -173,14 +173,12 @@ class OrtEngine:
         one pool instead of each holding its peak."""
         import onnxruntime as ort
 
+        from plsynth.bundles.onnx_export import ort_options
+
         ort.disable_telemetry_events()  # a no-op off Windows; the guide promises no telemetry
-        options = ort.SessionOptions()
+        options = ort_options(threads or 0)
         options.enable_cpu_mem_arena = bool(arena)
-        # subnormals as zero in ORT's own threads (torch_setup.flush_denormals says why): ORT
-        # sets this itself, so the ORT engine needs no torch in the process
-        options.add_session_config_entry("session.set_denormal_as_zero", "1")
         if threads:
-            options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         provider_list = [(p, (provider_options or {}).get(p, {})) for p in providers]
         self.onnx_path = Path(onnx_path)
