@@ -26,7 +26,8 @@ figure on the real slices the maps come from:
               given) and of the real *training* labeled slices | real: the same distance from
               the real slices of the set (val: validation slices; pseudo: unlabeled slices).
 The gallery: one row per held-out map (val first): real | map | 3 pool draws | infection
-removed | moved map | its image. Writes JSON (per image rows and summary) and prints Markdown.
+removed | moved map | its image (maps as the synthesizer built them; with ``synth.vessels`` the
+vessels, yellow, are read from the real slice the map belongs to, as in SA-CPS). Writes JSON (per image rows and summary) and prints Markdown.
 """
 
 from __future__ import annotations
@@ -114,21 +115,22 @@ def evaluate_maps(name, synth, judge, threshold, images, lungs, infections, draw
         "dice_sd": _sd([_dice(real_pred[i], infections[i]) for i in infected]),
         "free_lung": _mean([_frac(real_pred[i], (lungs[i] > 0) & (infections[i] == 0)) for i in range(len(lungs))]),
     }
+    import torch
+
     rows, given_images, given_lungs, tiles = [], [], [], {}
     for i in range(len(lungs)):
         lung, inf = lungs[i], infections[i]
+        slices = torch.from_numpy(np.stack([images[i]] * 3)[:, None].astype(np.float32))  # vessels are read from them
+        lung3 = torch.from_numpy(np.stack([lung] * 3).astype(np.int64))
         for d in range(draws):
             seed = seed0 + 1000 * d + i
             moved = move_infection(inf, lung, np.random.default_rng(seed))
-            variants = np.stack([inf, np.zeros_like(inf), moved])[:, None].astype(np.float32)
-            import torch
-
-            drawn = synth.synthesize(torch.from_numpy(variants), torch.from_numpy(np.stack([lung] * 3).astype(np.int64)),
-                                     seed=seed).numpy()
+            variants = torch.from_numpy(np.stack([inf, np.zeros_like(inf), moved])[:, None].astype(np.float32))
+            drawn = synth.synthesize(variants, lung3, images=slices, seed=seed).numpy()
             pa, pb, pc = predict_slices(judge, drawn, threshold)
             given_images.append(drawn[0, 0])
             given_lungs.append(lung)
-            tiles[(i, d)] = (drawn[:, 0], moved)
+            tiles[(i, d)] = (drawn[:, 0], moved, synth.semantic(variants, lung3, slices).numpy())
             rows.append({
                 "set": name, "map": i, "draw": d, "seed": seed, "infection_px": int(inf.sum()),
                 "dice": _dice(pa, inf) if inf.any() else float("nan"),
@@ -217,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - tic
 
     if args.gallery is not None:
-        from plsynth.data.semantic import semantic_map
         from plsynth.training.synth_preview import colorize_map, gray_to_rgb, save_grid
 
         grid = []
@@ -226,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             order = sorted(range(len(lung)), key=lambda i: -int(inf[i].sum()))[:n]
             for i in order:
                 draws = [t[(i, d)][0] for d in range(args.draws)]
-                moved = t[(i, 0)][1]
-                grid.append([gray_to_rgb(img[i]), colorize_map(semantic_map(lung[i], inf[i])),
+                maps = t[(i, 0)][2]  # as the synthesizer built them: given, removed, moved
+                grid.append([gray_to_rgb(img[i]), colorize_map(maps[0]),
                              *[gray_to_rgb(d[0]) for d in draws], gray_to_rgb(draws[0][1]),
-                             colorize_map(semantic_map(lung[i], moved)), gray_to_rgb(draws[0][2])])
+                             colorize_map(maps[2]), gray_to_rgb(draws[0][2])])
         save_grid(grid, args.gallery)
 
     result = {

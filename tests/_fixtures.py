@@ -70,6 +70,7 @@ def write_synth_bundle(path: Path, cfg: Config | None = None, has_infection: tup
                     p.normal_()
     rng = np.random.default_rng(0)
     n = len(has_infection)
-    pool = StylePool(codes=rng.uniform(-1, 1, (n, 4, cfg.synth.style_dim)).astype(np.float32),
-                     present=np.ones((n, 4), bool), has_infection=np.array(has_infection, bool))
+    c = decoder.num_classes
+    pool = StylePool(codes=rng.uniform(-1, 1, (n, c, cfg.synth.style_dim)).astype(np.float32),
+                     present=np.ones((n, c), bool), has_infection=np.array(has_infection, bool))
     return write_decoder_bundle(path, decoder, encoder, pool, cfg), decoder

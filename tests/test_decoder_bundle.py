@@ -177,3 +177,36 @@ def test_a_training_run_draws_with_its_own_config_pool_k_and_mode(tmp_path):
     assert (local.k, local.pool_mode) == (built.pool_k + 1, "all") != (built.pool_k, built.pool_mode)
     factory = BundleDecoderFactory(str(path), backend="torch", k=cfg.synth.pool_k, pool_mode=cfg.synth.pool_mode)
     assert (factory().local.k, factory().local.pool_mode) == (built.pool_k + 1, "all")
+
+
+def test_a_vessel_synthesizer_reads_the_vessels_from_the_request_s_slices(tmp_path):
+    """synth.vessels: a 5-class decoder (ONNX parity included), whose map takes its 5th class from the
+    request's images, in-process and in the Ray actor's condition step alike; without images it refuses."""
+    import dataclasses
+
+    from plsynth.data.semantic import INFECTION, VESSEL
+    from plsynth.synth_service.actor import LocalDecoderAdapter
+    from plsynth.synth_service.local import LocalSynthesizer
+
+    path, _ = _bundle(tmp_path / "bundle", dataclasses.replace(TINY, vessels=True))
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["classes"][-1] == "vessel" and len(meta["classes"]) == 5
+    assert meta["export_parity_max_abs"] <= 1e-4
+    infection, lung = _lungs(2, 64)
+    images = torch.full((2, 1, 64, 64), 0.15)
+    images[0, 0, 16:48, 44:46] = 0.6  # a 2-px vessel through the patient-left lung of the first slice
+    images[0, 0, 21:32, :] = 0.15  # not where the infection is
+    synth, ort_synth = LocalSynthesizer(path, backend="torch"), LocalSynthesizer(path, backend="ort")
+    with pytest.raises(ValueError, match="needs its images"):
+        synth.synthesize(infection, lung, seed=0)
+    semantic = synth.semantic(infection, lung, images)
+    assert semantic.shape == (2, 32, 32)  # at the decoder's size
+    assert (semantic[0] == VESSEL).sum() > 0 and (semantic[1] == VESSEL).sum() == 0
+    assert torch.equal(semantic == INFECTION, infection[:, 0, ::2, ::2] > 0)  # nearest to 32 px; vessels never over it
+    a = synth.synthesize(infection, lung, images=images, seed=3)
+    assert a.shape == (2, 1, 64, 64) and (a - ort_synth.synthesize(infection, lung, images=images, seed=3)).abs().max() <= 1e-4
+    adapter = LocalDecoderAdapter(synth)
+    onehot, style = adapter.condition(infection, lung, images, 3)
+    assert onehot.shape == (2, 5, 32, 32) and style.shape[:2] == (2, 5)
+    assert torch.equal(onehot.argmax(1), semantic)
+    assert torch.equal(adapter.decode(onehot, style, 5), synth.decode(onehot, style, 5))

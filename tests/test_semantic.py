@@ -1,4 +1,4 @@
-"""The 4-class semantic map: infection overrides lung, one-hot layout, lungmask's label remap."""
+"""The semantic map: infection overrides lung (and vessel), one-hot layout, lungmask's label remap."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from plsynth.data.semantic import (
     LEFT_LUNG,
     NUM_CLASSES,
     RIGHT_LUNG,
+    VESSEL,
     from_lungmask_labels,
+    map_classes,
     one_hot,
     semantic_map,
 )
@@ -71,5 +73,21 @@ def test_lungmask_labels_are_swapped_to_the_project_contract():
 
 
 def test_class_names_follow_the_contract():
-    assert len(CLASS_NAMES) == NUM_CLASSES == 4
+    assert NUM_CLASSES == map_classes(False) == 4 and len(CLASS_NAMES) == map_classes(True) == 5
+    assert CLASS_NAMES[VESSEL] == "vessel" and CLASS_NAMES[INFECTION] == "infection"
     assert CLASS_NAMES[LEFT_LUNG] == "left lung" and CLASS_NAMES[RIGHT_LUNG] == "right lung"
+
+
+def test_a_vessel_is_marked_only_inside_the_lung_and_infection_overrides_it():
+    lung, infection = _example(np.random.default_rng(3))
+    vessel = (np.random.default_rng(4).random(lung.shape) < 0.4).astype(np.uint8)
+    sem = semantic_map(lung, infection, vessel)
+    assert np.all(sem[infection > 0] == INFECTION)
+    inside = (vessel > 0) & (lung > 0) & (infection == 0)
+    assert inside.any() and np.all(sem[inside] == VESSEL)
+    outside = (vessel > 0) & (lung == 0) & (infection == 0)
+    assert outside.any() and np.all(sem[outside] == 0)
+    assert np.array_equal(sem[vessel == 0], semantic_map(lung, infection)[vessel == 0])
+    as_tensor = semantic_map(torch.from_numpy(lung), torch.from_numpy(infection), torch.from_numpy(vessel))
+    assert np.array_equal(as_tensor.numpy(), sem)
+    assert one_hot(sem, map_classes(True)).shape == (2, 5, 7, 9)

@@ -63,6 +63,26 @@ def test_prepare_batch_builds_the_four_class_map_and_resizes():
     assert onehot[0, 1, 40, 44] == 1 and onehot[0, 2, 40, 16] == 1
 
 
+def test_with_vessels_the_map_takes_a_fifth_class_from_the_image_and_a_gan_step_runs(smoke):
+    import dataclasses
+
+    from plsynth.data.semantic import VESSEL
+
+    cfg, splits, _ = smoke
+    cfg = dataclasses.replace(cfg, synth=dataclasses.replace(cfg.synth, vessels=True, discriminator="oasis"))
+    batch = next(iter(torch.utils.data.DataLoader(splits.labeled, batch_size=4, shuffle=False)))
+    image, onehot = prepare_batch(batch, cfg.synth.image_size, vessels=True)
+    four = prepare_batch(batch, cfg.synth.image_size)[1]
+    assert onehot.shape[1] == 5 and torch.all(onehot.sum(1) == 1)
+    vessel = onehot[:, VESSEL] > 0
+    assert vessel.any() and torch.all(four[:, 1:3].sum(1)[vessel] == 1)  # vessels only where the lung was
+    assert torch.equal(onehot[:, :4].sum(1) + onehot[:, 4], four.sum(1))
+    torch.manual_seed(0)
+    nets = build_nets(cfg)
+    losses = gan_step(nets, image, onehot, cfg)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
 def test_lr_schedule_is_constant_then_decays_linearly():
     factors = [lr_factor(e, 10) for e in range(10)]
     assert factors[:5] == [1.0] * 5

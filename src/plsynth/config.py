@@ -145,6 +145,9 @@ class SynthConfig:
     # against the map's infection on the drawn image is added to the generator's (0 = off)
     segmenter: str = ""
     lambda_seg: float = 0.0
+    # a 5th map class, vessel, thresholded from the slice itself (plsynth.data.vessels), so the
+    # generator is told where the lung's vessels are instead of averaging them away
+    vessels: bool = False
 
     def __post_init__(self) -> None:
         if self.num_up < 1 or self.image_size % 2**self.num_up:

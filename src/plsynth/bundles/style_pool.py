@@ -1,7 +1,7 @@
 """The style code pool (paper eq. 8-9) and how a reference style is drawn from it.
 
 Built once from every labeled training slice (un-augmented) with the trained style encoder:
-``codes`` (N, 4, D), ``present`` (N, 4) (the class has at least one pixel in the slice's map at
+``codes`` (N, C, D), ``present`` (N, C) (C map classes; the class has at least one pixel in the slice's map at
 the encoder's feature resolution, i.e. its row is a real mean, not the zero placeholder) and
 ``has_infection`` (N,) (the slice's ground truth contains infection; the paper's N+).
 
@@ -35,8 +35,8 @@ PoolMode = Literal["positive", "all", "self"]
 
 @dataclass(frozen=True)
 class StylePool:
-    codes: np.ndarray  # (N, 4, D) float32
-    present: np.ndarray  # (N, 4) bool
+    codes: np.ndarray  # (N, C, D) float32
+    present: np.ndarray  # (N, C) bool
     has_infection: np.ndarray  # (N,) bool
     cases: tuple[str, ...] = field(default=())  # provenance: volume name per code
     indices: tuple[int, ...] = field(default=())  # provenance: slice index per code
@@ -75,7 +75,7 @@ class StylePool:
     def draw(
         self, batch: int, k: int, generator: torch.Generator | None = None, mode: PoolMode = "positive"
     ) -> torch.Tensor:
-        """One reference style (B, 4, D) float32, repeated over the batch (see module docstring)."""
+        """One reference style (B, C, D) float32, repeated over the batch (see module docstring)."""
         if k < 1:
             raise ValueError(f"pool k must be >= 1, got {k}")
         chosen = self.members(mode)
@@ -119,7 +119,7 @@ class StylePool:
 def build_style_pool(encoder: torch.nn.Module, batches: Iterable[dict], device: str | torch.device = "cpu") -> StylePool:
     """Encode every labeled slice once (eval mode, no augmentation) into a pool.
 
-    ``batches`` yields dicts with "image" (B, 1, S, S) in [0, 1], "onehot" (B, 4, S, S) and
+    ``batches`` yields dicts with "image" (B, 1, S, S) in [0, 1], "onehot" (B, C, S, S) and
     optionally "has_infection" (B,) (the ground truth at the data's own size, which a small
     lesion may not survive resizing; default: class 3 present in the map), "case" / "index".
     ``present`` is read at the encoder's feature resolution.

@@ -3,8 +3,8 @@
 A folder with
 - ``decoder.pt``, ``encoder.pt``: state dicts (loaded with ``torch.load(weights_only=True)``);
   the encoder is there for the ``self`` pool mode and for rebuilding the pool;
-- ``decoder.onnx``: the decoder with spectral norm folded, inputs ``onehot`` (B, 4, S, S),
-  ``style`` (B, 4, D) and, when the config has noise, ``noise`` (B, 1, S, S); output ``image``
+- ``decoder.onnx``: the decoder with spectral norm folded, inputs ``onehot`` (B, C, S, S),
+  ``style`` (B, C, D) (C = 4 map classes, 5 with ``synth.vessels``: meta's ``classes``) and, when the config has noise, ``noise`` (B, 1, S, S); output ``image``
   (B, 1, S, S) in [-1, 1]; the batch axis is dynamic;
 - ``pool.npz``: the style code pool (``StylePool``);
 - ``meta.json``: sizes, classes, window, style_dim, widths, pool summary, export parity (max
@@ -36,8 +36,8 @@ from plsynth.bundles.onnx_export import OPSET, export_onnx, ort_session
 from plsynth.bundles.style_pool import StylePool
 from plsynth.config import Config, SynthConfig
 from plsynth.errors import BundleError
+from plsynth.data.semantic import CLASS_NAMES
 from plsynth.models.sean import (
-    NUM_CLASSES,
     SEANDecoder,
     StyleEncoder,
     build_synthesizer,
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 FORMAT = "plsynth-synthesizer"
 FORMAT_VERSION = 1
 PARITY_TOLERANCE = 1e-4
-CLASSES = ["background", "left lung", "right lung", "infection"]
 FILES = ("decoder.pt", "encoder.pt", "decoder.onnx", "pool.npz")
 
 
@@ -67,7 +66,8 @@ def export_decoder_onnx(decoder: SEANDecoder, path: Path) -> list[str]:
     """Export a copy of ``decoder`` (spectral norm folded, eval) to ONNX; returns the input names."""
     model = fold_spectral_norm(copy.deepcopy(decoder).cpu().eval())
     s, d = decoder.image_size, decoder.config.style_dim
-    inputs = {"onehot": torch.zeros(2, NUM_CLASSES, s, s), "style": torch.zeros(2, NUM_CLASSES, d)}
+    c = decoder.num_classes
+    inputs = {"onehot": torch.zeros(2, c, s, s), "style": torch.zeros(2, c, d)}
     if decoder.uses_noise:
         inputs["noise"] = torch.zeros(2, 1, s, s)
     export_onnx(model, path, inputs, ["image"])
@@ -75,19 +75,25 @@ def export_decoder_onnx(decoder: SEANDecoder, path: Path) -> list[str]:
 
 
 def parity_inputs(config: SynthConfig, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A fixed test input: the map of a phantom chest slice (two lungs, lesions), random styles, fixed noise."""
+    """A fixed test input: the map of a phantom chest slice (two lungs, lesions, and with
+    ``vessels`` a disk of vessel class), random styles, fixed noise."""
     from plsynth.data.phantom import make_phantom
-    from plsynth.data.semantic import one_hot, semantic_map
+    from plsynth.data.semantic import map_classes, one_hot, semantic_map
 
     g = torch.Generator().manual_seed(seed)
     s = config.image_size
     phantom = make_phantom(1234, (12, s, s), lesions=True, name="parity")
     middle = phantom.lung.shape[0] // 2  # the lowest slices show only the costophrenic rim
-    onehot = one_hot(semantic_map(torch.from_numpy(phantom.lung[middle]).long(),
-                                  torch.from_numpy(phantom.infection[middle]).long()))
+    lung = torch.from_numpy(phantom.lung[middle]).long()
+    vessel = None
+    if config.vessels:
+        yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+        vessel = (yy - s // 2) ** 2 + (xx - s // 4) ** 2 < (s // 8) ** 2
+    classes = map_classes(config.vessels)
+    onehot = one_hot(semantic_map(lung, torch.from_numpy(phantom.infection[middle]).long(), vessel), classes)
     inputs = {
         "onehot": onehot.expand(batch, -1, -1, -1).contiguous(),
-        "style": torch.rand(batch, NUM_CLASSES, config.style_dim, generator=g) * 2 - 1,
+        "style": torch.rand(batch, classes, config.style_dim, generator=g) * 2 - 1,
     }
     if config.noise:
         inputs["noise"] = torch.randn(batch, 1, s, s, generator=g)
@@ -141,7 +147,7 @@ def write_decoder_bundle(
             "format_version": FORMAT_VERSION,
             "image_size": synth.image_size,
             "channels": 1,
-            "classes": CLASSES,
+            "classes": list(CLASS_NAMES[: decoder.num_classes]),
             "window_hu": list(cfg.data.window_hu),
             "intensity": "decoder output tanh in [-1, 1]; images in [0, 1] = (x + 1) / 2 (HU window or 8-bit / 255)",
             "style_dim": synth.style_dim,

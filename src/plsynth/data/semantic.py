@@ -1,8 +1,10 @@
-"""The 4-class semantic map that the SEAN synthesizer draws from, built in exactly one place.
+"""The semantic map that the SEAN synthesizer draws from, built in exactly one place.
 
-Classes (project contract): 0 background, 1 patient-LEFT lung, 2 patient-RIGHT lung, 3 infection.
-Infection overrides lung, and infection outside the lung mask is kept as class 3 (as the reference
-code does: a pseudo-label is drawn where the segmenter put it, whatever the lung tool said).
+Classes (project contract): 0 background, 1 patient-LEFT lung, 2 patient-RIGHT lung, 3 infection,
+and, for a synthesizer trained with ``synth.vessels``, 4 vessel (``plsynth.data.vessels``, read
+from the slice itself). Infection overrides lung and vessel, a vessel is marked only inside the
+lung, and infection outside the lung mask is kept as class 3 (as the reference code does: a
+pseudo-label is drawn where the segmenter put it, whatever the lung tool said).
 
 Lung label arrays follow the project contract (1 = patient left = larger x in the LPS array or
 larger column in a radiological-view slice). lungmask writes the opposite (R231: 1 = right,
@@ -23,8 +25,14 @@ BACKGROUND = 0
 LEFT_LUNG = 1  # patient's left: larger x index in LPS (z, y, x); image right in radiological view
 RIGHT_LUNG = 2
 INFECTION = 3
-NUM_CLASSES = 4
-CLASS_NAMES = ("background", "left lung", "right lung", "infection")
+VESSEL = 4
+NUM_CLASSES = 4  # the paper's map; map_classes(True) with vessels
+CLASS_NAMES = ("background", "left lung", "right lung", "infection", "vessel")
+
+
+def map_classes(vessels: bool) -> int:
+    """Classes of a synthesizer's maps: 4, or 5 with the vessel class (``synth.vessels``)."""
+    return NUM_CLASSES + 1 if vessels else NUM_CLASSES
 
 # lungmask (JoHof/lungmask, R231 and R231CovidWeb): 1 = right lung, 2 = left lung.
 LUNGMASK_RIGHT = 1
@@ -48,8 +56,9 @@ def _min(x: Any) -> int:
     return int(x.min())
 
 
-def semantic_map(lung: Any, infection: Any) -> Any:
-    """Combine a lung label array (0/1/2) and an infection mask (0/1, or any value > 0) into 0..3.
+def semantic_map(lung: Any, infection: Any, vessel: Any = None) -> Any:
+    """Combine a lung label array (0/1/2), an infection mask (0/1, or any value > 0) and, when
+    given, a vessel mask into 0..3 (0..4 with vessels).
 
     Shapes must be equal (any leading dimensions, e.g. (H, W), (B, H, W) or (Z, Y, X)).
     numpy in -> uint8 out; torch in -> int64 (long) out on the lung tensor's device, ready for
@@ -64,8 +73,14 @@ def semantic_map(lung: Any, infection: Any) -> Any:
 
         lung_t = torch.as_tensor(lung).long()
         infection_t = torch.as_tensor(infection, device=lung_t.device)
-        return torch.where(infection_t > 0, torch.full_like(lung_t, INFECTION), lung_t)
+        out = lung_t
+        if vessel is not None:
+            vessel_t = torch.as_tensor(vessel, device=lung_t.device)
+            out = torch.where((vessel_t > 0) & (lung_t > 0), torch.full_like(lung_t, VESSEL), lung_t)
+        return torch.where(infection_t > 0, torch.full_like(lung_t, INFECTION), out)
     out = np.asarray(lung).astype(np.uint8, copy=True)
+    if vessel is not None:
+        out[(np.asarray(vessel) > 0) & (np.asarray(lung) > 0)] = VESSEL
     out[np.asarray(infection) > 0] = INFECTION
     return out
 
@@ -118,7 +133,9 @@ __all__ = [
     "LEFT_LUNG",
     "RIGHT_LUNG",
     "INFECTION",
+    "VESSEL",
     "NUM_CLASSES",
+    "map_classes",
     "CLASS_NAMES",
     "semantic_map",
     "one_hot",

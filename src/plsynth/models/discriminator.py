@@ -1,6 +1,6 @@
 """Multi-scale PatchGAN discriminator (pix2pixHD / SPADE / SEAN), used only to train the synthesizer.
 
-Input: one-hot map (B, 4, S, S) concatenated with an image (B, 1, S, S) in [-1, 1].
+Input: one-hot map (B, C, S, S) (C = 4 or 5 map classes) concatenated with an image (B, 1, S, S) in [-1, 1].
 Each scale is a PatchGAN: 4x4 convs with strides 2, 2, 2 (``n_layers`` = 3), then 1, then a
 4x4 conv to one channel; spectral norm + InstanceNorm on the middle convs, LReLU 0.2. Scale
 k + 1 sees the input average-pooled by 3x3 / stride 2. ``forward`` returns, per scale, the

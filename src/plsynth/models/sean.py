@@ -3,7 +3,8 @@
 Clean-room reimplementation of SEAN (Zhu et al., CVPR 2020) as used by Lyu et al. (paper
 section III-B); the differences from the official code (ZPdesu/SEAN, FeiLyu/SASSL) are listed below.
 
-Tensors (C = 4 classes: 0 background, 1 patient-left lung, 2 patient-right lung, 3 infection):
+Tensors (C = 4 classes: 0 background, 1 patient-left lung, 2 patient-right lung, 3 infection;
+C = 5 with ``synth.vessels``: 4 vessel, see ``plsynth.data.semantic``):
 - ``onehot``: (B, C, S, S) float one-hot semantic map (``plsynth.data.semantic.one_hot``), S = image_size.
 - ``style``: (B, C, D) float style matrix, one row per class, D = style_dim; a row of an absent
   class is all zero (paper: "set its column to zero").
@@ -38,8 +39,7 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from plsynth.config import SynthConfig
-
-NUM_CLASSES = 4
+from plsynth.data.semantic import NUM_CLASSES, map_classes
 
 
 def hidden_width(config: SynthConfig) -> int:
@@ -113,17 +113,18 @@ class ACE(nn.Module):
     Without ``use_style`` only the SPADE branch is used (SEAN's last block).
     """
 
-    def __init__(self, channels: int, style_dim: int, hidden: int, use_style: bool, use_noise: bool) -> None:
+    def __init__(self, channels: int, style_dim: int, hidden: int, use_style: bool, use_noise: bool,
+                 classes: int = NUM_CLASSES) -> None:
         super().__init__()
         self.use_style = use_style
         self.noise_weight = nn.Parameter(torch.zeros(channels)) if use_noise else None
-        self.spade_shared = nn.Sequential(nn.Conv2d(NUM_CLASSES, hidden, 3, padding=1), nn.ReLU())
+        self.spade_shared = nn.Sequential(nn.Conv2d(classes, hidden, 3, padding=1), nn.ReLU())
         self.spade_gamma_beta = nn.Conv2d(hidden, 2 * channels, 3, padding=1)
         if use_style:
             # per-class MLP (SEAN: fc_mu0..3, D -> D, ReLU), then the low-rank projection D -> hidden
-            self.style_weight = nn.Parameter(torch.empty(NUM_CLASSES, style_dim, style_dim))
-            self.style_bias = nn.Parameter(torch.zeros(NUM_CLASSES, style_dim))
-            nn.init.kaiming_uniform_(self.style_weight.view(NUM_CLASSES * style_dim, style_dim), a=math.sqrt(5))
+            self.style_weight = nn.Parameter(torch.empty(classes, style_dim, style_dim))
+            self.style_bias = nn.Parameter(torch.zeros(classes, style_dim))
+            nn.init.kaiming_uniform_(self.style_weight.view(classes * style_dim, style_dim), a=math.sqrt(5))
             self.style_project = nn.Linear(style_dim, hidden, bias=False)
             self.style_gamma_beta = nn.Conv2d(hidden, 2 * channels, 3, padding=1)
             self.blend_gamma = nn.Parameter(torch.zeros(()))
@@ -154,16 +155,17 @@ class SEANResBlock(nn.Module):
     Convolutions carry spectral norm, as SEAN; ``fold_spectral_norm`` removes it for export.
     """
 
-    def __init__(self, fin: int, fout: int, style_dim: int, hidden: int, use_style: bool, use_noise: bool) -> None:
+    def __init__(self, fin: int, fout: int, style_dim: int, hidden: int, use_style: bool, use_noise: bool,
+                 classes: int = NUM_CLASSES) -> None:
         super().__init__()
         fmiddle = min(fin, fout)
-        self.ace_0 = ACE(fin, style_dim, hidden, use_style, use_noise)
+        self.ace_0 = ACE(fin, style_dim, hidden, use_style, use_noise, classes)
         self.conv_0 = spectral_norm(nn.Conv2d(fin, fmiddle, 3, padding=1))
-        self.ace_1 = ACE(fmiddle, style_dim, hidden, use_style, use_noise)
+        self.ace_1 = ACE(fmiddle, style_dim, hidden, use_style, use_noise, classes)
         self.conv_1 = spectral_norm(nn.Conv2d(fmiddle, fout, 3, padding=1))
         self.learned_shortcut = fin != fout
         if self.learned_shortcut:
-            self.ace_s = ACE(fin, style_dim, hidden, use_style, use_noise)
+            self.ace_s = ACE(fin, style_dim, hidden, use_style, use_noise, classes)
             self.conv_s = spectral_norm(nn.Conv2d(fin, fout, 1, bias=False))
 
     def forward(
@@ -203,11 +205,12 @@ class SEANDecoder(nn.Module):
         self.uses_noise = config.noise
         hidden = hidden_width(config)
         chans = decoder_channels(config)
-        self.fc = nn.Conv2d(NUM_CLASSES, chans[0], 3, padding=1)
+        self.num_classes = classes = map_classes(config.vessels)
+        self.fc = nn.Conv2d(classes, chans[0], 3, padding=1)
         fins = [chans[0], *chans[:-1]]
         last = len(chans) - 1
         self.blocks = nn.ModuleList(
-            SEANResBlock(fin, fout, config.style_dim, hidden, use_style=i != last, use_noise=config.noise)
+            SEANResBlock(fin, fout, config.style_dim, hidden, use_style=i != last, use_noise=config.noise, classes=classes)
             for i, (fin, fout) in enumerate(zip(fins, chans))
         )
         # up-sample before block i (block 0 is the head at start_size, block 2 is the second middle block)

@@ -134,9 +134,8 @@ class BundleDecoderFactory:
 class LocalDecoderAdapter:
     """Splits a :class:`plsynth.synth_service.local.LocalSynthesizer` into condition + decode.
 
-    ``condition`` does what ``LocalSynthesizer.synthesize`` does before its decoder call (nearest
-    resize to the decoder size, 4-class one-hot by ``plsynth.data.semantic``, one pool draw per
-    request with the request's seed, or the images' own styles in ``self`` mode). ``decode``
+    ``condition`` is ``LocalSynthesizer.condition`` (the request's map at the decoder size, one
+    pool draw per request with the request's seed, or the images' own styles in ``self`` mode). ``decode``
     is the synthesizer's (torch / ORT) or a TensorRT engine run on the same inputs.
     """
 
@@ -148,25 +147,9 @@ class LocalDecoderAdapter:
 
     def condition(self, infection, lung, images, seed):
         import torch
-        import torch.nn.functional as F
 
-        from plsynth.data.semantic import one_hot, semantic_map
-
-        s = self.local.image_size
-        infection = (infection.float() > 0.5).float()
-        lung = lung.long()
-        if tuple(infection.shape[-2:]) != (s, s):
-            infection = F.interpolate(infection, size=(s, s), mode="nearest")
-            lung = F.interpolate(lung[:, None].float(), size=(s, s), mode="nearest")[:, 0].long()
-        onehot = one_hot(semantic_map(lung, infection[:, 0]))
-        if self.local.pool_mode == "self":
-            if images is None:
-                raise ValueError("pool mode 'self' needs the request's images")
-            if tuple(images.shape[-2:]) != (s, s):
-                images = F.interpolate(images.float(), size=(s, s), mode="bilinear", align_corners=False)
-            return onehot, self.local.encode(images, onehot)
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else self.local.generator
-        return onehot, self.local.reference_style(onehot.shape[0], generator)
+        return self.local.condition(infection, lung, images, generator)
 
     def decode(self, onehot, style, noise_seed):
         if self.trt_engine is None:

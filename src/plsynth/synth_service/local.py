@@ -3,8 +3,8 @@
 Used by SA-CPS / SA-ST when ``synth.backend`` is ``torch`` or ``ort``, by ``plsynth synth
 preview`` and by the Ray synthesis actor (through ``decode``, which it batches).
 
-Per request (paper eq. 9-10): the 4-class map is built from (lung, infection) by
-``plsynth.data.semantic``; one reference style is drawn from the bundle's pool for the whole
+Per request (paper eq. 9-10): the map is built from (lung, infection), and with ``synth.vessels``
+the vessels read from the request's images, by ``plsynth.data.semantic`` (``semantic``); one reference style is drawn from the bundle's pool for the whole
 request (K codes averaged per class, see ``StylePool.draw``), or, in ``self`` mode, each image
 is encoded under its own map; the decoder draws [-1, 1] images that are returned as (x + 1) / 2
 in [0, 1], resized to the request's size.
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from plsynth.bundles.onnx_export import ort_session
 from plsynth.bundles.style_pool import PoolMode
 from plsynth.bundles.synthesizer import load_decoder_bundle
+from plsynth.data.semantic import map_classes
 from plsynth.torch_setup import flush_denormals
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class LocalSynthesizer:
         self.bundle_sha256 = self.bundle.sha256
         self.device = torch.device(device)
         self.image_size = self.bundle.config.image_size
+        self.num_classes = map_classes(self.bundle.config.vessels)
         self.pool_mode: PoolMode = pool_mode or self.bundle.config.pool_mode
         self.k = k or self.bundle.config.pool_k
         if self.pool_mode != "self":
@@ -78,7 +80,7 @@ class LocalSynthesizer:
     # -- lower level: what the Ray actor batches ------------------------------------------
 
     def decode(self, onehot: torch.Tensor, style: torch.Tensor, noise_seed: int | None = None) -> torch.Tensor:
-        """Decoder on (B, 4, S, S) one-hot and (B, 4, D) styles -> (B, 1, S, S) float32 in [0, 1] (CPU).
+        """Decoder on (B, C, S, S) one-hot and (B, C, D) styles -> (B, 1, S, S) float32 in [0, 1] (CPU).
 
         ``noise_seed`` fixes the noise (None: the synthesizer's own generator advances).
         """
@@ -87,9 +89,10 @@ class LocalSynthesizer:
 
     def _decode(self, onehot: torch.Tensor, style: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         s = self.image_size
-        if tuple(onehot.shape[1:]) != (4, s, s) or style.shape[0] != onehot.shape[0]:
+        c = self.num_classes
+        if tuple(onehot.shape[1:]) != (c, s, s) or tuple(style.shape[:2]) != (onehot.shape[0], c):
             raise ValueError(
-                f"decode: expected onehot (B, 4, {s}, {s}) and style (B, 4, D), got "
+                f"decode: expected onehot (B, {c}, {s}, {s}) and style (B, {c}, D), got "
                 f"{tuple(onehot.shape)} and {tuple(style.shape)}"
             )
         noise = self.bundle.decoder.make_noise(len(onehot), generator)  # drawn on CPU: same on every device
@@ -109,13 +112,67 @@ class LocalSynthesizer:
         return ((image + 1) / 2).clamp(0, 1).float()
 
     def reference_style(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One reference style (B, 4, D) drawn from the pool (not for ``self`` mode)."""
+        """One reference style (B, C, D) drawn from the pool (not for ``self`` mode)."""
         return self.bundle.pool.draw(batch, self.k, generator or self.generator, mode=self.pool_mode)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """The images' own styles (B, 4, D) under their maps; images (B, 1, S, S) in [0, 1]."""
+        """The images' own styles (B, C, D) under their maps; images (B, 1, S, S) in [0, 1]."""
         return self.bundle.encoder(images.float().to(self.device) * 2 - 1, onehot.float().to(self.device)).cpu()
+
+    # -- the request's map and style: what the Ray actor and ``synthesize`` share -------------
+
+    def semantic(self, infection: torch.Tensor, lung: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The class map (B, S, S) a request is drawn from, at the decoder's size S.
+
+        infection (B, 1, H, W) (> 0.5 = infection) and lung (B, H, W) are nearest-resized; a
+        synthesizer trained with vessels (``synth.vessels``) reads them from the request's images
+        (B, 1, H, W) in [0, 1] (``plsynth.data.vessels``), which it then needs.
+        """
+        from plsynth.data.semantic import semantic_map
+
+        if infection.ndim != 4 or infection.shape[1] != 1 or lung.ndim != 3:
+            raise ValueError(
+                f"synthesize: infection (B, 1, H, W) and lung (B, H, W) expected, got "
+                f"{tuple(infection.shape)} and {tuple(lung.shape)}"
+            )
+        if infection.shape[0] != lung.shape[0] or infection.shape[2:] != lung.shape[1:]:
+            raise ValueError(f"synthesize: infection {tuple(infection.shape)} and lung {tuple(lung.shape)} differ")
+        s = self.image_size
+        infection = (infection.detach().float().cpu() > 0.5).float()
+        lung = lung.detach().cpu().long()
+        if tuple(infection.shape[-2:]) != (s, s):
+            infection = F.interpolate(infection, size=(s, s), mode="nearest")
+            lung = F.interpolate(lung[:, None].float(), size=(s, s), mode="nearest")[:, 0].long()
+        vessel = None
+        if self.bundle.config.vessels:
+            from plsynth.data.vessels import vessel_mask
+
+            if images is None:
+                raise ValueError("this synthesizer reads vessels from the slices (synth.vessels): the request needs its images")
+            vessel = vessel_mask(self._at_size(images), lung)
+        return semantic_map(lung, infection[:, 0], vessel)
+
+    def condition(self, infection: torch.Tensor, lung: torch.Tensor, images: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(one-hot (B, C, S, S), style (B, C, D)) of a request (paper eq. 9-10): one pool draw
+        for the whole request from ``generator`` (None: this synthesizer's own), or in ``self``
+        mode the images' own styles."""
+        from plsynth.data.semantic import one_hot
+
+        onehot = one_hot(self.semantic(infection, lung, images), self.num_classes)
+        if self.pool_mode == "self":
+            if images is None:
+                raise ValueError("pool mode 'self' needs the request's images")
+            return onehot, self.encode(self._at_size(images), onehot)
+        return onehot, self.reference_style(onehot.shape[0], generator)
+
+    def _at_size(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.detach().float().cpu()
+        s = self.image_size
+        if tuple(images.shape[-2:]) != (s, s):
+            images = F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False)
+        return images
 
     # -- SynthesisClient ------------------------------------------------------------------
 
@@ -126,35 +183,11 @@ class LocalSynthesizer:
         images: torch.Tensor | None = None,
         seed: int | None = None,
     ) -> torch.Tensor:
-        from plsynth.data.semantic import one_hot, semantic_map
-
-        if infection.ndim != 4 or infection.shape[1] != 1 or lung.ndim != 3:
-            raise ValueError(
-                f"synthesize: infection (B, 1, H, W) and lung (B, H, W) expected, got "
-                f"{tuple(infection.shape)} and {tuple(lung.shape)}"
-            )
-        if infection.shape[0] != lung.shape[0] or infection.shape[2:] != lung.shape[1:]:
-            raise ValueError(f"synthesize: infection {tuple(infection.shape)} and lung {tuple(lung.shape)} differ")
         out_device = infection.device
-        b, _, h, w = infection.shape
-        s = self.image_size
-        infection = (infection.detach().float().cpu() > 0.5).float()
-        lung = lung.detach().cpu().long()
-        if (h, w) != (s, s):
-            infection = F.interpolate(infection, size=(s, s), mode="nearest")
-            lung = F.interpolate(lung[:, None].float(), size=(s, s), mode="nearest")[:, 0].long()
-        onehot = one_hot(semantic_map(lung, infection[:, 0]))
+        h, w = infection.shape[-2:]
         generator = torch.Generator().manual_seed(seed) if seed is not None else self.generator
-        if self.pool_mode == "self":
-            if images is None:
-                raise ValueError("pool mode 'self' needs the request's images")
-            images = images.detach().float().cpu()
-            if tuple(images.shape[-2:]) != (s, s):
-                images = F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False)
-            style = self.encode(images, onehot)
-        else:
-            style = self.reference_style(b, generator)
+        onehot, style = self.condition(infection, lung, images, generator)  # the draw, then the noise
         result = self._decode(onehot, style, generator)
-        if (h, w) != (s, s):
+        if (h, w) != (self.image_size, self.image_size):
             result = F.interpolate(result, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
         return result.to(out_device)

@@ -15,18 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from plsynth.atomic import atomic_write
 from plsynth.config import Config
 
 log = logging.getLogger(__name__)
 
-PALETTE = np.array([[0, 0, 0], [60, 110, 210], [60, 170, 90], [230, 50, 40]], dtype=np.uint8)
+PALETTE = np.array([[0, 0, 0], [60, 110, 210], [60, 170, 90], [230, 50, 40], [250, 220, 90]], dtype=np.uint8)
 
 
 def colorize_map(semantic: np.ndarray) -> np.ndarray:
-    """(H, W) classes 0..3 -> (H, W, 3) uint8 RGB."""
-    return PALETTE[np.clip(np.asarray(semantic, dtype=np.int64), 0, 3)]
+    """(H, W) classes 0..4 (``plsynth.data.semantic``) -> (H, W, 3) uint8 RGB."""
+    return PALETTE[np.clip(np.asarray(semantic, dtype=np.int64), 0, len(PALETTE) - 1)]
 
 
 def gray_to_rgb(image: np.ndarray) -> np.ndarray:
@@ -70,18 +71,22 @@ def move_infection(infection: np.ndarray, lung: np.ndarray, rng: np.random.Gener
     return ((((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2) <= r * r) & lungs).astype(np.uint8)
 
 
-def preview_rows(synth, lung: np.ndarray, infection: np.ndarray, seed: int) -> list[np.ndarray]:
-    """One gallery row for a slice: three maps (as given, infection removed, moved) and their images."""
-    from plsynth.data.semantic import semantic_map
+def preview_rows(synth, lung: np.ndarray, infection: np.ndarray, seed: int,
+                 image: np.ndarray | None = None) -> list[np.ndarray]:
+    """One gallery row for a slice: three maps (as given, infection removed, moved) and their images.
 
+    ``image`` (H, W) in [0, 1] is the slice the maps belong to (a vessel synthesizer reads its
+    vessels from it); each map is shown as the synthesizer built it (``LocalSynthesizer.semantic``).
+    """
     rng = np.random.default_rng(seed)
     variants = [infection.astype(np.uint8), np.zeros_like(infection, dtype=np.uint8), move_infection(infection, lung, rng)]
+    images = None if image is None else torch.from_numpy(np.asarray(image, dtype=np.float32)[None, None])
+    lung_t = torch.from_numpy(lung[None].astype(np.int64))
     tiles = []
     for inf in variants:
-        image = synth.synthesize(
-            torch.from_numpy(inf[None, None].astype(np.float32)), torch.from_numpy(lung[None].astype(np.int64)), seed=seed
-        )
-        tiles += [colorize_map(semantic_map(lung.astype(np.uint8), inf)), gray_to_rgb(image[0, 0].numpy())]
+        inf_t = torch.from_numpy(inf[None, None].astype(np.float32))
+        drawn = synth.synthesize(inf_t, lung_t, images=images, seed=seed)
+        tiles += [colorize_map(synth.semantic(inf_t, lung_t, images)[0].numpy()), gray_to_rgb(drawn[0, 0].numpy())]
     return tiles
 
 
@@ -101,14 +106,14 @@ def write_preview(bundle: Path, labeled, out: Path, n: int = 8, seed: int = 0, b
         raise ValueError("no labeled slices to preview")
     rows = []
     for row, i in enumerate(chosen):
-        item = labeled[i]
-        lung = torch.as_tensor(item["lung"]).long()[None, None].float()
+        item = labeled[i]  # at the synthesizer's size, so that every tile is
+        lung = torch.as_tensor(item["lung"]).float()[None, None]
         label = torch.as_tensor(item["label"]).float()[None]
+        image = torch.as_tensor(item["image"]).float()[None]
         if lung.shape[-1] != size:
-            lung = torch.nn.functional.interpolate(lung, size=(size, size), mode="nearest")
-            label = torch.nn.functional.interpolate(label, size=(size, size), mode="nearest")
-        rows.append(
-            preview_rows(synth, lung[0, 0].long().numpy(), (label[0, 0] > 0.5).numpy().astype(np.uint8), seed + row)
-        )
+            lung, label = (F.interpolate(t, size=(size, size), mode="nearest") for t in (lung, label))
+            image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+        rows.append(preview_rows(synth, lung[0, 0].long().numpy(), (label[0, 0] > 0.5).numpy().astype(np.uint8),
+                                 seed + row, image[0, 0].numpy()))
     log.info("preview of %d slices (%s) -> %s", len(rows), synth.backend, out)
     return save_grid(rows, Path(out))

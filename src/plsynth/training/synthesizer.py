@@ -2,7 +2,8 @@
 
 Data: the training split's labeled slices only (``build_splits(cfg, out).labeled``); validation
 slices never reach the synthesizer or its pool (paper; SASSL issue #1). Each slice gives its
-image in [0, 1] (mapped to [-1, 1]) and its 4-class map from lung mask + infection label.
+image in [0, 1] (mapped to [-1, 1]) and its 4-class map from lung mask + infection label, with
+``synth.vessels`` a 5th class, the vessels read from the (augmented) image itself.
 Augmentation (``synth.flip``, ``rotate_degrees``, ``scale``, ``intensity``; ``augment_batch``)
 moves image and map jointly, so 40 slices are not memorised; the one flip mirrors left and
 right (along the axis between the two lungs, ``augment.flip_across_lungs``) and swaps the lung
@@ -56,13 +57,14 @@ log = logging.getLogger(__name__)
 # -- data -------------------------------------------------------------------------------------
 
 
-def prepare_batch(batch: dict[str, Any], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A dataset batch -> (image (B, 1, size, size) in [-1, 1], one-hot map (B, 4, size, size)).
+def prepare_batch(batch: dict[str, Any], size: int, vessels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset batch -> (image (B, 1, size, size) in [-1, 1], one-hot map (B, C, size, size)).
 
     Resizes (bilinear image, nearest lung/label) when the datasets' size differs from the
-    synthesizer's.
+    synthesizer's; with ``vessels`` (``synth.vessels``) the map's 5th class is read from the image
+    (``plsynth.data.vessels``), as the synthesis service reads it from a request's slice.
     """
-    from plsynth.data.semantic import one_hot, semantic_map
+    from plsynth.data.semantic import map_classes, one_hot, semantic_map
 
     image = batch["image"].float()
     lung = batch["lung"].long()
@@ -71,8 +73,14 @@ def prepare_batch(batch: dict[str, Any], size: int) -> tuple[torch.Tensor, torch
         image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
         lung = F.interpolate(lung[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
         label = F.interpolate(label, size=(size, size), mode="nearest")
-    onehot = one_hot(semantic_map(lung, label[:, 0] > 0.5))
-    return image.clamp(0, 1) * 2 - 1, onehot
+    image = image.clamp(0, 1)
+    vessel = None
+    if vessels:
+        from plsynth.data.vessels import vessel_mask
+
+        vessel = vessel_mask(image, lung)
+    onehot = one_hot(semantic_map(lung, label[:, 0] > 0.5, vessel), map_classes(vessels))
+    return image * 2 - 1, onehot
 
 
 def augment_batch(batch: dict[str, Any], cfg: Config, generator: torch.Generator) -> dict[str, Any]:
@@ -90,11 +98,11 @@ def augment_batch(batch: dict[str, Any], cfg: Config, generator: torch.Generator
     return {**batch, "image": image, "lung": lung, "label": label}
 
 
-def pool_batches(dataset, size: int, batch_size: int) -> Iterator[dict[str, Any]]:
+def pool_batches(dataset, size: int, batch_size: int, vessels: bool = False) -> Iterator[dict[str, Any]]:
     """Batches for ``build_style_pool``: image in [0, 1], one-hot, case, index."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in loader:
-        image, onehot = prepare_batch(batch, size)
+        image, onehot = prepare_batch(batch, size, vessels)
         yield {
             "image": (image + 1) / 2,
             "onehot": onehot,
@@ -215,9 +223,9 @@ def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
     decoder, encoder = build_synthesizer(s)
     d_width = s.d_width or s.width
     if s.discriminator == "oasis":
-        discriminator = SegmentationDiscriminator(4, d_width, depth=min(s.num_up, 5))
+        discriminator = SegmentationDiscriminator(decoder.num_classes, d_width, depth=min(s.num_up, 5))
     else:
-        discriminator = MultiScaleDiscriminator(s.num_d, d_width, in_channels=5)
+        discriminator = MultiScaleDiscriminator(s.num_d, d_width, in_channels=decoder.num_classes + 1)
     for net in (decoder, encoder, discriminator):
         net.to(device).train()
     # SEAN's TTUR: generator lr / 2, discriminator lr * 2, betas (0, 0.9)
@@ -306,7 +314,7 @@ def write_training_grid(decoder, encoder, preview, cfg: Config, path: Path) -> P
         return None
     batch = next(iter(torch.utils.data.DataLoader(preview, batch_size=s.grid_samples, shuffle=False)))
     device = next(decoder.parameters()).device
-    image, onehot = prepare_batch(batch, s.image_size)
+    image, onehot = prepare_batch(batch, s.image_size, s.vessels)
     image, onehot = image.to(device), onehot.to(device)
     modes = decoder.training, encoder.training
     decoder.eval(), encoder.eval()
@@ -315,7 +323,7 @@ def write_training_grid(decoder, encoder, preview, cfg: Config, path: Path) -> P
         noise = decoder.make_noise(len(image), generator)
         noise = None if noise is None else noise.to(device)
         recon = decoder(onehot, encoder(image, onehot), noise)
-        pool = build_style_pool(encoder, pool_batches(preview, s.image_size, s.batch_size), device=device)
+        pool = build_style_pool(encoder, pool_batches(preview, s.image_size, s.batch_size, s.vessels), device=device)
         mode = "positive" if pool.n_positive else "all"
         style = pool.draw(len(image), s.pool_k, generator, mode=mode).to(device)
         drawn = decoder(onehot, style, noise)
@@ -425,7 +433,7 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
         sums: dict[str, float] = {}
         steps = 0
         for batch in loader:
-            image, onehot = prepare_batch(augment_batch(batch, cfg, generator), s.image_size)
+            image, onehot = prepare_batch(augment_batch(batch, cfg, generator), s.image_size, s.vessels)
             for k, v in gan_step(nets, image.to(device), onehot.to(device), cfg).items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
@@ -439,7 +447,7 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
         write_training_grid(nets.decoder, nets.encoder, preview, cfg, out / "grids" / f"epoch_{epoch + 1:03d}.png")
     train_seconds = time.perf_counter() - t_train
 
-    pool = build_style_pool(nets.encoder, pool_batches(labeled, s.image_size, s.batch_size), device=device)
+    pool = build_style_pool(nets.encoder, pool_batches(labeled, s.image_size, s.batch_size, s.vessels), device=device)
     nets.decoder.eval()
     nets.encoder.eval()
     extra = {
