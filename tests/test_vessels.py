@@ -56,3 +56,25 @@ def test_a_lung_without_vessels_or_without_lung_gets_none_and_the_batch_is_per_s
     assert torch.equal(both[0], vessel_mask(image, field)[0])
     assert both[1].float().mean() < 0.01  # noise above the slice's own threshold only
     assert not vessel_mask(image, torch.zeros_like(field)).any()
+
+
+def test_on_a_dark_windowed_slice_bright_bits_of_the_chest_wall_inside_the_field_are_not_vessels():
+    """COVID-SemiSeg's unlabeled slices come darker (lung ~0.08, chest wall ~0.3): a fixed background
+    limit took the ribs' edges in the field's rim for vessels; the slice's own levels do not."""
+    size = 128
+    g = torch.Generator().manual_seed(2)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    r = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2).sqrt()
+    radius = size * 0.33
+    image = torch.zeros(size, size)
+    image[r < radius + 12] = 0.3  # chest wall
+    image[r < radius] = 0.08  # lung
+    ribs = (r > radius + 3) & (r < radius + 5) & ((torch.atan2(yy - size / 2, xx - size / 2) * 6).cos() > 0.3)
+    image[ribs] = 0.5
+    lines = (((yy - xx).abs() <= 1) | ((yy + xx - size).abs() <= 1)) & (r < radius - 6)
+    image[lines] = 0.25
+    image = (image + 0.01 * torch.randn(size, size, generator=g)).clamp(0, 1)[None, None]
+    field = (r < radius + 7).long()[None]  # the field takes in the wall up to the ribs
+    found = vessel_mask(image, field)[0]
+    assert not (found & ribs).any()
+    assert (found & lines).sum() > 0.8 * lines.sum()

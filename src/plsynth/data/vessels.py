@@ -8,13 +8,14 @@ be read from that image: bright, thin structures on dark parenchyma.
 Method (grey-scale morphology, as classic lung-vessel pre-segmentation): white top-hat (image
 minus its opening) with a square of ``kernel`` pixels; a pixel is vessel when it lies in the lung
 at least ``margin`` pixels from the field's border (the field takes in a rim of chest wall, whose
-curved edge the top-hat also finds), its opening (the local background) is darker than
-``background`` (parenchyma, not chest wall, mediastinum or consolidation), and its top-hat exceeds
+curved edge the top-hat also finds), its opening (the local background) is darker than the level
+``background`` of the way from the slice's lung (median over the field) to its body (median of
+what is brighter outside the field): parenchyma, not chest wall, mediastinum or consolidation,
+on bright and on dark-windowed slices alike; and its top-hat exceeds
 the slice's own threshold, median + ``mads`` robust deviations of the top-hat over the lung, and
 at least ``floor`` (windowed 8-bit slices differ in brightness and noise, so no fixed threshold
-fits all). The defaults are for 128 px slices of a 512 px chest CT (vessels 1-4 px wide) and
-mark 2-13 % of the lung on COVID-SemiSeg's labeled slices; ``kernel`` and ``margin`` scale with
-the slice size. Torch only (batched, on the caller's device).
+fits all). The defaults are for 128 px slices of a 512 px chest CT (vessels 1-4 px wide);
+``kernel`` and ``margin`` scale with the slice size. Torch only (batched, on the caller's device).
 """
 
 from __future__ import annotations
@@ -33,8 +34,13 @@ def _dilate(x: torch.Tensor, k: int) -> torch.Tensor:
     return F.max_pool2d(x, k, 1, k // 2)
 
 
+def _median(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Per-slice median of x (B, H, W) over where (B, H, W); NaN where a slice has none."""
+    return torch.where(where, x, torch.full_like(x, float("nan"))).flatten(1).nanmedian(dim=1).values
+
+
 def vessel_mask(image: torch.Tensor, lung: torch.Tensor, *, kernel: int = 5, margin: int = 2,
-                background: float = 0.45, mads: float = 3.0, floor: float = 0.03) -> torch.Tensor:
+                background: float = 0.5, mads: float = 3.0, floor: float = 0.03) -> torch.Tensor:
     """Vessels (B, H, W) bool of images (B, 1, H, W) in [0, 1] inside lung maps (B, H, W) (> 0 = lung)."""
     if image.ndim != 4 or image.shape[1] != 1 or lung.shape != (image.shape[0], *image.shape[2:]):
         raise ValueError(f"vessel_mask: image (B, 1, H, W) and lung (B, H, W) expected, got "
@@ -45,13 +51,17 @@ def vessel_mask(image: torch.Tensor, lung: torch.Tensor, *, kernel: int = 5, mar
     x = image.float()
     opened = _dilate(_erode(x, k), k)
     tophat = (x - opened)[:, 0]
-    region = lung > 0
+    field = lung > 0
+    # the slice's own levels: its lung, and the body around it (what outside the field is brighter)
+    lung_level = _median(x[:, 0], field)
+    body_level = _median(x[:, 0], ~field & (x[:, 0] > lung_level[:, None, None]))
+    dark = lung_level + background * (body_level - lung_level)
+    region = field
     if m:
-        region = _erode(region.float()[:, None], 2 * m + 1)[:, 0] > 0.5
-    region = region & (opened[:, 0] < background)
-    masked = torch.where(region, tophat, torch.full_like(tophat, float("nan"))).flatten(1)
-    median = masked.nanmedian(dim=1).values
-    spread = 1.4826 * (masked - median[:, None]).abs().nanmedian(dim=1).values
+        region = _erode(field.float()[:, None], 2 * m + 1)[:, 0] > 0.5
+    region = region & (opened[:, 0] < dark.nan_to_num(nan=float("inf"))[:, None, None])  # no body: no limit
+    median = _median(tophat, region)
+    spread = 1.4826 * _median((tophat - median[:, None, None]).abs(), region)
     threshold = torch.clamp(median + mads * spread, min=floor).nan_to_num(nan=float("inf"))
     return region & (tophat > threshold[:, None, None])
 
