@@ -30,7 +30,8 @@ class SynthesisClient(Protocol):
 
         infection: (B, 1, H, W) float {0, 1}, the (pseudo-)label.
         lung: (B, H, W) integer, 0 background, 1 patient-left lung, 2 patient-right lung.
-        images: (B, 1, H, W) in [0, 1], only used by the ``self`` pool mode (the image's own style).
+        images: (B, 1, H, W) in [0, 1], the slices the maps belong to: the ``self`` pool mode takes
+            their own style, a synthesizer trained with ``synth.vessels`` reads their vessels; callers send them.
         seed: fixes the pool draw and the decoder noise.
         Returns (B, 1, H, W) float32 in [0, 1] at the request's H, W (resized from the decoder's size).
         """
