@@ -4,8 +4,9 @@ A folder with
 - ``decoder.pt``, ``encoder.pt``: state dicts (loaded with ``torch.load(weights_only=True)``);
   the encoder is there for the ``self`` pool mode and for rebuilding the pool;
 - ``decoder.onnx``: the decoder with spectral norm folded, inputs ``onehot`` (B, C, S, S),
-  ``style`` (B, C, D) (C = 4 map classes, 5 with ``synth.vessels``: meta's ``classes``) and, when the config has noise, ``noise`` (B, 1, S, S); output ``image``
-  (B, 1, S, S) in [-1, 1]; the batch axis is dynamic;
+  ``style`` (B, C, D) (C = 4 map classes, 5 with ``synth.vessels``: meta's ``classes``) and,
+  when the config has noise, ``noise`` (B, 1, S, S); output ``image`` (B, 1, S, S) in [-1, 1];
+  the batch axis is dynamic;
 - ``pool.npz``: the style code pool (``StylePool``);
 - ``meta.json``: sizes, classes, window, style_dim, widths, pool summary, export parity (max
   abs difference torch vs ONNX Runtime CPU with fixed noise, gated at 1e-4), versions, the

@@ -6,16 +6,18 @@ synthesize from has its image (SA-CPS / SA-ST draw from unlabeled slices), so th
 be read from that image: bright, thin structures on dark parenchyma.
 
 Method (grey-scale morphology, as classic lung-vessel pre-segmentation): white top-hat (image
-minus its opening) with a square of ``kernel`` pixels; a pixel is vessel when it lies in the lung
-at least ``margin`` pixels from the field's border (the field takes in a rim of chest wall, whose
-curved edge the top-hat also finds), its opening (the local background) is darker than the level
-``background`` of the way from the slice's lung (median over the field) to its body (median of
-what is brighter outside the field): parenchyma, not chest wall, mediastinum or consolidation,
-on bright and on dark-windowed slices alike; and its top-hat exceeds
-the slice's own threshold, median + ``mads`` robust deviations of the top-hat over the lung, and
-at least ``floor`` (windowed 8-bit slices differ in brightness and noise, so no fixed threshold
-fits all). The defaults are for 128 px slices of a 512 px chest CT (vessels 1-4 px wide);
-``kernel`` and ``margin`` scale with the slice size. Torch only (batched, on the caller's device).
+minus its opening) with a square of ``kernel`` pixels. A pixel is vessel when
+- it lies in the lung at least ``margin`` pixels from the field's border (the field takes in a rim
+  of chest wall, whose curved edge the top-hat also finds);
+- its opening (the local background) is darker than the level ``background`` of the way from the
+  slice's lung (median over the field) to its body (median of what is brighter outside the
+  field): parenchyma, not chest wall, mediastinum or consolidation, on bright and on
+  dark-windowed slices alike;
+- its top-hat exceeds the slice's own threshold, median + ``mads`` robust deviations of the
+  top-hat over that region, and at least ``floor`` (windowed 8-bit slices differ in brightness
+  and noise, so no fixed threshold fits all).
+The defaults are for 128 px slices of a 512 px chest CT (vessels 1-4 px wide); ``kernel`` and
+``margin`` scale with the slice size. Torch only (batched, on the caller's device).
 """
 
 from __future__ import annotations
