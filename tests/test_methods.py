@@ -156,6 +156,34 @@ def test_sa_cps_synthesizes_from_the_unaugmented_map_then_moves_image_and_label_
     assert labels.any() and torch.equal(painted & lung, labels & lung)
 
 
+def test_sa_cps_draws_with_a_real_vessel_synthesizer_from_the_slices_it_hands_over(tmp_path):
+    """A synth.vessels bundle needs the slices (it reads their vessels): SA-CPS hands them over."""
+    from _fixtures import TINY_SYNTH, write_synth_bundle
+    from plsynth.data.semantic import VESSEL
+    from plsynth.synth_service.local import LocalSynthesizer
+
+    path, _ = write_synth_bundle(tmp_path / "synth", Config(synth=dataclasses.replace(TINY_SYNTH, vessels=True)))
+
+    class Recording(LocalSynthesizer):
+        calls: list = []
+
+        def synthesize(self, infection, lung, images=None, seed=None):
+            self.calls.append({"images": images, "map": self.semantic(infection, lung, images)})
+            return super().synthesize(infection, lung, images=images, seed=seed)
+
+    cfg = _cfg("sa-cps", flip=False)
+    data = tiny_splits(4, 4, size=32)
+    batch = _batch(cfg, data)
+    for it in range(len(batch["u_image"])):  # a bright 1-px line through each lung: a vessel to find
+        batch["u_image"][it, 0, 8:24, 24] = 0.9
+    synth = Recording(path)
+    out = cps_step(_nets(3), batch, cfg.train, synth, seed=2, use_pseudo=True, use_synthetic=True)
+    (call,) = synth.calls
+    assert torch.equal(call["images"], torch.cat([batch["u_image"], batch["u_image"]]))
+    assert (call["map"] == VESSEL).any()
+    assert out.extras["synthetic_model"].shape == batch["u_image"].shape and out.terms["loss_synthetic"] > 0
+
+
 def test_sa_cps_without_a_synthesizer_is_a_clear_error():
     cfg = _cfg("sa-cps")
     batch = _batch(cfg, tiny_splits(4, 4))
