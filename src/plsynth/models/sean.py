@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from plsynth.config import SynthConfig
-from plsynth.data.semantic import NUM_CLASSES, map_classes
+from plsynth.data.semantic import map_classes
 
 
 def hidden_width(config: SynthConfig) -> int:
@@ -114,7 +114,7 @@ class ACE(nn.Module):
     """
 
     def __init__(self, channels: int, style_dim: int, hidden: int, use_style: bool, use_noise: bool,
-                 classes: int = NUM_CLASSES) -> None:
+                 classes: int) -> None:
         super().__init__()
         self.use_style = use_style
         self.noise_weight = nn.Parameter(torch.zeros(channels)) if use_noise else None
@@ -156,7 +156,7 @@ class SEANResBlock(nn.Module):
     """
 
     def __init__(self, fin: int, fout: int, style_dim: int, hidden: int, use_style: bool, use_noise: bool,
-                 classes: int = NUM_CLASSES) -> None:
+                 classes: int) -> None:
         super().__init__()
         fmiddle = min(fin, fout)
         self.ace_0 = ACE(fin, style_dim, hidden, use_style, use_noise, classes)

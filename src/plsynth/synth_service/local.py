@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from plsynth.bundles.onnx_export import ort_session
 from plsynth.bundles.style_pool import PoolMode
 from plsynth.bundles.synthesizer import load_decoder_bundle
-from plsynth.data.semantic import map_classes
 from plsynth.torch_setup import flush_denormals
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ class LocalSynthesizer:
         self.bundle_sha256 = self.bundle.sha256
         self.device = torch.device(device)
         self.image_size = self.bundle.config.image_size
-        self.num_classes = map_classes(self.bundle.config.vessels)
+        self.num_classes = self.bundle.decoder.num_classes
         self.pool_mode: PoolMode = pool_mode or self.bundle.config.pool_mode
         self.k = k or self.bundle.config.pool_k
         if self.pool_mode != "self":

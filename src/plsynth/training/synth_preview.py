@@ -106,7 +106,7 @@ def write_preview(bundle: Path, labeled, out: Path, n: int = 8, seed: int = 0, b
         raise ValueError("no labeled slices to preview")
     rows = []
     for row, i in enumerate(chosen):
-        item = labeled[i]  # at the synthesizer's size, so that every tile is
+        item = labeled[i]  # resized to the synthesizer's size: every tile of the grid has one size
         lung = torch.as_tensor(item["lung"]).float()[None, None]
         label = torch.as_tensor(item["label"]).float()[None]
         image = torch.as_tensor(item["image"]).float()[None]
