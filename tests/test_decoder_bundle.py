@@ -187,6 +187,7 @@ def test_a_vessel_synthesizer_reads_the_vessels_from_the_request_s_slices(tmp_pa
     from plsynth.data.semantic import INFECTION, VESSEL
     from plsynth.synth_service.actor import LocalDecoderAdapter
     from plsynth.synth_service.local import LocalSynthesizer
+    from plsynth.training.synthesizer import prepare_batch
 
     path, _ = _bundle(tmp_path / "bundle", dataclasses.replace(TINY, vessels=True))
     meta = json.loads((path / "meta.json").read_text())
@@ -203,6 +204,8 @@ def test_a_vessel_synthesizer_reads_the_vessels_from_the_request_s_slices(tmp_pa
     assert semantic.shape == (2, 32, 32)  # at the decoder's size
     assert (semantic[0] == VESSEL).sum() > 0 and (semantic[1] == VESSEL).sum() == 0
     assert torch.equal(semantic == INFECTION, infection[:, 0, ::2, ::2] > 0)  # nearest to 32 px; vessels never over it
+    _, trained_on = prepare_batch({"image": images, "lung": lung, "label": infection}, 32, vessels=True)
+    assert torch.equal(trained_on.argmax(1), semantic)  # the map it trains on is the map it serves
     a = synth.synthesize(infection, lung, images=images, seed=3)
     assert a.shape == (2, 1, 64, 64) and (a - ort_synth.synthesize(infection, lung, images=images, seed=3)).abs().max() <= 1e-4
     adapter = LocalDecoderAdapter(synth)

@@ -125,6 +125,12 @@ def test_sa_cps_hands_the_synthesizer_each_pseudo_label_with_the_lung_and_trains
     with torch.no_grad():
         expected = seg_loss(nets["model"](x1_hat), y2) + seg_loss(nets["peer"](x2_hat), y1)
     assert out.terms["loss_synthetic"] == pytest.approx(expected.item(), rel=1e-4)
+    assert "loss_pseudo" in out.terms
+    # Table II's row (use_pseudo off): the same pseudo-labels feed the synthesizer, but the pseudo
+    # term trains nothing, so the log does not report it as a loss term.
+    synth_only = cps_step(nets, batch, cfg.train, FakeSynthesizer(), seed=11, use_pseudo=False, use_synthetic=True)
+    assert set(synth_only.terms) == {"loss_s", "loss_synthetic"}
+    assert synth_only.loss.item() == pytest.approx(synth_only.terms["loss_s"] + cfg.train.lam * synth_only.terms["loss_synthetic"], rel=1e-5)
 
 
 def test_sa_cps_synthesizes_from_the_unaugmented_map_then_moves_image_and_label_together():

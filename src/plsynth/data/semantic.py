@@ -85,6 +85,38 @@ def semantic_map(lung: Any, infection: Any, vessel: Any = None) -> Any:
     return out
 
 
+def class_map_at(size: int, lung: Any, infection: Any, image: Any = None, vessels: bool = False) -> tuple[Any, Any]:
+    """The synthesizer's condition at its size S, one rule for its training batches and for the
+    requests it serves (torch tensors only).
+
+    lung (B, H, W), infection (B, 1, H, W) (> 0.5 = infection), image (B, 1, H, W) in [0, 1] or
+    None; maps are nearest-resized and the image bilinear-resized when their size is not S. With
+    ``vessels`` the 5th class is read from the image (:mod:`plsynth.data.vessels`), which is then
+    required. Returns (image (B, 1, S, S) clamped to [0, 1], or None; map (B, S, S) long).
+    """
+    import torch.nn.functional as F
+
+    infection = (infection.float() > 0.5).float()
+    lung = lung.long()
+    if tuple(lung.shape[-2:]) != (size, size):
+        lung = F.interpolate(lung[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+    if tuple(infection.shape[-2:]) != (size, size):
+        infection = F.interpolate(infection, size=(size, size), mode="nearest")
+    if image is not None:
+        image = image.float()
+        if tuple(image.shape[-2:]) != (size, size):
+            image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+        image = image.clamp(0, 1)
+    vessel = None
+    if vessels:
+        if image is None:
+            raise ValueError("a map with vessels (synth.vessels) reads them from the slices: it needs its images")
+        from plsynth.data.vessels import vessel_mask
+
+        vessel = vessel_mask(image, lung)
+    return image, semantic_map(lung, infection[:, 0], vessel)
+
+
 def one_hot(semantic: Any, num_classes: int = NUM_CLASSES) -> Any:
     """(..., H, W) integer map -> (..., num_classes, H, W) float32 one-hot (channel before H, W).
 
@@ -138,6 +170,7 @@ __all__ = [
     "map_classes",
     "CLASS_NAMES",
     "semantic_map",
+    "class_map_at",
     "one_hot",
     "from_lungmask_labels",
 ]

@@ -124,33 +124,11 @@ class LocalSynthesizer:
     def semantic(self, infection: torch.Tensor, lung: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         """The class map (B, S, S) a request is drawn from, at the decoder's size S.
 
-        infection (B, 1, H, W) (> 0.5 = infection) and lung (B, H, W) are nearest-resized; a
-        synthesizer trained with vessels (``synth.vessels``) reads them from the request's images
-        (B, 1, H, W) in [0, 1] (``plsynth.data.vessels``), which it then needs.
+        infection (B, 1, H, W) (> 0.5 = infection) and lung (B, H, W); a synthesizer trained with
+        vessels (``synth.vessels``) reads them from the request's images (B, 1, H, W) in [0, 1],
+        which it then needs. The rule is the training batches' (``class_map_at``).
         """
-        from plsynth.data.semantic import semantic_map
-
-        if infection.ndim != 4 or infection.shape[1] != 1 or lung.ndim != 3:
-            raise ValueError(
-                f"synthesize: infection (B, 1, H, W) and lung (B, H, W) expected, got "
-                f"{tuple(infection.shape)} and {tuple(lung.shape)}"
-            )
-        if infection.shape[0] != lung.shape[0] or infection.shape[2:] != lung.shape[1:]:
-            raise ValueError(f"synthesize: infection {tuple(infection.shape)} and lung {tuple(lung.shape)} differ")
-        s = self.image_size
-        infection = (infection.detach().float().cpu() > 0.5).float()
-        lung = lung.detach().cpu().long()
-        if tuple(infection.shape[-2:]) != (s, s):
-            infection = F.interpolate(infection, size=(s, s), mode="nearest")
-            lung = F.interpolate(lung[:, None].float(), size=(s, s), mode="nearest")[:, 0].long()
-        vessel = None
-        if self.bundle.config.vessels:
-            from plsynth.data.vessels import vessel_mask
-
-            if images is None:
-                raise ValueError("this synthesizer reads vessels from the slices (synth.vessels): the request needs its images")
-            vessel = vessel_mask(self._at_size(images), lung)
-        return semantic_map(lung, infection[:, 0], vessel)
+        return self._request(infection, lung, images)[1]
 
     def condition(self, infection: torch.Tensor, lung: torch.Tensor, images: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,19 +137,29 @@ class LocalSynthesizer:
         mode the images' own styles."""
         from plsynth.data.semantic import one_hot
 
-        onehot = one_hot(self.semantic(infection, lung, images), self.num_classes)
+        images, semantic = self._request(infection, lung, images)
+        onehot = one_hot(semantic, self.num_classes)
         if self.pool_mode == "self":
             if images is None:
                 raise ValueError("pool mode 'self' needs the request's images")
-            return onehot, self.encode(self._at_size(images), onehot)
+            return onehot, self.encode(images, onehot)
         return onehot, self.reference_style(onehot.shape[0], generator)
 
-    def _at_size(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.detach().float().cpu()
-        s = self.image_size
-        if tuple(images.shape[-2:]) != (s, s):
-            images = F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False)
-        return images
+    def _request(self, infection: torch.Tensor, lung: torch.Tensor,
+                 images: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(images at size S or None, class map (B, S, S)) of a request, shapes checked."""
+        from plsynth.data.semantic import class_map_at
+
+        if infection.ndim != 4 or infection.shape[1] != 1 or lung.ndim != 3:
+            raise ValueError(
+                f"synthesize: infection (B, 1, H, W) and lung (B, H, W) expected, got "
+                f"{tuple(infection.shape)} and {tuple(lung.shape)}"
+            )
+        if infection.shape[0] != lung.shape[0] or infection.shape[2:] != lung.shape[1:]:
+            raise ValueError(f"synthesize: infection {tuple(infection.shape)} and lung {tuple(lung.shape)} differ")
+        images = None if images is None else images.detach().cpu()
+        return class_map_at(self.image_size, lung.detach().cpu(), infection.detach().cpu(), images,
+                            self.bundle.config.vessels)
 
     # -- SynthesisClient ------------------------------------------------------------------
 

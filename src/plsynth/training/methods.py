@@ -150,10 +150,11 @@ def cps_step(
     loss_s = seg_loss(out1[:n_l], y) + seg_loss(out2[:n_l], y)
     loss_pseudo, y1, y2 = cross_pseudo_terms(out1[n_l:], out2[n_l:], cfg.tau, _lung_or_none(batch, "u_lung", cfg))
     loss = loss_s
-    terms = {"loss_s": float(loss_s.detach()), "loss_pseudo": float(loss_pseudo.detach())}
+    terms = {"loss_s": float(loss_s.detach())}
     extras = {"pseudo_model": y1, "pseudo_peer": y2}
-    if use_pseudo:
+    if use_pseudo:  # off (Table II's L_s + L_synthetic): the pseudo-labels only feed the synthesizer
         loss = loss + cfg.lam * loss_pseudo
+        terms["loss_pseudo"] = float(loss_pseudo.detach())
     if use_synthetic:
         if synth is None:
             raise ValueError("sa-cps with train.use_synthetic needs a synthesis client (synth.bundle)")

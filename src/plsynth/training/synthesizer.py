@@ -60,26 +60,13 @@ log = logging.getLogger(__name__)
 def prepare_batch(batch: dict[str, Any], size: int, vessels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A dataset batch -> (image (B, 1, size, size) in [-1, 1], one-hot map (B, C, size, size)).
 
-    Resizes (bilinear image, nearest lung/label) when the datasets' size differs from the
-    synthesizer's; with ``vessels`` (``synth.vessels``) the map's 5th class is read from the image
-    (``plsynth.data.vessels``), as the synthesis service reads it from a request's slice.
+    The same condition as the synthesis service's requests (``plsynth.data.semantic.class_map_at``:
+    resized to ``size``; with ``vessels``, ``synth.vessels``, the 5th class read from the image).
     """
-    from plsynth.data.semantic import map_classes, one_hot, semantic_map
+    from plsynth.data.semantic import class_map_at, map_classes, one_hot
 
-    image = batch["image"].float()
-    lung = batch["lung"].long()
-    label = batch["label"].float()
-    if image.shape[-1] != size or image.shape[-2] != size:
-        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
-        lung = F.interpolate(lung[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-        label = F.interpolate(label, size=(size, size), mode="nearest")
-    image = image.clamp(0, 1)
-    vessel = None
-    if vessels:
-        from plsynth.data.vessels import vessel_mask
-
-        vessel = vessel_mask(image, lung)
-    onehot = one_hot(semantic_map(lung, label[:, 0] > 0.5, vessel), map_classes(vessels))
+    image, semantic = class_map_at(size, batch["lung"], batch["label"], batch["image"], vessels)
+    onehot = one_hot(semantic, map_classes(vessels))
     return image * 2 - 1, onehot
 
 
