@@ -4,6 +4,7 @@ and no product file names a path outside the repository."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -120,6 +121,19 @@ def test_removed_keys_warn_and_load(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_config("phantom-smoke")  # the presets hold no removed key
+
+
+def test_a_run_saved_before_a_key_existed_resumes_when_the_key_is_at_its_default():
+    """A switch added later (off by default, as the older code behaved) must not stop an older run
+    from resuming; set to anything else, it is a real difference."""
+    from plsynth.training.checkpoint import config_differences
+
+    cfg = load_config("phantom-smoke")
+    old = cfg.to_dict()
+    del old["synth"]["vessels"]  # saved before synth.vessels existed
+    assert config_differences(old, cfg.to_dict()) == []
+    on = cfg.replace(synth=dataclasses.replace(cfg.synth, vessels=True))
+    assert config_differences(old, on.to_dict()) == ["synth.vessels: None -> True"]
 
 
 OUTSIDE = re.compile(r"\.\./shared|/work/|paper\.txt|reference-code-review|environment-notes|field-anchors|shared/data|shared/docs")
