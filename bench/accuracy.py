@@ -158,19 +158,25 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def train_row(base: dict, row: dict) -> dict:
-    """Train one table row (``row``: method, seed, trained, teacher, run) and return its final scores."""
+    """Train one table row (``row``: method, seed, trained, teacher, run) and return its final scores.
+
+    A run folder that was already finished is only recorded: it keeps the time its last checkpoint
+    was written, and wall time and load are None, since this call timed no training."""
     from plsynth.training.loop import train
 
     cfg = row_config(base, row)
     run = Path(row["run"])
     tic = time.perf_counter()
     load = os.getloadavg()
-    train(cfg, run)
+    result = train(cfg, run)
+    timed = result.start < result.steps
+    finished = time.gmtime() if timed else time.gmtime((run / "last.pt").stat().st_mtime)
     return {"seed": row["seed"], **_final_val(run), "final_terms": final_terms(run),
             "seconds_per_iteration": _seconds_per_iteration(run),
-            "wall_seconds": round(time.perf_counter() - tic, 1), "run": str(run), "digest": config_digest(cfg),
-            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "load_average": [round(x, 1) for x in (*load, *os.getloadavg())], "machine": machine.describe()}
+            "wall_seconds": round(time.perf_counter() - tic, 1) if timed else None, "run": str(run),
+            "digest": config_digest(cfg), "finished": time.strftime("%Y-%m-%d %H:%M UTC", finished),
+            "load_average": [round(x, 1) for x in (*load, *os.getloadavg())] if timed else None,
+            "machine": machine.describe()}
 
 
 def _trial(config: dict, base: dict) -> None:

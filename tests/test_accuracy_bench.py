@@ -138,3 +138,24 @@ def test_a_synthesizer_with_a_consistency_term_gets_the_first_seeds_baseline_tra
     verdict = "yes" if ended["loss_synthetic"] <= ended["loss_pseudo"] else "no"
     assert (f"| sa-cps | 0 | {ended['loss_pseudo']:.3f} | {ended['loss_synthetic']:.3f} | {verdict} |"
             in (tmp_path / "table.md").read_text())
+
+
+def test_a_finished_run_recorded_again_keeps_its_own_finish_time_and_claims_no_wall_time(tmp_path):
+    """A finished run folder recorded into a new record (nothing retrained) is stamped with the time
+    its last checkpoint was written, not the re-recording call's, and has no wall time: the call did
+    not time any training."""
+    import time
+
+    out = tmp_path / "runs"
+    first = _bench(out, tmp_path / "first.json", "--methods", "baseline")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    trained = json.loads((tmp_path / "first.json").read_text())["results"]["baseline"][0]
+    assert trained["wall_seconds"] > 0
+    last = out / "baseline-s0" / "last.pt"
+    os.utime(last, (last.stat().st_atime, last.stat().st_mtime - 3 * 3600))  # as if it finished hours ago
+    again = _bench(out, tmp_path / "second.json", "--methods", "baseline")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    row = json.loads((tmp_path / "second.json").read_text())["results"]["baseline"][0]
+    assert row["dice"] == trained["dice"]
+    assert row["finished"] == time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(last.stat().st_mtime))
+    assert row["wall_seconds"] is None and row["load_average"] is None
