@@ -213,3 +213,29 @@ def test_a_vessel_synthesizer_reads_the_vessels_from_the_request_s_slices(tmp_pa
     assert onehot.shape == (2, 5, 32, 32) and style.shape[:2] == (2, 5)
     assert torch.equal(onehot.argmax(1), semantic)
     assert torch.equal(adapter.decode(onehot, style, 5), synth.decode(onehot, style, 5))
+
+
+def test_a_chest_wall_synthesizer_serves_the_six_class_map_it_trains_on(tmp_path):
+    """synth.wall: a 6-class decoder (ONNX parity included) whose 6th class is the lung field's bright
+    rim of the request's images, the same map as its training batches'."""
+    import dataclasses
+
+    from plsynth.data.semantic import INFECTION, WALL
+    from plsynth.synth_service.local import LocalSynthesizer
+    from plsynth.training.synthesizer import prepare_batch
+
+    path, _ = _bundle(tmp_path / "bundle", dataclasses.replace(TINY, vessels=True, wall=True))
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["classes"][-2:] == ["vessel", "chest wall"] and meta["export_parity_max_abs"] <= 1e-4
+    infection, lung = _lungs(2, 64)
+    images = torch.full((2, 1, 64, 64), 0.6)  # body
+    images[lung[:, None] > 0] = 0.15  # lung
+    images[0, 0, 16:20, 3:30] = 0.6  # the first slice's field takes in 4 rows of chest wall
+    synth = LocalSynthesizer(path, backend="ort")
+    semantic = synth.semantic(infection, lung, images)
+    assert (semantic[0, 8:10, 2:15] == WALL).all() and not (semantic[1] == WALL).any()
+    assert torch.equal(semantic == INFECTION, infection[:, 0, ::2, ::2] > 0)
+    _, trained_on = prepare_batch({"image": images, "lung": lung, "label": infection}, 32, vessels=True, wall=True)
+    assert torch.equal(trained_on.argmax(1), semantic)
+    drawn = synth.synthesize(infection, lung, images=images, seed=3)
+    assert drawn.shape == (2, 1, 64, 64) and torch.isfinite(drawn).all()

@@ -1,4 +1,4 @@
-"""The semantic map: infection overrides lung (and vessel), one-hot layout, lungmask's label remap."""
+"""The semantic map: infection overrides lung (and vessel, and chest wall), one-hot layout, lungmask's label remap."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from plsynth.data.semantic import (
     NUM_CLASSES,
     RIGHT_LUNG,
     VESSEL,
+    WALL,
     from_lungmask_labels,
     map_classes,
     one_hot,
@@ -73,7 +74,7 @@ def test_lungmask_labels_are_swapped_to_the_project_contract():
 
 
 def test_class_names_follow_the_contract():
-    assert NUM_CLASSES == map_classes(False) == 4 and len(CLASS_NAMES) == map_classes(True) == 5
+    assert NUM_CLASSES == map_classes(False) == 4 and map_classes(True) == 5
     assert CLASS_NAMES[VESSEL] == "vessel" and CLASS_NAMES[INFECTION] == "infection"
     assert CLASS_NAMES[LEFT_LUNG] == "left lung" and CLASS_NAMES[RIGHT_LUNG] == "right lung"
 
@@ -91,3 +92,25 @@ def test_a_vessel_is_marked_only_inside_the_lung_and_infection_overrides_it():
     as_tensor = semantic_map(torch.from_numpy(lung), torch.from_numpy(infection), torch.from_numpy(vessel))
     assert np.array_equal(as_tensor.numpy(), sem)
     assert one_hot(sem, map_classes(True)).shape == (2, 5, 7, 9)
+
+
+def test_the_chest_wall_is_marked_only_in_the_lung_under_vessel_and_infection_and_needs_the_vessels():
+    lung, infection = _example(np.random.default_rng(5))
+    rng = np.random.default_rng(6)
+    vessel, wall = ((rng.random(lung.shape) < 0.4).astype(np.uint8) for _ in range(2))
+    sem = semantic_map(lung, infection, vessel, wall)
+    assert np.all(sem[infection > 0] == INFECTION)
+    assert np.all(sem[(vessel > 0) & (lung > 0) & (infection == 0)] == VESSEL)  # vessel over wall
+    only_wall = (wall > 0) & (vessel == 0) & (lung > 0) & (infection == 0)
+    assert only_wall.any() and np.all(sem[only_wall] == WALL)
+    assert np.array_equal(sem[(wall == 0) | (lung == 0)], semantic_map(lung, infection, vessel)[(wall == 0) | (lung == 0)])
+    as_tensor = semantic_map(*(torch.from_numpy(a) for a in (lung, infection, vessel, wall)))
+    assert np.array_equal(as_tensor.numpy(), sem)
+    assert map_classes(True, True) == len(CLASS_NAMES) == 6 and CLASS_NAMES[WALL] == "chest wall"
+    assert one_hot(sem, map_classes(True, True)).shape == (2, 6, 7, 9)
+    with pytest.raises(ValueError, match="synth.vessels"):
+        map_classes(False, True)
+    from plsynth.config import SynthConfig
+
+    with pytest.raises(ValueError, match="synth.wall needs synth.vessels"):
+        SynthConfig(wall=True)

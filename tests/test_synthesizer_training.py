@@ -81,6 +81,13 @@ def test_with_vessels_the_map_takes_a_fifth_class_from_the_image_and_a_gan_step_
     nets = build_nets(cfg)
     losses = gan_step(nets, image, onehot, cfg)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    # synth.wall: a 6th class, taken from the lung (never from a vessel), and the 6-class nets train on it
+    cfg = dataclasses.replace(cfg, synth=dataclasses.replace(cfg.synth, wall=True))
+    image, six = prepare_batch(batch, cfg.synth.image_size, vessels=True, wall=True)
+    assert six.shape[1] == 6 and six[:, 5].any() and torch.equal(six[:, VESSEL], onehot[:, VESSEL])
+    assert torch.equal(six[:, 1:3].sum(1) + six[:, 5], onehot[:, 1:3].sum(1))
+    losses = gan_step(build_nets(cfg), image, six, cfg)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 
 
 def test_lr_schedule_is_constant_then_decays_linearly():

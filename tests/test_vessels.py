@@ -1,12 +1,13 @@
 """Vessels read from the slice (the synthesizer's 5th map class): thin bright lines on dark lung are
 found, the chest wall at the lung field's border and the parenchyma are not, and the per-slice
-threshold follows a slice's brightness and contrast."""
+threshold follows a slice's brightness and contrast. The chest wall (6th class) is that rim of the
+field, and never a vessel or parenchyma."""
 
 from __future__ import annotations
 
 import torch
 
-from plsynth.data.vessels import vessel_mask
+from plsynth.data.vessels import vessel_mask, wall_mask
 
 
 def _slice(size: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,10 +59,9 @@ def test_a_lung_without_vessels_or_without_lung_gets_none_and_the_batch_is_per_s
     assert not vessel_mask(image, torch.zeros_like(field)).any()
 
 
-def test_on_a_dark_windowed_slice_bright_bits_of_the_chest_wall_inside_the_field_are_not_vessels():
-    """COVID-SemiSeg's unlabeled slices come darker (lung ~0.08, chest wall ~0.3): a fixed background
-    limit took the ribs' edges in the field's rim for vessels; the slice's own levels do not."""
-    size = 128
+def _dark_windowed(size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """COVID-SemiSeg's darker unlabeled slices: lung ~0.08, chest wall ~0.3 with ribs, a field that
+    takes in the wall up to the ribs. Returns image, field, lines (vessels), ribs, and the radius map."""
     g = torch.Generator().manual_seed(2)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     r = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2).sqrt()
@@ -74,7 +74,31 @@ def test_on_a_dark_windowed_slice_bright_bits_of_the_chest_wall_inside_the_field
     lines = (((yy - xx).abs() <= 1) | ((yy + xx - size).abs() <= 1)) & (r < radius - 6)
     image[lines] = 0.25
     image = (image + 0.01 * torch.randn(size, size, generator=g)).clamp(0, 1)[None, None]
-    field = (r < radius + 7).long()[None]  # the field takes in the wall up to the ribs
+    field = (r < radius + 7).long()[None]
+    return image, field, lines, ribs, r / radius
+
+
+def test_the_chest_wall_is_the_fields_bright_rim_never_the_parenchyma_or_a_vessel():
+    yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    bright = (*_slice()[:3], ((yy - 64) ** 2 + (xx - 64) ** 2).sqrt() / (128 * 0.35))  # 3-px wall, field takes 2
+    image, field, lines, _, dark_r = _dark_windowed()
+    for image, field, lines, r in (bright, (image, field, lines, dark_r)):  # r: radius / the lung's radius
+        wall = wall_mask(image, field)[0]
+        rim = (field[0] > 0) & (r >= 1.0)
+        assert rim.any() and (wall & rim).sum() >= 0.9 * rim.sum(), float((wall & rim).sum() / rim.sum())
+        assert not (wall & (r < 0.97)).any()  # parenchyma and vessels stay lung
+        assert not (wall & lines[0]).any() and not (wall & vessel_mask(image, field)[0]).any()
+        assert not (wall & (field[0] == 0)).any()
+    image, field, _ = _slice()
+    assert not wall_mask(image, torch.zeros_like(field)).any()
+    body_free = torch.where(field > 0, image[:, 0], torch.zeros_like(image[:, 0]))[:, None]
+    assert not wall_mask(body_free, field).any()  # nothing brighter than the lung outside: no level, no wall
+
+
+def test_on_a_dark_windowed_slice_bright_bits_of_the_chest_wall_inside_the_field_are_not_vessels():
+    """COVID-SemiSeg's unlabeled slices come darker (lung ~0.08, chest wall ~0.3): a fixed background
+    limit took the ribs' edges in the field's rim for vessels; the slice's own levels do not."""
+    image, field, lines, ribs, _ = _dark_windowed()
     found = vessel_mask(image, field)[0]
     assert not (found & ribs).any()
     assert (found & lines).sum() > 0.8 * lines.sum()

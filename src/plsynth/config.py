@@ -148,12 +148,16 @@ class SynthConfig:
     # a 5th map class, vessel, thresholded from the slice itself (plsynth.data.vessels), so the
     # generator is told where the lung's vessels are instead of averaging them away
     vessels: bool = False
+    # with vessels, a 6th class, chest wall: the lung field's bright rim, read by the vessel rule
+    wall: bool = False
 
     def __post_init__(self) -> None:
         if self.num_up < 1 or self.image_size % 2**self.num_up:
             raise ValueError(f"synth.image_size must be a multiple of 2**num_up, got {self.image_size}, {self.num_up}")
         if self.image_size // 2**self.num_up < 2:
             raise ValueError(f"synth.image_size / 2**num_up must be >= 2, got {self.image_size}, {self.num_up}")
+        if self.wall and not self.vessels:
+            raise ValueError("synth.wall needs synth.vessels: the chest wall is read by the vessel rule")
         if self.d_width < 0 or self.rotate_degrees < 0 or not 0 <= self.scale < 1 or not 0 <= self.intensity < 1:
             raise ValueError("synth.d_width / rotate_degrees must be >= 0, synth.scale and intensity in [0, 1)")
         for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):

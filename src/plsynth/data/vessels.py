@@ -1,4 +1,5 @@
-"""The lung's vessels, thresholded from the slice itself: the synthesizer's 5th map class.
+"""The lung's vessels and the chest wall, read from the slice itself: the synthesizer's 5th and
+6th map classes.
 
 Neither the labels nor the pseudo-labels say where the vessels are, so a generator trained on
 4-class maps with a pixel L1 averages them away and draws flat lungs. Every slice the trainers
@@ -18,6 +19,11 @@ minus its opening) with a square of ``kernel`` pixels. A pixel is vessel when
   and noise, so no fixed threshold fits all).
 The defaults are for 128 px slices of a 512 px chest CT (vessels 1-4 px wide); ``kernel`` and
 ``margin`` scale with the slice size. Torch only (batched, on the caller's device).
+
+The chest wall (:func:`wall_mask`) is the rest of the same split: the lung field of a tight crop
+takes in a rim of chest wall and mediastinal border, which the 4-class map calls lung, so a
+generator has nothing to draw it from. A field pixel is wall when its opening is brighter than
+that same level; vessels, whose opening is darker, are never wall.
 """
 
 from __future__ import annotations
@@ -44,20 +50,12 @@ def _median(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 def vessel_mask(image: torch.Tensor, lung: torch.Tensor, *, kernel: int = 5, margin: int = 2,
                 background: float = 0.5, mads: float = 3.0, floor: float = 0.03) -> torch.Tensor:
     """Vessels (B, H, W) bool of images (B, 1, H, W) in [0, 1] inside lung maps (B, H, W) (> 0 = lung)."""
-    if image.ndim != 4 or image.shape[1] != 1 or lung.shape != (image.shape[0], *image.shape[2:]):
-        raise ValueError(f"vessel_mask: image (B, 1, H, W) and lung (B, H, W) expected, got "
-                         f"{tuple(image.shape)} and {tuple(lung.shape)}")
-    scale = image.shape[-1] / REFERENCE_SIZE
-    k = max(3, int(round(kernel * scale)) | 1)  # odd
-    m = max(0, int(round(margin * scale)))
+    _check(image, lung, "vessel_mask")
+    m = max(0, int(round(margin * image.shape[-1] / REFERENCE_SIZE)))
     x = image.float()
-    opened = _dilate(_erode(x, k), k)
+    opened, dark = _opening_and_level(x, lung, kernel, background)
     tophat = (x - opened)[:, 0]
     field = lung > 0
-    # the slice's own levels: its lung, and the body around it (what outside the field is brighter)
-    lung_level = _median(x[:, 0], field)
-    body_level = _median(x[:, 0], ~field & (x[:, 0] > lung_level[:, None, None]))
-    dark = lung_level + background * (body_level - lung_level)
     region = field
     if m:
         region = _erode(field.float()[:, None], 2 * m + 1)[:, 0] > 0.5
@@ -68,4 +66,30 @@ def vessel_mask(image: torch.Tensor, lung: torch.Tensor, *, kernel: int = 5, mar
     return region & (tophat > threshold[:, None, None])
 
 
-__all__ = ["vessel_mask"]
+def wall_mask(image: torch.Tensor, lung: torch.Tensor, *, kernel: int = 5, background: float = 0.5) -> torch.Tensor:
+    """Chest wall (B, H, W) bool inside the lung field: field pixels whose opening (vessels
+    removed) is brighter than the vessel rule's level; a slice with no body outside the field has none."""
+    _check(image, lung, "wall_mask")
+    opened, level = _opening_and_level(image.float(), lung, kernel, background)
+    return (lung > 0) & (opened[:, 0] > level.nan_to_num(nan=float("inf"))[:, None, None])
+
+
+def _check(image: torch.Tensor, lung: torch.Tensor, name: str) -> None:
+    if image.ndim != 4 or image.shape[1] != 1 or lung.shape != (image.shape[0], *image.shape[2:]):
+        raise ValueError(f"{name}: image (B, 1, H, W) and lung (B, H, W) expected, got "
+                         f"{tuple(image.shape)} and {tuple(lung.shape)}")
+
+
+def _opening_and_level(x: torch.Tensor, lung: torch.Tensor, kernel: int, background: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grey opening of x (B, 1, H, W) with a square of ``kernel`` px (scaled to the slice size)
+    and the per-slice level ``background`` of the way from the lung (median over the field) to the
+    body (median of what outside the field is brighter); NaN level where a slice has no body."""
+    k = max(3, int(round(kernel * x.shape[-1] / REFERENCE_SIZE)) | 1)  # odd
+    field = lung > 0
+    lung_level = _median(x[:, 0], field)
+    body_level = _median(x[:, 0], ~field & (x[:, 0] > lung_level[:, None, None]))
+    return _dilate(_erode(x, k), k), lung_level + background * (body_level - lung_level)
+
+
+__all__ = ["vessel_mask", "wall_mask"]

@@ -4,7 +4,8 @@ Clean-room reimplementation of SEAN (Zhu et al., CVPR 2020) as used by Lyu et al
 section III-B); the differences from the official code (ZPdesu/SEAN, FeiLyu/SASSL) are listed below.
 
 Tensors (C = 4 classes: 0 background, 1 patient-left lung, 2 patient-right lung, 3 infection;
-C = 5 with ``synth.vessels``: 4 vessel, see ``plsynth.data.semantic``):
+C = 5 with ``synth.vessels``: 4 vessel; C = 6 with ``synth.wall``: 5 chest wall; see
+``plsynth.data.semantic``):
 - ``onehot``: (B, C, S, S) float one-hot semantic map (``plsynth.data.semantic.one_hot``), S = image_size.
 - ``style``: (B, C, D) float style matrix, one row per class, D = style_dim; a row of an absent
   class is all zero (paper: "set its column to zero").
@@ -205,7 +206,7 @@ class SEANDecoder(nn.Module):
         self.uses_noise = config.noise
         hidden = hidden_width(config)
         chans = decoder_channels(config)
-        self.num_classes = classes = map_classes(config.vessels)
+        self.num_classes = classes = map_classes(config.vessels, config.wall)
         self.fc = nn.Conv2d(classes, chans[0], 3, padding=1)
         fins = [chans[0], *chans[:-1]]
         last = len(chans) - 1

@@ -5,7 +5,8 @@ columns: map | drawn image | map with the infection removed | its image | map wi
 infection moved elsewhere in the lungs | its image. The three images of a row share the
 pool draw and the noise (same seed), so they differ only where the map was edited.
 
-Map colours: background black, patient-left lung blue, patient-right lung green, infection red.
+Map colours: background black, patient-left lung blue, patient-right lung green, infection red,
+vessel yellow, chest wall grey.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from plsynth.config import Config
 
 log = logging.getLogger(__name__)
 
-PALETTE = np.array([[0, 0, 0], [60, 110, 210], [60, 170, 90], [230, 50, 40], [250, 220, 90]], dtype=np.uint8)
+PALETTE = np.array([[0, 0, 0], [60, 110, 210], [60, 170, 90], [230, 50, 40], [250, 220, 90], [150, 150, 150]],
+                   dtype=np.uint8)
 
 
 def colorize_map(semantic: np.ndarray) -> np.ndarray:

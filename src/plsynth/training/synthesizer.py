@@ -3,7 +3,8 @@
 Data: the training split's labeled slices only (``build_splits(cfg, out).labeled``); validation
 slices never reach the synthesizer or its pool (paper; SASSL issue #1). Each slice gives its
 image in [0, 1] (mapped to [-1, 1]) and its 4-class map from lung mask + infection label, with
-``synth.vessels`` a 5th class, the vessels read from the (augmented) image itself.
+``synth.vessels`` a 5th class, the vessels, and with ``synth.wall`` a 6th, the chest wall, read
+from the (augmented) image itself.
 Augmentation (``synth.flip``, ``rotate_degrees``, ``scale``, ``intensity``; ``augment_batch``)
 moves image and map jointly, so 40 slices are not memorised; the one flip mirrors left and
 right (along the axis between the two lungs, ``augment.flip_across_lungs``) and swaps the lung
@@ -57,16 +58,18 @@ log = logging.getLogger(__name__)
 # -- data -------------------------------------------------------------------------------------
 
 
-def prepare_batch(batch: dict[str, Any], size: int, vessels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_batch(batch: dict[str, Any], size: int, vessels: bool = False,
+                  wall: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A dataset batch -> (image (B, 1, size, size) in [-1, 1], one-hot map (B, C, size, size)).
 
     The same condition as the synthesis service's requests (``plsynth.data.semantic.class_map_at``:
-    resized to ``size``; with ``vessels``, ``synth.vessels``, the 5th class read from the image).
+    resized to ``size``; with ``vessels`` and ``wall``, ``synth.vessels`` / ``synth.wall``, the
+    5th and 6th classes read from the image).
     """
     from plsynth.data.semantic import class_map_at, map_classes, one_hot
 
-    image, semantic = class_map_at(size, batch["lung"], batch["label"], batch["image"], vessels)
-    onehot = one_hot(semantic, map_classes(vessels))
+    image, semantic = class_map_at(size, batch["lung"], batch["label"], batch["image"], vessels, wall)
+    onehot = one_hot(semantic, map_classes(vessels, wall))
     return image * 2 - 1, onehot
 
 
@@ -85,11 +88,12 @@ def augment_batch(batch: dict[str, Any], cfg: Config, generator: torch.Generator
     return {**batch, "image": image, "lung": lung, "label": label}
 
 
-def pool_batches(dataset, size: int, batch_size: int, vessels: bool = False) -> Iterator[dict[str, Any]]:
+def pool_batches(dataset, size: int, batch_size: int, vessels: bool = False,
+                 wall: bool = False) -> Iterator[dict[str, Any]]:
     """Batches for ``build_style_pool``: image in [0, 1], one-hot, case, index."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in loader:
-        image, onehot = prepare_batch(batch, size, vessels)
+        image, onehot = prepare_batch(batch, size, vessels, wall)
         yield {
             "image": (image + 1) / 2,
             "onehot": onehot,
@@ -301,7 +305,7 @@ def write_training_grid(decoder, encoder, preview, cfg: Config, path: Path) -> P
         return None
     batch = next(iter(torch.utils.data.DataLoader(preview, batch_size=s.grid_samples, shuffle=False)))
     device = next(decoder.parameters()).device
-    image, onehot = prepare_batch(batch, s.image_size, s.vessels)
+    image, onehot = prepare_batch(batch, s.image_size, s.vessels, s.wall)
     image, onehot = image.to(device), onehot.to(device)
     modes = decoder.training, encoder.training
     decoder.eval(), encoder.eval()
@@ -310,7 +314,7 @@ def write_training_grid(decoder, encoder, preview, cfg: Config, path: Path) -> P
         noise = decoder.make_noise(len(image), generator)
         noise = None if noise is None else noise.to(device)
         recon = decoder(onehot, encoder(image, onehot), noise)
-        pool = build_style_pool(encoder, pool_batches(preview, s.image_size, s.batch_size, s.vessels), device=device)
+        pool = build_style_pool(encoder, pool_batches(preview, s.image_size, s.batch_size, s.vessels, s.wall), device=device)
         mode = "positive" if pool.n_positive else "all"
         style = pool.draw(len(image), s.pool_k, generator, mode=mode).to(device)
         drawn = decoder(onehot, style, noise)
@@ -420,7 +424,7 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
         sums: dict[str, float] = {}
         steps = 0
         for batch in loader:
-            image, onehot = prepare_batch(augment_batch(batch, cfg, generator), s.image_size, s.vessels)
+            image, onehot = prepare_batch(augment_batch(batch, cfg, generator), s.image_size, s.vessels, s.wall)
             for k, v in gan_step(nets, image.to(device), onehot.to(device), cfg).items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
@@ -434,7 +438,7 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
         write_training_grid(nets.decoder, nets.encoder, preview, cfg, out / "grids" / f"epoch_{epoch + 1:03d}.png")
     train_seconds = time.perf_counter() - t_train
 
-    pool = build_style_pool(nets.encoder, pool_batches(labeled, s.image_size, s.batch_size, s.vessels), device=device)
+    pool = build_style_pool(nets.encoder, pool_batches(labeled, s.image_size, s.batch_size, s.vessels, s.wall), device=device)
     nets.decoder.eval()
     nets.encoder.eval()
     extra = {
