@@ -27,7 +27,9 @@ figure on the real slices the maps come from:
               the real slices of the set (val: validation slices; pseudo: unlabeled slices).
 The gallery: one row per held-out map (val first): real | map | 3 pool draws | infection
 removed | moved map | its image (maps as the synthesizer built them; with ``synth.vessels`` the
-vessels, yellow, are read from the real slice the map belongs to, as in SA-CPS). Writes JSON (per image rows and summary) and prints Markdown.
+vessels, yellow, and with ``synth.wall`` the chest wall, grey, are read from the real slice the map
+belongs to, as in SA-CPS; for the removed and moved maps from that slice with its infection filled
+with its lung level, ``synth_preview.heal_infection``). Writes JSON (per image rows and summary) and prints Markdown.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def lung_features(net, images: np.ndarray, lungs: np.ndarray, batch: int = 16) -
 def evaluate_maps(name, synth, judge, threshold, images, lungs, infections, draws, seed0):
     """Synthesize (as given / removed / moved) for every map and score with the judge."""
     from plsynth.training.evaluate import predict_slices
-    from plsynth.training.synth_preview import move_infection
+    from plsynth.training.synth_preview import heal_infection, move_infection
 
     real_pred = predict_slices(judge, images[:, None], threshold)
     infected = [i for i in range(len(lungs)) if infections[i].any()]
@@ -120,7 +122,8 @@ def evaluate_maps(name, synth, judge, threshold, images, lungs, infections, draw
     rows, given_images, given_lungs, tiles = [], [], [], {}
     for i in range(len(lungs)):
         lung, inf = lungs[i], infections[i]
-        slices = torch.from_numpy(np.stack([images[i]] * 3)[:, None].astype(np.float32))  # vessels are read from them
+        healed = heal_infection(images[i], inf, lung)  # edited maps read no vessel or wall from the old lesion
+        slices = torch.from_numpy(np.stack([images[i], healed, healed])[:, None].astype(np.float32))
         lung3 = torch.from_numpy(np.stack([lung] * 3).astype(np.int64))
         for d in range(draws):
             seed = seed0 + 1000 * d + i

@@ -28,7 +28,7 @@ PALETTE = np.array([[0, 0, 0], [60, 110, 210], [60, 170, 90], [230, 50, 40], [25
 
 
 def colorize_map(semantic: np.ndarray) -> np.ndarray:
-    """(H, W) classes 0..4 (``plsynth.data.semantic``) -> (H, W, 3) uint8 RGB."""
+    """(H, W) classes 0..5 (``plsynth.data.semantic``) -> (H, W, 3) uint8 RGB."""
     return PALETTE[np.clip(np.asarray(semantic, dtype=np.int64), 0, len(PALETTE) - 1)]
 
 
@@ -73,19 +73,40 @@ def move_infection(infection: np.ndarray, lung: np.ndarray, rng: np.random.Gener
     return ((((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2) <= r * r) & lungs).astype(np.uint8)
 
 
+def heal_infection(image: np.ndarray, infection: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """The slice with its infection filled with its infection-free lung level (median over the field).
+
+    A synthesizer that reads vessels and chest wall from the slice would otherwise find them in
+    the old lesion of a map whose infection was removed or moved: a consolidation's bright opening
+    reads as chest wall, its reticulation as vessels. Maps edited away from their slice's
+    infection are read from this slice instead.
+    """
+    lesion = np.asarray(infection) > 0
+    clear = (np.asarray(lung) > 0) & ~lesion
+    if not lesion.any() or not clear.any():
+        return np.asarray(image)
+    healed = np.array(image, copy=True)
+    healed[lesion] = np.median(healed[clear])
+    return healed
+
+
 def preview_rows(synth, lung: np.ndarray, infection: np.ndarray, seed: int,
                  image: np.ndarray | None = None) -> list[np.ndarray]:
     """One gallery row for a slice: three maps (as given, infection removed, moved) and their images.
 
     ``image`` (H, W) in [0, 1] is the slice the maps belong to (a vessel synthesizer reads its
-    vessels from it); each map is shown as the synthesizer built it (``LocalSynthesizer.semantic``).
+    vessels from it, from :func:`heal_infection`'s slice for the edited maps); each map is shown as
+    the synthesizer built it (``LocalSynthesizer.semantic``).
     """
     rng = np.random.default_rng(seed)
     variants = [infection.astype(np.uint8), np.zeros_like(infection, dtype=np.uint8), move_infection(infection, lung, rng)]
-    images = None if image is None else torch.from_numpy(np.asarray(image, dtype=np.float32)[None, None])
     lung_t = torch.from_numpy(lung[None].astype(np.int64))
     tiles = []
-    for inf in variants:
+    for k, inf in enumerate(variants):
+        images = None
+        if image is not None:
+            given = image if k == 0 else heal_infection(image, infection, lung)
+            images = torch.from_numpy(np.asarray(given, dtype=np.float32)[None, None])
         inf_t = torch.from_numpy(inf[None, None].astype(np.float32))
         drawn = synth.synthesize(inf_t, lung_t, images=images, seed=seed)
         tiles += [colorize_map(synth.semantic(inf_t, lung_t, images)[0].numpy()), gray_to_rgb(drawn[0, 0].numpy())]
