@@ -28,8 +28,8 @@ figure on the real slices the maps come from:
 The gallery: one row per held-out map (val first): real | map | 3 pool draws | infection
 removed | moved map | its image (maps as the synthesizer built them; with ``synth.vessels`` the
 vessels, yellow, and with ``synth.wall`` the chest wall, grey, are read from the real slice the map
-belongs to, as in SA-CPS; for the removed and moved maps from that slice with its infection filled
-with its lung level, ``synth_preview.heal_infection``). Writes JSON (per image rows and summary) and prints Markdown.
+belongs to, as in SA-CPS, except inside its infection on the removed and moved maps, which get
+plain lung there: ``synth_preview.draw_variants``). Writes JSON (per image rows and summary) and prints Markdown.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def lung_features(net, images: np.ndarray, lungs: np.ndarray, batch: int = 16) -
 def evaluate_maps(name, synth, judge, threshold, images, lungs, infections, draws, seed0):
     """Synthesize (as given / removed / moved) for every map and score with the judge."""
     from plsynth.training.evaluate import predict_slices
-    from plsynth.training.synth_preview import heal_infection, move_infection
+    from plsynth.training.synth_preview import draw_variants, move_infection
 
     real_pred = predict_slices(judge, images[:, None], threshold)
     infected = [i for i in range(len(lungs)) if infections[i].any()]
@@ -117,24 +117,17 @@ def evaluate_maps(name, synth, judge, threshold, images, lungs, infections, draw
         "dice_sd": _sd([_dice(real_pred[i], infections[i]) for i in infected]),
         "free_lung": _mean([_frac(real_pred[i], (lungs[i] > 0) & (infections[i] == 0)) for i in range(len(lungs))]),
     }
-    import torch
-
     rows, given_images, given_lungs, tiles = [], [], [], {}
     for i in range(len(lungs)):
         lung, inf = lungs[i], infections[i]
-        healed = heal_infection(images[i], inf, lung)  # edited maps read no vessel or wall from the old lesion
-        slices = torch.from_numpy(np.stack([images[i], healed, healed])[:, None].astype(np.float32))
-        lung3 = torch.from_numpy(np.stack([lung] * 3).astype(np.int64))
         for d in range(draws):
             seed = seed0 + 1000 * d + i
             moved = move_infection(inf, lung, np.random.default_rng(seed))
-            variants = torch.from_numpy(np.stack([inf, np.zeros_like(inf), moved])[:, None].astype(np.float32))
-            drawn = synth.synthesize(variants, lung3, images=slices, seed=seed).numpy()
-            pa, pb, pc = predict_slices(judge, drawn, threshold)
-            given_images.append(drawn[0, 0])
+            maps, drawn = draw_variants(synth, np.stack([inf, np.zeros_like(inf), moved]), lung, images[i], seed)
+            pa, pb, pc = predict_slices(judge, drawn[:, None], threshold)
+            given_images.append(drawn[0])
             given_lungs.append(lung)
-            maps = synth.semantic(variants, lung3, slices).numpy() if d == 0 else None  # the gallery shows draw 0's
-            tiles[(i, d)] = (drawn[:, 0], moved, maps)
+            tiles[(i, d)] = (drawn, moved, maps if d == 0 else None)  # the gallery shows draw 0's maps
             rows.append({
                 "set": name, "map": i, "draw": d, "seed": seed, "infection_px": int(inf.sum()),
                 "dice": _dice(pa, inf) if inf.any() else float("nan"),

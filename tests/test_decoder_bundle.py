@@ -239,3 +239,33 @@ def test_a_chest_wall_synthesizer_serves_the_six_class_map_it_trains_on(tmp_path
     assert torch.equal(trained_on.argmax(1), semantic)
     drawn = synth.synthesize(infection, lung, images=images, seed=3)
     assert drawn.shape == (2, 1, 64, 64) and torch.isfinite(drawn).all()
+
+
+def test_maps_edited_away_from_the_slice_s_infection_read_no_wall_or_vessel_from_the_old_lesion(tmp_path):
+    """draw_variants (the evidence bench, the preview): the infection-removed and moved maps are the
+    as-given map's slice classes except inside the slice's own lesion, which is plain lung there
+    (a consolidation reads as chest wall); all variants share one pool draw and noise."""
+    import dataclasses
+
+    from plsynth.data.semantic import INFECTION, VESSEL, WALL
+    from plsynth.synth_service.local import LocalSynthesizer
+    from plsynth.training.synth_preview import draw_variants
+
+    path, _ = _bundle(tmp_path / "bundle", dataclasses.replace(TINY, vessels=True, wall=True))
+    synth = LocalSynthesizer(path, backend="ort")
+    infection, lung = _lungs(1, 64)
+    image = torch.full((64, 64), 0.6)
+    image[lung[0] > 0] = 0.15
+    image[infection[0, 0] > 0] = 0.7  # a consolidation
+    inf, lung, image = infection[0, 0].numpy().astype("uint8"), lung[0].numpy(), image.numpy()
+    variants = np.stack([inf, np.zeros_like(inf), inf[:, ::-1] & (lung > 0)])
+    plain = synth.semantic(torch.from_numpy(variants[:, None]).float(),
+                           torch.from_numpy(np.stack([lung] * 3)).long(), torch.from_numpy(np.stack([image] * 3)[:, None]))
+    old = inf[::2, ::2] > 0
+    assert (plain[1][old] == WALL).any()  # read from the slice as it is, the removed lesion is chest wall
+    maps, drawn = draw_variants(synth, variants, lung, image, seed=4)
+    assert drawn.shape == (3, 64, 64) and np.array_equal(maps[0], plain[0].numpy())
+    assert (maps[0][old] == INFECTION).all() and not (maps[1][old] >= VESSEL).any()
+    assert np.array_equal(maps[1][old], lung[::2, ::2][old]) and np.array_equal(maps[1][~old], plain[1].numpy()[~old])
+    again, redrawn = draw_variants(synth, variants, lung, image, seed=4)
+    assert np.array_equal(again, maps) and np.array_equal(redrawn, drawn)  # the seed fixes pool draw and noise

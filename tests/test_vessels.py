@@ -5,7 +5,6 @@ field, and never a vessel or parenchyma."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from plsynth.data.vessels import vessel_mask, wall_mask
@@ -104,20 +103,3 @@ def test_on_a_dark_windowed_slice_bright_bits_of_the_chest_wall_inside_the_field
     assert not (found & ribs).any()
     assert (found & lines).sum() > 0.8 * lines.sum()
 
-
-def test_a_map_edited_away_from_its_infection_reads_no_wall_or_vessel_from_the_old_lesion():
-    """Removed / moved maps (the evidence bench, the preview) are read from the slice with its lesion
-    filled with its lung level: a consolidation would otherwise read as chest wall."""
-    from plsynth.training.synth_preview import heal_infection
-
-    image, field, lines = _slice()
-    yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
-    lesion = ((yy - 50) ** 2 + (xx - 70) ** 2) < 12**2
-    sick = image.clone()
-    sick[0, 0][lesion] = 0.7  # consolidation
-    assert (wall_mask(sick, field)[0] & lesion).any()
-    healed = torch.from_numpy(heal_infection(sick[0, 0].numpy(), lesion.numpy(), field[0].numpy()))[None, None]
-    assert not (wall_mask(healed, field)[0] & lesion).any() and not (vessel_mask(healed, field)[0] & lesion).any()
-    assert torch.equal(healed[0, 0][~lesion], sick[0, 0][~lesion])
-    clean = image[0, 0].numpy()
-    assert (heal_infection(clean, np.zeros(clean.shape, np.uint8), field[0].numpy()) == clean).all()  # nothing to fill

@@ -73,21 +73,35 @@ def move_infection(infection: np.ndarray, lung: np.ndarray, rng: np.random.Gener
     return ((((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2) <= r * r) & lungs).astype(np.uint8)
 
 
-def heal_infection(image: np.ndarray, infection: np.ndarray, lung: np.ndarray) -> np.ndarray:
-    """The slice with its infection filled with its infection-free lung level (median over the field).
+def draw_variants(synth, infections: np.ndarray, lung: np.ndarray, image: np.ndarray | None, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Draw maps of one slice that differ only in their infection (e.g. as given, removed, moved),
+    with one pool draw and one noise for all, so the images differ only where the maps do.
 
-    A synthesizer that reads vessels and chest wall from the slice would otherwise find them in
-    the old lesion of a map whose infection was removed or moved: a consolidation's bright opening
-    reads as chest wall, its reticulation as vessels. Maps edited away from their slice's
-    infection are read from this slice instead.
+    infections (V, H, W), the first as the slice has it; lung (H, W); image (H, W) in [0, 1], the
+    slice a vessel / chest-wall synthesizer reads those classes from. Inside the slice's own
+    infection they are not read on the other maps (what the slice shows there is the lesion: a
+    consolidation would read as wall, its reticulation as vessels): those maps get plain lung there.
+    Returns (maps (V, S, S) as drawn, images (V, H, W) in [0, 1]).
     """
-    lesion = np.asarray(infection) > 0
-    clear = (np.asarray(lung) > 0) & ~lesion
-    if not lesion.any() or not clear.any():
-        return np.asarray(image)
-    healed = np.array(image, copy=True)
-    healed[lesion] = np.median(healed[clear])
-    return healed
+    from plsynth.data.semantic import VESSEL, one_hot
+
+    v, (h, w) = len(infections), lung.shape
+    lung_t = torch.from_numpy(np.stack([lung] * v).astype(np.int64))
+    images = None if image is None else torch.from_numpy(np.stack([image] * v).astype(np.float32)[:, None])
+    onehot, style = synth.condition(torch.from_numpy(np.asarray(infections, np.float32)[:, None]), lung_t, images,
+                                    torch.Generator().manual_seed(seed))
+    semantic = onehot.argmax(1)
+    if onehot.shape[1] > VESSEL:
+        s = semantic.shape[-1]
+        old, side = (F.interpolate(torch.from_numpy(np.asarray(a, np.float32))[None, None], size=(s, s),
+                                   mode="nearest")[0, 0] for a in (infections[0], lung))
+        semantic = torch.where((old > 0) & (semantic >= VESSEL), side.long(), semantic)
+        onehot = one_hot(semantic, onehot.shape[1])
+    drawn = synth.decode(onehot, style, noise_seed=seed)
+    if tuple(drawn.shape[-2:]) != (h, w):
+        drawn = F.interpolate(drawn, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+    return semantic.numpy(), drawn[:, 0].numpy()
 
 
 def preview_rows(synth, lung: np.ndarray, infection: np.ndarray, seed: int,
@@ -95,22 +109,13 @@ def preview_rows(synth, lung: np.ndarray, infection: np.ndarray, seed: int,
     """One gallery row for a slice: three maps (as given, infection removed, moved) and their images.
 
     ``image`` (H, W) in [0, 1] is the slice the maps belong to (a vessel synthesizer reads its
-    vessels from it, from :func:`heal_infection`'s slice for the edited maps); each map is shown as
-    the synthesizer built it (``LocalSynthesizer.semantic``).
+    vessels from it); each map is shown as it was drawn (:func:`draw_variants`).
     """
     rng = np.random.default_rng(seed)
-    variants = [infection.astype(np.uint8), np.zeros_like(infection, dtype=np.uint8), move_infection(infection, lung, rng)]
-    lung_t = torch.from_numpy(lung[None].astype(np.int64))
-    tiles = []
-    for k, inf in enumerate(variants):
-        images = None
-        if image is not None:
-            given = image if k == 0 else heal_infection(image, infection, lung)
-            images = torch.from_numpy(np.asarray(given, dtype=np.float32)[None, None])
-        inf_t = torch.from_numpy(inf[None, None].astype(np.float32))
-        drawn = synth.synthesize(inf_t, lung_t, images=images, seed=seed)
-        tiles += [colorize_map(synth.semantic(inf_t, lung_t, images)[0].numpy()), gray_to_rgb(drawn[0, 0].numpy())]
-    return tiles
+    variants = np.stack([infection.astype(np.uint8), np.zeros_like(infection, dtype=np.uint8),
+                         move_infection(infection, lung, rng)])
+    maps, drawn = draw_variants(synth, variants, lung, image, seed)
+    return [tile for m, d in zip(maps, drawn) for tile in (colorize_map(m), gray_to_rgb(d))]
 
 
 def write_preview(bundle: Path, labeled, out: Path, n: int = 8, seed: int = 0, backend: str = "torch") -> Path:
