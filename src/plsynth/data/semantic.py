@@ -120,10 +120,9 @@ def class_map_at(size: int, lung: Any, infection: Any, image: Any = None, vessel
     if vessels:
         if image is None:
             raise ValueError("a map with vessels (synth.vessels) reads them from the slices: it needs its images")
-        from plsynth.data.vessels import vessel_mask, wall_mask
+        from plsynth.data.vessels import slice_classes
 
-        vessel = vessel_mask(image, lung)
-        chest_wall = wall_mask(image, lung) if wall else None
+        vessel, chest_wall = slice_classes(image, lung, wall)
     return image, semantic_map(lung, infection[:, 0], vessel, chest_wall)
 
 

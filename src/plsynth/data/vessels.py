@@ -47,49 +47,47 @@ def _median(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return torch.where(where, x, torch.full_like(x, float("nan"))).flatten(1).nanmedian(dim=1).values
 
 
-def vessel_mask(image: torch.Tensor, lung: torch.Tensor, *, kernel: int = 5, margin: int = 2,
-                background: float = 0.5, mads: float = 3.0, floor: float = 0.03) -> torch.Tensor:
-    """Vessels (B, H, W) bool of images (B, 1, H, W) in [0, 1] inside lung maps (B, H, W) (> 0 = lung)."""
-    _check(image, lung, "vessel_mask")
-    m = max(0, int(round(margin * image.shape[-1] / REFERENCE_SIZE)))
+def slice_classes(image: torch.Tensor, lung: torch.Tensor, wall: bool = False, *, kernel: int = 5, margin: int = 2,
+                  background: float = 0.5, mads: float = 3.0, floor: float = 0.03
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(vessels, chest wall or None), each (B, H, W) bool, of images (B, 1, H, W) in [0, 1] inside
+    lung maps (B, H, W) (> 0 = lung), from one opening and one pair of levels (the map's hot path)."""
+    if image.ndim != 4 or image.shape[1] != 1 or lung.shape != (image.shape[0], *image.shape[2:]):
+        raise ValueError(f"slice_classes: image (B, 1, H, W) and lung (B, H, W) expected, got "
+                         f"{tuple(image.shape)} and {tuple(lung.shape)}")
+    scale = image.shape[-1] / REFERENCE_SIZE
+    k = max(3, int(round(kernel * scale)) | 1)  # odd
+    m = max(0, int(round(margin * scale)))
     x = image.float()
-    opened, dark = _opening_and_level(x, lung, kernel, background)
-    tophat = (x - opened)[:, 0]
+    opened = _dilate(_erode(x, k), k)
     field = lung > 0
+    # the slice's own levels: its lung, and the body around it (what outside the field is brighter)
+    lung_level = _median(x[:, 0], field)
+    body_level = _median(x[:, 0], ~field & (x[:, 0] > lung_level[:, None, None]))
+    level = (lung_level + background * (body_level - lung_level)).nan_to_num(nan=float("inf"))[:, None, None]
+    # no body: no limit for vessels, no wall
+    chest_wall = field & (opened[:, 0] > level) if wall else None
+    tophat = (x - opened)[:, 0]
     region = field
     if m:
         region = _erode(field.float()[:, None], 2 * m + 1)[:, 0] > 0.5
-    region = region & (opened[:, 0] < dark.nan_to_num(nan=float("inf"))[:, None, None])  # no body: no limit
+    region = region & (opened[:, 0] < level)
     median = _median(tophat, region)
     spread = 1.4826 * _median((tophat - median[:, None, None]).abs(), region)
     threshold = torch.clamp(median + mads * spread, min=floor).nan_to_num(nan=float("inf"))
-    return region & (tophat > threshold[:, None, None])
+    return region & (tophat > threshold[:, None, None]), chest_wall
 
 
-def wall_mask(image: torch.Tensor, lung: torch.Tensor, *, kernel: int = 5, background: float = 0.5) -> torch.Tensor:
+def vessel_mask(image: torch.Tensor, lung: torch.Tensor, **rule) -> torch.Tensor:
+    """Vessels (B, H, W) bool (:func:`slice_classes`)."""
+    return slice_classes(image, lung, **rule)[0]
+
+
+def wall_mask(image: torch.Tensor, lung: torch.Tensor, **rule) -> torch.Tensor:
     """Chest wall (B, H, W) bool inside the lung field: field pixels whose opening (vessels
-    removed) is brighter than the vessel rule's level; a slice with no body outside the field has none."""
-    _check(image, lung, "wall_mask")
-    opened, level = _opening_and_level(image.float(), lung, kernel, background)
-    return (lung > 0) & (opened[:, 0] > level.nan_to_num(nan=float("inf"))[:, None, None])
+    removed) is brighter than the vessel rule's level; a slice with no body outside the field has
+    none (:func:`slice_classes`)."""
+    return slice_classes(image, lung, wall=True, **rule)[1]
 
 
-def _check(image: torch.Tensor, lung: torch.Tensor, name: str) -> None:
-    if image.ndim != 4 or image.shape[1] != 1 or lung.shape != (image.shape[0], *image.shape[2:]):
-        raise ValueError(f"{name}: image (B, 1, H, W) and lung (B, H, W) expected, got "
-                         f"{tuple(image.shape)} and {tuple(lung.shape)}")
-
-
-def _opening_and_level(x: torch.Tensor, lung: torch.Tensor, kernel: int, background: float
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grey opening of x (B, 1, H, W) with a square of ``kernel`` px (scaled to the slice size)
-    and the per-slice level ``background`` of the way from the lung (median over the field) to the
-    body (median of what outside the field is brighter); NaN level where a slice has no body."""
-    k = max(3, int(round(kernel * x.shape[-1] / REFERENCE_SIZE)) | 1)  # odd
-    field = lung > 0
-    lung_level = _median(x[:, 0], field)
-    body_level = _median(x[:, 0], ~field & (x[:, 0] > lung_level[:, None, None]))
-    return _dilate(_erode(x, k), k), lung_level + background * (body_level - lung_level)
-
-
-__all__ = ["vessel_mask", "wall_mask"]
+__all__ = ["slice_classes", "vessel_mask", "wall_mask"]
