@@ -258,3 +258,22 @@ def test_a_frozen_segmenter_sees_the_drawn_image_as_it_saw_its_training_slices(t
     assert seen[-1].shape[-2:] == (12, 12) and boxed != pytest.approx(whole)
     judge(tiny.replace(data=dataclasses.replace(tiny.data, lung_handling="mask")))
     assert seen[-1][:, :, 7:, :].abs().max() == 0 and seen[-1][:, :, 1:7, 1:7].min() > 0  # lung: rows and columns 1-6 at 16 px
+
+
+def test_a_damaged_frozen_segmenter_is_named_by_its_config_key(tmp_path):
+    """synth.segmenter that is no bundle, or a bundle with a file missing, fails naming the key and the file."""
+    from _fixtures import tiny_config, write_tiny_bundle
+
+    from plsynth.errors import BundleError
+    from plsynth.training.synthesizer import ConsistencyLoss
+
+    with pytest.raises(BundleError, match=r"synth\.segmenter: .*empty: model bundle folder not found.*train the baseline first"):
+        ConsistencyLoss((tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match=r"synth\.segmenter: .*meta\.json: missing"):
+        ConsistencyLoss(tmp_path / "empty")
+    bundle = write_tiny_bundle(tmp_path / "b", tiny_config(16), seeds=(3,))
+    weights = next(p for p in bundle.iterdir() if p.suffix in (".onnx", ".safetensors", ".pt"))
+    weights.unlink()
+    with pytest.raises(BundleError, match=rf"synth\.segmenter: .*{weights.name}.*missing"):
+        ConsistencyLoss(bundle)

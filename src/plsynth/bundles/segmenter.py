@@ -263,7 +263,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """
     path = Path(path)
     if not path.is_dir():
-        raise BundleError(f"{path}: model bundle folder not found (set --model or PLSYNTH_MODEL)")
+        raise BundleError(f"{path}: model bundle folder not found")
     meta_path = path / META
     try:
         meta = json.loads(meta_path.read_text())

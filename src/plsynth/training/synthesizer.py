@@ -166,10 +166,10 @@ class ConsistencyLoss(nn.Module):
         from plsynth.bundles.segmenter import load_bundle
         from plsynth.errors import BundleError
 
-        path = Path(bundle).expanduser()
-        if not (path / "meta.json").is_file():
-            raise BundleError(f"synth.segmenter: {path} is not a segmenter bundle (train the baseline first)")
-        loaded = load_bundle(path)
+        try:
+            loaded = load_bundle(Path(bundle).expanduser())
+        except BundleError as exc:  # the same checks as plsynth-infer, named by the config key
+            raise BundleError(f"synth.segmenter: {exc} (a segmenter bundle: train the baseline first)") from None
         self.size = loaded.image_size
         self.view = loaded.field_of_view
         self.mask_outside = loaded.lung_handling == "mask"
