@@ -269,3 +269,38 @@ def test_maps_edited_away_from_the_slice_s_infection_read_no_wall_or_vessel_from
     assert np.array_equal(maps[1][old], lung[::2, ::2][old]) and np.array_equal(maps[1][~old], plain[1].numpy()[~old])
     again, redrawn = draw_variants(synth, variants, lung, image, seed=4)
     assert np.array_equal(again, maps) and np.array_equal(redrawn, drawn)  # the seed fixes pool draw and noise
+
+
+def test_vessels_read_through_the_infection_are_served_as_trained_and_kept_when_it_is_removed(tmp_path):
+    """synth.infection_vessels: the vessel class is drawn over the infection where the lesion's own
+    rule finds vessels, in the served map as in the training batch; with the lesion removed
+    (draw_variants) those vessels stay and the rest of the old lesion is plain lung."""
+    import dataclasses
+
+    from plsynth.data.semantic import INFECTION, VESSEL
+    from plsynth.synth_service.local import LocalSynthesizer
+    from plsynth.training.synth_preview import draw_variants
+    from plsynth.training.synthesizer import prepare_batch
+
+    rule = dataclasses.replace(TINY, vessels=True, infection_vessels=True)
+    path, _ = _bundle(tmp_path / "bundle", rule)
+    infection, lung = _lungs(1, 64)
+    image = torch.full((1, 1, 64, 64), 0.6)
+    image[lung[:, None] > 0] = 0.15
+    image[infection > 0] = 0.4  # ground glass
+    rows = infection[0, 0].nonzero()[:, 0]
+    vessel_row = int(rows.float().mean())
+    image[0, 0, vessel_row : vessel_row + 2][infection[0, 0, vessel_row : vessel_row + 2] > 0] = 0.75  # a vessel through it
+    synth = LocalSynthesizer(path, backend="ort")
+    semantic = synth.semantic(infection, lung, image)
+    lesion = infection[0, 0, ::2, ::2] > 0
+    assert (semantic[0][lesion] == VESSEL).any() and (semantic[0][lesion] == INFECTION).float().mean() > 0.5
+    _, trained_on = prepare_batch({"image": image, "lung": lung, "label": infection}, 32, *rule.map_rule)
+    assert torch.equal(trained_on.argmax(1), semantic)
+    off = LocalSynthesizer(_bundle(tmp_path / "off", dataclasses.replace(TINY, vessels=True))[0], backend="ort")
+    assert not (off.semantic(infection, lung, image)[0][lesion] == VESSEL).any()  # without it, infection on top
+    inf = infection[0, 0].numpy().astype("uint8")
+    maps, _ = draw_variants(synth, np.stack([inf, np.zeros_like(inf)]), lung[0].numpy(), image[0, 0].numpy(), seed=1)
+    through = maps[0] == VESSEL
+    assert np.array_equal(maps[1][lesion.numpy() & through], maps[0][lesion.numpy() & through])
+    assert not (maps[1][lesion.numpy() & ~through] >= INFECTION).any()

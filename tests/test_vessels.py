@@ -103,3 +103,28 @@ def test_on_a_dark_windowed_slice_bright_bits_of_the_chest_wall_inside_the_field
     assert not (found & ribs).any()
     assert (found & lines).sum() > 0.8 * lines.sum()
 
+
+
+def test_vessels_through_ground_glass_follow_the_infection_s_own_threshold():
+    """synth.infection_vessels: inside a hazy lesion (brighter than the lung, with vessels still
+    brighter) the lines are found by the lesion's own threshold; the lung's rule finds them only
+    where its level lets it, and the lesion's haze never reads as vessel."""
+    from plsynth.data.vessels import slice_classes
+
+    image, field, lines = _slice()
+    size = image.shape[-1]
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    lesion = ((yy - size * 0.5) ** 2 + (xx - size * 0.35) ** 2).sqrt() < size * 0.12
+    hazy = image.clone()
+    hazy[0, 0][lesion & ~lines[0]] += 0.25  # ground glass over the parenchyma, not over the vessels
+    hazy[0, 0][lesion & lines[0]] += 0.3  # vessels show through it, brighter still
+    inside = lesion[None] & (field > 0)
+    found, _ = slice_classes(hazy.clamp(0, 1), field, infection=inside)
+    truth = lines & inside
+    recall = (found & truth).sum() / truth.sum()
+    assert recall > 0.7 and not (found & inside & ~lines).any(), float(recall)
+    plain, _ = slice_classes(hazy.clamp(0, 1), field)
+    assert not (plain & truth).any()  # the lung's rule alone: the lesion's opening is above its level
+    outside = ~inside
+    agree = (found & outside).sum() / ((found | plain) & outside).sum()
+    assert agree > 0.9, float(agree)  # outside the lesion the lung's rule is unchanged in effect

@@ -150,6 +150,13 @@ class SynthConfig:
     vessels: bool = False
     # with vessels, a 6th class, chest wall: the lung field's bright rim, read by the vessel rule
     wall: bool = False
+    # with vessels, the vessels that show through the infection (ground glass) too, drawn over it
+    infection_vessels: bool = False
+
+    @property
+    def map_rule(self) -> tuple[bool, bool, bool]:
+        """(vessels, wall, infection_vessels): how a map is read from a slice, for ``class_map_at``."""
+        return self.vessels, self.wall, self.infection_vessels
 
     def __post_init__(self) -> None:
         if self.num_up < 1 or self.image_size % 2**self.num_up:
@@ -158,6 +165,8 @@ class SynthConfig:
             raise ValueError(f"synth.image_size / 2**num_up must be >= 2, got {self.image_size}, {self.num_up}")
         if self.wall and not self.vessels:
             raise ValueError("synth.wall needs synth.vessels: the chest wall is read by the vessel rule")
+        if self.infection_vessels and not self.vessels:
+            raise ValueError("synth.infection_vessels needs synth.vessels: they are drawn as the vessel class")
         if self.d_width < 0 or self.rotate_degrees < 0 or not 0 <= self.scale < 1 or not 0 <= self.intensity < 1:
             raise ValueError("synth.d_width / rotate_degrees must be >= 0, synth.scale and intensity in [0, 1)")
         for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):

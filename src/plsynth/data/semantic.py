@@ -2,8 +2,8 @@
 
 Classes (project contract): 0 background, 1 patient-LEFT lung, 2 patient-RIGHT lung, 3 infection,
 and, for a synthesizer trained with ``synth.vessels``, 4 vessel, with ``synth.wall`` also 5 chest
-wall (both read from the slice itself, ``plsynth.data.vessels``). Infection overrides the rest,
-vessel overrides wall; vessel and wall are marked only inside the lung field, and infection
+wall (both read from the slice itself, ``plsynth.data.vessels``). Infection overrides the rest
+(but for the vessels read inside it, with ``synth.infection_vessels``), vessel overrides wall; vessel and wall are marked only inside the lung field, and infection
 outside it is kept as class 3 (as the reference code does: a pseudo-label is drawn where the
 segmenter put it, whatever the lung tool said).
 
@@ -93,14 +93,15 @@ def semantic_map(lung: Any, infection: Any, vessel: Any = None, wall: Any = None
 
 
 def class_map_at(size: int, lung: Any, infection: Any, image: Any = None, vessels: bool = False,
-                 wall: bool = False) -> tuple[Any, Any]:
+                 wall: bool = False, infection_vessels: bool = False) -> tuple[Any, Any]:
     """The synthesizer's condition at its size S, one rule for its training batches and for the
     requests it serves (torch tensors only).
 
     lung (B, H, W), infection (B, 1, H, W) (> 0.5 = infection), image (B, 1, H, W) in [0, 1] or
     None; maps are nearest-resized and the image bilinear-resized when their size is not S. With
     ``vessels`` (and ``wall``) the 5th (and 6th) class is read from the image
-    (:mod:`plsynth.data.vessels`), which is then required. Returns (image (B, 1, S, S) clamped to [0, 1], or None; map (B, S, S) long).
+    (:mod:`plsynth.data.vessels`), which is then required; with ``infection_vessels`` the vessels
+    read inside the infection (by its own threshold) are drawn over it. Returns (image (B, 1, S, S) clamped to [0, 1], or None; map (B, S, S) long).
     """
     import torch.nn.functional as F
 
@@ -116,14 +117,20 @@ def class_map_at(size: int, lung: Any, infection: Any, image: Any = None, vessel
             image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
         image = image.clamp(0, 1)
     map_classes(vessels, wall)  # a wall without vessels raises
-    vessel = chest_wall = None
+    if infection_vessels and not vessels:
+        raise ValueError("vessels inside the infection (synth.infection_vessels) come with the vessel class (synth.vessels)")
+    vessel = chest_wall = inside = None
     if vessels:
         if image is None:
             raise ValueError("a map with vessels (synth.vessels) reads them from the slices: it needs its images")
         from plsynth.data.vessels import slice_classes
 
-        vessel, chest_wall = slice_classes(image, lung, wall)
-    return image, semantic_map(lung, infection[:, 0], vessel, chest_wall)
+        inside = (infection[:, 0] > 0) & (lung > 0) if infection_vessels else None
+        vessel, chest_wall = slice_classes(image, lung, wall, inside)
+    semantic = semantic_map(lung, infection[:, 0], vessel, chest_wall)
+    if inside is not None:
+        semantic = semantic.masked_fill(vessel & inside, VESSEL)
+    return image, semantic
 
 
 def one_hot(semantic: Any, num_classes: int = NUM_CLASSES) -> Any:

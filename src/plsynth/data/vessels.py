@@ -24,6 +24,12 @@ The chest wall (:func:`wall_mask`) is the rest of the same split: the lung field
 takes in a rim of chest wall and mediastinal border, which the 4-class map calls lung, so a
 generator has nothing to draw it from. A field pixel is wall when its opening is brighter than
 that same level; vessels, whose opening is darker, are never wall.
+
+Inside the infection (``infection`` given, ``synth.infection_vessels``): ground glass is hazy
+lung through which the vessels still show, but its pixels sit above the lung's threshold and a
+consolidation's opening above the level, so the lung's rule finds either too many or none there.
+There a pixel is vessel when its top-hat exceeds the infection's own threshold (median + ``mads``
+robust deviations over the slice's infection in the field, at least ``floor``), at any level.
 """
 
 from __future__ import annotations
@@ -47,11 +53,20 @@ def _median(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return torch.where(where, x, torch.full_like(x, float("nan"))).flatten(1).nanmedian(dim=1).values
 
 
-def slice_classes(image: torch.Tensor, lung: torch.Tensor, wall: bool = False, *, kernel: int = 5, margin: int = 2,
-                  background: float = 0.5, mads: float = 3.0, floor: float = 0.03
+def _above_own_threshold(tophat: torch.Tensor, region: torch.Tensor, mads: float, floor: float) -> torch.Tensor:
+    """region & top-hat above the region's own median + ``mads`` robust deviations (>= floor), per slice."""
+    median = _median(tophat, region)
+    spread = 1.4826 * _median((tophat - median[:, None, None]).abs(), region)
+    threshold = torch.clamp(median + mads * spread, min=floor).nan_to_num(nan=float("inf"))
+    return region & (tophat > threshold[:, None, None])
+
+
+def slice_classes(image: torch.Tensor, lung: torch.Tensor, wall: bool = False, infection: torch.Tensor | None = None,
+                  *, kernel: int = 5, margin: int = 2, background: float = 0.5, mads: float = 3.0, floor: float = 0.03
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(vessels, chest wall or None), each (B, H, W) bool, of images (B, 1, H, W) in [0, 1] inside
-    lung maps (B, H, W) (> 0 = lung), from one opening and one pair of levels (the map's hot path)."""
+    lung maps (B, H, W) (> 0 = lung), from one opening and one pair of levels (the map's hot path).
+    With ``infection`` (B, H, W) bool, vessels inside it follow the infection's own threshold."""
     if image.ndim != 4 or image.shape[1] != 1 or lung.shape != (image.shape[0], *image.shape[2:]):
         raise ValueError(f"slice_classes: image (B, 1, H, W) and lung (B, H, W) expected, got "
                          f"{tuple(image.shape)} and {tuple(lung.shape)}")
@@ -71,11 +86,11 @@ def slice_classes(image: torch.Tensor, lung: torch.Tensor, wall: bool = False, *
     region = field
     if m:
         region = _erode(field.float()[:, None], 2 * m + 1)[:, 0] > 0.5
-    region = region & (opened[:, 0] < level)
-    median = _median(tophat, region)
-    spread = 1.4826 * _median((tophat - median[:, None, None]).abs(), region)
-    threshold = torch.clamp(median + mads * spread, min=floor).nan_to_num(nan=float("inf"))
-    return region & (tophat > threshold[:, None, None]), chest_wall
+    if infection is None:
+        return _above_own_threshold(tophat, region & (opened[:, 0] < level), mads, floor), chest_wall
+    infection = infection.bool()
+    lung_vessels = _above_own_threshold(tophat, region & ~infection & (opened[:, 0] < level), mads, floor)
+    return lung_vessels | _above_own_threshold(tophat, region & infection, mads, floor), chest_wall
 
 
 def vessel_mask(image: torch.Tensor, lung: torch.Tensor, **rule) -> torch.Tensor:

@@ -158,9 +158,8 @@ class LocalSynthesizer:
         if infection.shape[0] != lung.shape[0] or infection.shape[2:] != lung.shape[1:]:
             raise ValueError(f"synthesize: infection {tuple(infection.shape)} and lung {tuple(lung.shape)} differ")
         images = None if images is None else images.detach().cpu()
-        config = self.bundle.config
         return class_map_at(self.image_size, lung.detach().cpu(), infection.detach().cpu(), images,
-                            config.vessels, config.wall)
+                            *self.bundle.config.map_rule)
 
     # -- SynthesisClient ------------------------------------------------------------------
 

@@ -81,7 +81,8 @@ def draw_variants(synth, infections: np.ndarray, lung: np.ndarray, image: np.nda
     infections (V, H, W), the first as the slice has it; lung (H, W); image (H, W) in [0, 1], the
     slice a vessel / chest-wall synthesizer reads those classes from. Inside the slice's own
     infection they are not read on the other maps (what the slice shows there is the lesion: a
-    consolidation would read as wall, its reticulation as vessels): those maps get plain lung there.
+    consolidation would read as wall, its reticulation as vessels): those maps get plain lung there,
+    or the vessels the first map read through the lesion (``synth.infection_vessels``).
     Returns (maps (V, S, S) as drawn, images (V, H, W) in [0, 1]).
     """
     from plsynth.data.semantic import VESSEL, one_hot
@@ -94,9 +95,11 @@ def draw_variants(synth, infections: np.ndarray, lung: np.ndarray, image: np.nda
     semantic = onehot.argmax(1)
     if onehot.shape[1] > VESSEL:
         s = semantic.shape[-1]
-        old, side = (F.interpolate(torch.from_numpy(np.asarray(a, np.float32))[None, None], size=(s, s),
-                                   mode="nearest")[0, 0] for a in (infections[0], lung))
-        semantic = torch.where((old > 0) & (semantic >= VESSEL), side.long(), semantic)
+        new, side = (F.interpolate(torch.from_numpy(np.asarray(a, np.float32))[:, None], size=(s, s),
+                                   mode="nearest")[:, 0] for a in (infections, lung[None]))
+        # the old lesion outside each map's own: lung, or the vessels the first map read through it
+        kept = torch.where(semantic[:1] == VESSEL, semantic[:1], side.long())
+        semantic = torch.where((new[:1] > 0) & (new == 0), kept, semantic)
         onehot = one_hot(semantic, onehot.shape[1])
     drawn = synth.decode(onehot, style, noise_seed=seed)
     if tuple(drawn.shape[-2:]) != (h, w):
