@@ -3,9 +3,10 @@
 Classes (project contract): 0 background, 1 patient-LEFT lung, 2 patient-RIGHT lung, 3 infection,
 and, for a synthesizer trained with ``synth.vessels``, 4 vessel, with ``synth.wall`` also 5 chest
 wall (both read from the slice itself, ``plsynth.data.vessels``). Infection overrides the rest
-(but for the vessels read inside it, with ``synth.infection_vessels``), vessel overrides wall; vessel and wall are marked only inside the lung field, and infection
-outside it is kept as class 3 (as the reference code does: a pseudo-label is drawn where the
-segmenter put it, whatever the lung tool said).
+(but for the vessels read inside it, with ``synth.infection_vessels``), vessel overrides wall;
+vessel and wall are marked only inside the lung field, and infection outside it is kept as class
+3 (as the reference code does: a pseudo-label is drawn where the segmenter put it, whatever the
+lung tool said).
 
 Lung label arrays follow the project contract (1 = patient left = larger x in the LPS array or
 larger column in a radiological-view slice). lungmask writes the opposite (R231: 1 = right,
@@ -101,7 +102,8 @@ def class_map_at(size: int, lung: Any, infection: Any, image: Any = None, vessel
     None; maps are nearest-resized and the image bilinear-resized when their size is not S. With
     ``vessels`` (and ``wall``) the 5th (and 6th) class is read from the image
     (:mod:`plsynth.data.vessels`), which is then required; with ``infection_vessels`` the vessels
-    read inside the infection (by its own threshold) are drawn over it. Returns (image (B, 1, S, S) clamped to [0, 1], or None; map (B, S, S) long).
+    read inside the infection (by its own threshold) are drawn over it.
+    Returns (image (B, 1, S, S) clamped to [0, 1], or None; map (B, S, S) long).
     """
     import torch.nn.functional as F
 
