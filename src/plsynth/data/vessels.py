@@ -48,6 +48,18 @@ def _dilate(x: torch.Tensor, k: int) -> torch.Tensor:
     return F.max_pool2d(x, k, 1, k // 2)
 
 
+def _kernel(pixels: int, size: int) -> int:
+    """An odd square side of ``pixels`` at 128 px, scaled to slices ``size`` px wide (at least 3)."""
+    return max(3, int(round(pixels * size / REFERENCE_SIZE)) | 1)
+
+
+def closing(mask: torch.Tensor, kernel: int = 5) -> torch.Tensor:
+    """Grey closing of (B, 1, H, W) with a square of ``kernel`` px at 128 px (scaled to the size):
+    fills holes narrower than it, e.g. the vessels drawn through an infection."""
+    k = _kernel(kernel, mask.shape[-1])
+    return _erode(_dilate(mask, k), k)
+
+
 def _median(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Per-slice median of x (B, H, W) over where (B, H, W); NaN where a slice has none."""
     return torch.where(where, x, torch.full_like(x, float("nan"))).flatten(1).nanmedian(dim=1).values
@@ -70,9 +82,8 @@ def slice_classes(image: torch.Tensor, lung: torch.Tensor, wall: bool = False, i
     if image.ndim != 4 or image.shape[1] != 1 or lung.shape != (image.shape[0], *image.shape[2:]):
         raise ValueError(f"slice_classes: image (B, 1, H, W) and lung (B, H, W) expected, got "
                          f"{tuple(image.shape)} and {tuple(lung.shape)}")
-    scale = image.shape[-1] / REFERENCE_SIZE
-    k = max(3, int(round(kernel * scale)) | 1)  # odd
-    m = max(0, int(round(margin * scale)))
+    k = _kernel(kernel, image.shape[-1])
+    m = max(0, int(round(margin * image.shape[-1] / REFERENCE_SIZE)))
     x = image.float()
     opened = _dilate(_erode(x, k), k)
     field = lung > 0
@@ -105,4 +116,4 @@ def wall_mask(image: torch.Tensor, lung: torch.Tensor, **rule) -> torch.Tensor:
     return slice_classes(image, lung, wall=True, **rule)[1]
 
 
-__all__ = ["slice_classes", "vessel_mask", "wall_mask"]
+__all__ = ["closing", "slice_classes", "vessel_mask", "wall_mask"]

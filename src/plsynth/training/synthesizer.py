@@ -187,11 +187,9 @@ class ConsistencyLoss(nn.Module):
 
         image, target = (fake + 1) / 2, onehot[:, INFECTION : INFECTION + 1]
         if self.infection_vessels:
-            from plsynth.data.vessels import REFERENCE_SIZE
+            from plsynth.data.vessels import closing
 
-            k = max(3, int(round(5 * onehot.shape[-1] / REFERENCE_SIZE)) | 1)
-            closed = -F.max_pool2d(-F.max_pool2d(target, k, 1, k // 2), k, 1, k // 2)
-            target = torch.maximum(target, onehot[:, VESSEL : VESSEL + 1] * closed)
+            target = torch.maximum(target, onehot[:, VESSEL : VESSEL + 1] * closing(target))
         field = 1 - onehot[:, BACKGROUND : BACKGROUND + 1]  # lung classes and infection: the map's lung field
         if self.mask_outside:
             image = image * field
