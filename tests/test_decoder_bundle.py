@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -304,3 +305,20 @@ def test_vessels_read_through_the_infection_are_served_as_trained_and_kept_when_
     through = maps[0] == VESSEL
     assert np.array_equal(maps[1][lesion.numpy() & through], maps[0][lesion.numpy() & through])
     assert not (maps[1][lesion.numpy() & ~through] >= INFECTION).any()
+
+
+def test_a_bilinear_reflect_decoder_exports_both_to_onnx_at_parity(tmp_path):
+    import onnx
+
+    smooth = dataclasses.replace(TINY, upsample="bilinear", padding="reflect")
+    path, _ = _bundle(tmp_path / "b", smooth)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["export_parity_max_abs"] <= 1e-4
+    assert (meta["synth"]["upsample"], meta["synth"]["padding"]) == ("bilinear", "reflect")
+    graph = onnx.load(path / "decoder.onnx").graph
+    modes = {(n.op_type, a.s.decode()) for n in graph.node for a in n.attribute if a.name == "mode"}
+    assert ("Resize", "linear") in modes and ("Pad", "reflect") in modes
+    assert ("Resize", "nearest") in modes  # the one-hot map is still resized nearest, as SPADE
+    loaded = load_decoder_bundle(path).decoder
+    assert loaded.upsample == "bilinear"
+    assert {c.padding_mode for c in loaded.modules() if isinstance(c, torch.nn.Conv2d) and c.padding != (0, 0)} == {"reflect"}

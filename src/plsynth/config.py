@@ -112,8 +112,12 @@ class SynthConfig:
     image_size: int = 512  # output size; the decoder starts at image_size / 2**num_up (SEAN: 512 / 2**5 = 16)
     width: int = 64  # ngf: channels of the last decoder block (SEAN: 64)
     style_dim: int = 512  # rows of the style matrix are this wide (paper: 512)
-    num_up: int = 5  # nearest x2 up-samplings in the decoder
+    num_up: int = 5  # x2 up-samplings in the decoder
     noise: bool = True  # learned per-channel noise injection
+    # the decoder's x2 up-sampling and its 3x3 convolutions' border padding (SEAN: nearest, zeros);
+    # "bilinear" / "reflect" take the grid lines and the dark frame out of short CPU-preset training
+    upsample: Literal["nearest", "bilinear"] = "nearest"
+    padding: Literal["zeros", "reflect"] = "zeros"
     epochs: int = 50
     batch_size: int = 4
     lr: float = 2e-4  # SEAN two time-scale: generator lr/2, discriminator lr*2 (TTUR)

@@ -193,7 +193,7 @@ class SEANDecoder(nn.Module):
     """Decoder (SEAN generator minus encoder): (onehot, style[, noise]) -> image (B, 1, S, S) in [-1, 1].
 
     The one-hot map is resized to S / 2**num_up and lifted to 16 * width channels by a 3x3
-    conv; then a head block, ``num_up`` nearest x2 up-samplings with SEAN residual blocks (two
+    conv; then a head block, ``num_up`` x2 up-samplings (``synth.upsample``) with SEAN residual blocks (two
     at the first up-sampled size, as SPADE's G_middle_0/1), the last one SPADE-only; then
     LReLU, conv3x3 to 1 channel and tanh.
     """
@@ -217,12 +217,18 @@ class SEANDecoder(nn.Module):
         # up-sample before block i (block 0 is the head at start_size, block 2 is the second middle block)
         self.upsample_before = [i not in (0, 2) for i in range(len(chans))]
         self.conv_img = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
+        self.upsample = config.upsample
+        self._align = {"align_corners": False} if config.upsample == "bilinear" else {}
+        # every padded conv pads the same way (weights are unchanged by the mode)
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv2d) and conv.padding != (0, 0):
+                conv.padding_mode = config.padding
 
     def forward(self, onehot: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         x = self.fc(resize_nearest(onehot, (self.start_size, self.start_size)))
         for up, block in zip(self.upsample_before, self.blocks):
             if up:
-                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+                x = F.interpolate(x, scale_factor=2.0, mode=self.upsample, **self._align)
             x = block(x, onehot, style, noise)
         return torch.tanh(self.conv_img(F.leaky_relu(x, 0.2)))
 
