@@ -24,7 +24,11 @@ figure on the real slices the maps come from:
               judge-encoder features of lung regions (per image: lung-masked mean of the
               judge's 2nd and 3rd down-sampling blocks) of the synthetic images (maps as
               given) and of the real *training* labeled slices | real: the same distance from
-              the real slices of the set (val: validation slices; pseudo: unlabeled slices).
+              the real slices of the set (val: validation slices; pseudo: unlabeled slices);
+  grid        share of an image's power at >= 1/8 cycle per pixel that lies on the two frequency
+              axes (mean over images): straight full-length rows and columns, a grid of lines or
+              a frame along the border, put their power there; CT spreads it | real: the same
+              share on the set's real slices.
 The gallery: one row per held-out map (val first): real | map | 3 pool draws | infection
 removed | moved map | its image (maps as the synthesizer built them; with ``synth.vessels`` the
 vessels, yellow, and with ``synth.wall`` the chest wall, grey, are read from the real slice the map
@@ -77,6 +81,17 @@ def kid(x: np.ndarray, y: np.ndarray) -> float:
     m, n = len(x), len(y)
     return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
                  - 2 * kxy.mean())
+
+
+def grid_share(images: np.ndarray, cutoff: float = 1 / 8) -> float:
+    """Mean share of the power at spatial frequency >= ``cutoff`` (cycles / pixel) on the fx = 0
+    and fy = 0 axes of each image's 2-D spectrum (``grid`` in the module docstring)."""
+    images = images.reshape(-1, *images.shape[-2:]).astype(np.float64)
+    power = np.abs(np.fft.fft2(images - images.mean(axis=(1, 2), keepdims=True))) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(images.shape[1]), np.fft.fftfreq(images.shape[2]), indexing="ij")
+    high = np.hypot(fy, fx) >= cutoff
+    axes = high & ((fy == 0) | (fx == 0))
+    return float(np.mean(power[:, axes].sum(1) / power[:, high].sum(1)))
 
 
 def lung_features(net, images: np.ndarray, lungs: np.ndarray, batch: int = 16) -> np.ndarray:
@@ -210,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             name, synth, judge, judge_b.threshold, img, lung, inf, args.draws, seed0)
         real["kid"] = kid(lung_features(judge, img[:, None], lung), feat_train)
         syn["kid"] = kid(lung_features(judge, given, given_lung), feat_train)
+        real["grid"], syn["grid"] = grid_share(img), grid_share(given)
         summary[name] = {"real": real, "synthetic": syn,
                          "infection_frac_of_lung": _mean([_frac(i, l > 0) for i, l in zip(inf, lung)])}
         all_rows += rows
@@ -246,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 HEADER = ("| synthesizer | maps | Dice drawn (real) | lung marked, no infection (real) | Dice moved | "
-          "KID x1e3 (real) |\n|---|---|---|---|---|---|")
+          "KID x1e3 (real) | grid % (real) |\n|---|---|---|---|---|---|---|")
 
 
 def markdown_row(label: str, summary: dict) -> str:
@@ -256,7 +272,8 @@ def markdown_row(label: str, summary: dict) -> str:
         r, s = summary[name]["real"], summary[name]["synthetic"]
         lines.append(
             f"| {label} | {name} (n={r['infected']}/{r['slices']}) | {s['dice']:.3f} +- {s['dice_sd']:.3f} ({r['dice']:.3f}) "
-            f"| {s['free_lung']:.4f} ({r['free_lung']:.4f}) | {s['moved_dice']:.3f} | {1e3 * s['kid']:.1f} ({1e3 * r['kid']:.1f}) |"
+            f"| {s['free_lung']:.4f} ({r['free_lung']:.4f}) | {s['moved_dice']:.3f} | {1e3 * s['kid']:.1f} ({1e3 * r['kid']:.1f}) "
+            f"| {100 * s['grid']:.2f} ({100 * r['grid']:.2f}) |"
         )
     return "\n".join(lines)
 
