@@ -114,8 +114,8 @@ class SynthConfig:
     style_dim: int = 512  # rows of the style matrix are this wide (paper: 512)
     num_up: int = 5  # x2 up-samplings in the decoder
     noise: bool = True  # learned per-channel noise injection
-    # the decoder's x2 up-sampling and its 3x3 convolutions' border padding (SEAN: nearest, zeros);
-    # "bilinear" / "reflect" take the grid lines and the dark frame out of short CPU-preset training
+    # the decoder's x2 up-sampling and its 3x3 convolutions' border padding (SEAN: nearest, zeros); at the
+    # CPU preset "bilinear" takes the grid lines out of the lung, "reflect" most of the frame (BENCHMARKS.md)
     upsample: Literal["nearest", "bilinear"] = "nearest"
     padding: Literal["zeros", "reflect"] = "zeros"
     epochs: int = 50
