@@ -320,5 +320,5 @@ def test_a_bilinear_reflect_decoder_exports_both_to_onnx_at_parity(tmp_path):
     assert ("Resize", "linear") in modes and ("Pad", "reflect") in modes
     assert ("Resize", "nearest") in modes  # the one-hot map is still resized nearest, as SPADE
     loaded = load_decoder_bundle(path).decoder
-    assert loaded.upsample == "bilinear"
+    assert loaded.config.upsample == "bilinear"
     assert {c.padding_mode for c in loaded.modules() if isinstance(c, torch.nn.Conv2d) and c.padding != (0, 0)} == {"reflect"}

@@ -217,8 +217,6 @@ class SEANDecoder(nn.Module):
         # up-sample before block i (block 0 is the head at start_size, block 2 is the second middle block)
         self.upsample_before = [i not in (0, 2) for i in range(len(chans))]
         self.conv_img = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
-        self.upsample = config.upsample
-        self._align = {"align_corners": False} if config.upsample == "bilinear" else {}
         # every padded conv pads the same way (weights are unchanged by the mode)
         for conv in self.modules():
             if isinstance(conv, nn.Conv2d) and conv.padding != (0, 0):
@@ -228,7 +226,8 @@ class SEANDecoder(nn.Module):
         x = self.fc(resize_nearest(onehot, (self.start_size, self.start_size)))
         for up, block in zip(self.upsample_before, self.blocks):
             if up:
-                x = F.interpolate(x, scale_factor=2.0, mode=self.upsample, **self._align)
+                mode = self.config.upsample
+                x = F.interpolate(x, scale_factor=2.0, mode=mode, align_corners=False if mode == "bilinear" else None)
             x = block(x, onehot, style, noise)
         return torch.tanh(self.conv_img(F.leaky_relu(x, 0.2)))
 
