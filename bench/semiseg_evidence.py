@@ -29,7 +29,11 @@ figure on the real slices the maps come from:
               axes (mean over images): straight full-length rows and columns, a grid of lines or
               a frame along the border, put their power there; CT spreads it | real: the same
               share on the set's real slices; ``grid_inner``: the same on the image less a
-              12-pixel border (the frame's part is the difference).
+              12-pixel border (the frame's part is the difference);
+  texture     fine texture: mean |image - Gaussian blur (sigma 1 px)| over the lung, 2 px in from
+              its border (x 1e3, image in [0, 1]); a region drawn flat scores near 0, vessels and
+              reticulation score high | real: the same on the set's real slices; ``texture_inf``:
+              the same over the map's infection only.
 The gallery: one row per held-out map (val first): real | map | 3 pool draws | infection
 removed | moved map | its image (maps as the synthesizer built them; with ``synth.vessels`` the
 vessels, yellow, and with ``synth.wall`` the chest wall, grey, are read from the real slice the map
@@ -93,6 +97,21 @@ def grid_share(images: np.ndarray, cutoff: float = 1 / 8) -> float:
     high = np.hypot(fy, fx) >= cutoff
     axes = high & ((fy == 0) | (fx == 0))
     return float(np.mean(power[:, axes].sum(1) / power[:, high].sum(1)))
+
+
+def fine_texture(images: np.ndarray, masks: np.ndarray, sigma: float = 1.0, inset: int = 2) -> float:
+    """Mean over images of the mean |image - blur(image)| inside ``masks`` eroded by ``inset`` px
+    (``texture`` in the module docstring); images whose eroded mask is empty are left out."""
+    from scipy.ndimage import binary_erosion, gaussian_filter
+
+    images = images.reshape(-1, *images.shape[-2:]).astype(np.float64)
+    masks = masks.reshape(-1, *masks.shape[-2:]) > 0
+    values = []
+    for image, mask in zip(images, masks):
+        inner = binary_erosion(mask, iterations=inset)
+        if inner.any():
+            values.append(float(np.abs(image - gaussian_filter(image, sigma))[inner].mean()))
+    return float(np.mean(values)) if values else float("nan")
 
 
 def lung_features(net, images: np.ndarray, lungs: np.ndarray, batch: int = 16) -> np.ndarray:
@@ -228,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         syn["kid"] = kid(lung_features(judge, given, given_lung), feat_train)
         real["grid"], syn["grid"] = grid_share(img), grid_share(given)
         real["grid_inner"], syn["grid_inner"] = grid_share(img[..., 12:-12, 12:-12]), grid_share(given[..., 12:-12, 12:-12])
+        real["texture"], syn["texture"] = fine_texture(img, lung), fine_texture(given, given_lung)
+        given_inf = np.repeat(inf, args.draws, axis=0)  # evaluate_maps appends each map's draws in turn
+        real["texture_inf"], syn["texture_inf"] = fine_texture(img, inf), fine_texture(given, given_inf)
         summary[name] = {"real": real, "synthetic": syn,
                          "infection_frac_of_lung": _mean([_frac(i, l > 0) for i, l in zip(inf, lung)])}
         all_rows += rows
@@ -264,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 HEADER = ("| synthesizer | maps | Dice drawn (real) | lung marked, no infection (real) | Dice moved | "
-          "KID x1e3 (real) | grid %, whole / 12 px in (real) |\n|---|---|---|---|---|---|---|")
+          "KID x1e3 (real) | grid %, whole / 12 px in (real) | texture x1e3, lung / infection (real) |\n"
+          "|---|---|---|---|---|---|---|---|")
 
 
 def markdown_row(label: str, summary: dict) -> str:
@@ -275,7 +298,8 @@ def markdown_row(label: str, summary: dict) -> str:
         lines.append(
             f"| {label} | {name} (n={r['infected']}/{r['slices']}) | {s['dice']:.3f} +- {s['dice_sd']:.3f} ({r['dice']:.3f}) "
             f"| {s['free_lung']:.4f} ({r['free_lung']:.4f}) | {s['moved_dice']:.3f} | {1e3 * s['kid']:.1f} ({1e3 * r['kid']:.1f}) "
-            f"| {100 * s['grid']:.1f} / {100 * s['grid_inner']:.1f} ({100 * r['grid']:.1f} / {100 * r['grid_inner']:.1f}) |"
+            f"| {100 * s['grid']:.1f} / {100 * s['grid_inner']:.1f} ({100 * r['grid']:.1f} / {100 * r['grid_inner']:.1f}) "
+            f"| {1e3 * s['texture']:.1f} / {1e3 * s['texture_inf']:.1f} ({1e3 * r['texture']:.1f} / {1e3 * r['texture_inf']:.1f}) |"
         )
     return "\n".join(lines)
 

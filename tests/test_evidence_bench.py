@@ -10,7 +10,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from semiseg_evidence import grid_share  # noqa: E402
+from semiseg_evidence import fine_texture, grid_share  # noqa: E402
 
 
 def _blobs(seed: int, size: int = 128) -> np.ndarray:
@@ -35,3 +35,19 @@ def test_grid_lines_and_a_frame_raise_the_grid_share_and_round_content_keeps_it_
     assert base < 0.05
     assert grid_share(gridded) > 5 * base
     assert grid_share(framed) > 3 * base
+
+
+def test_fine_texture_is_near_zero_on_flat_regions_and_grows_with_detail_inside_the_mask():
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    mask = ((yy - 32) ** 2 + (xx - 32) ** 2 < 20**2)[None]
+    flat = np.where(mask, 0.4, 0.9)  # one grey disc: only its edge has detail, and the inset drops it
+    rng = np.random.default_rng(0)
+    textured = flat + mask * rng.normal(0, 0.05, (1, size, size))
+    shaded = flat + mask * (xx / size * 0.3)[None]  # a smooth ramp is shading, not texture
+    assert fine_texture(flat, mask) < 1e-3
+    assert fine_texture(textured, mask) > 20 * max(fine_texture(flat, mask), 1e-4)
+    assert fine_texture(shaded, mask) < 1e-3
+    outside = np.where(mask, 0.4, 0.9 + rng.normal(0, 0.05, (1, size, size)))  # detail outside the mask is not counted
+    assert fine_texture(outside, mask) < 1e-3
+    assert np.isnan(fine_texture(flat, np.zeros_like(mask)))
