@@ -134,7 +134,6 @@ class SynthConfig:
     seed: int = 0
     norm_hidden: int = 0  # hidden width of SPADE/style branches in each ACE; 0 = min(128, 2 * width) (SEAN: 128)
     lambda_l1: float = 1.0  # pixel L1 of the reconstruction; not in SEAN, stands in for VGG on CPU presets (0 = off)
-    l1_noise: bool = True  # the L1 sees the drawing with noise; False: a second drawing without it (BENCHMARKS.md)
     grid_samples: int = 4  # rows of the per-epoch image grid
     # training augmentation, joint on image and map (BENCHMARKS.md, "Synthesizer on maps it never saw")
     flip: bool = True  # horizontal flips with the left/right lung labels swapped (never vertical)

@@ -15,8 +15,7 @@ image's style under its map, the decoder reconstructs it (with fresh noise); hin
 a multi-scale PatchGAN fed (map, image) and discriminator feature matching (``lambda_feat``),
 or (``synth.discriminator: oasis``) OASIS's per-pixel (4 + 1)-class loss with LabelMix; a
 VGG19 perceptual loss only when ``synth.vgg_weights`` names a local file (never downloaded);
-a pixel L1 (``lambda_l1``, not in SEAN: it stands in for VGG where no weights exist; with
-``l1_noise: false`` it compares a second drawing without noise); with
+a pixel L1 (``lambda_l1``, not in SEAN: it stands in for VGG where no weights exist); with
 ``synth.segmenter`` / ``lambda_seg``, a frozen segmenter trained on the labeled slices must find
 the map's infection, and nothing else, in the drawn image (``ConsistencyLoss``); Adam
 with two time-scale rates (G and E: lr / 2, D: lr * 2, betas (beta1, beta2)), constant for the
@@ -242,10 +241,8 @@ def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
     return SynthNets(decoder, encoder, discriminator, opt_g, opt_d, vgg, consistency)
 
 
-def generator_losses(
-    nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Config
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The generator's weighted loss terms on a batch (discriminator frozen) and the drawn image."""
+def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Config) -> dict[str, float]:
+    """One generator step then one discriminator step on a batch; returns the losses."""
     s = cfg.synth
     noise = nets.decoder.make_noise(len(image), device=image.device)
     style = nets.encoder(image, onehot)
@@ -261,22 +258,11 @@ def generator_losses(
             pred_real = nets.discriminator(onehot, image)
         losses = {"g_gan": hinge_g_loss(pred_fake), "g_feat": s.lambda_feat * feature_matching_loss(pred_real, pred_fake)}
     if s.lambda_l1:
-        # the L1 rewards the mean, so it would train the noise away; l1_noise=False shows it a
-        # second drawing without noise and leaves the noise to the adversarial term (SEAN has no L1)
-        drawn = fake if s.l1_noise or noise is None else nets.decoder(onehot, style, None)
-        losses["g_l1"] = s.lambda_l1 * F.l1_loss(drawn, image)
+        losses["g_l1"] = s.lambda_l1 * F.l1_loss(fake, image)
     if nets.vgg is not None:
         losses["g_vgg"] = s.lambda_vgg * nets.vgg(fake, image)
     if nets.consistency is not None:
         losses["g_seg"] = s.lambda_seg * nets.consistency(fake, onehot)
-    return losses, fake
-
-
-def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Config) -> dict[str, float]:
-    """One generator step then one discriminator step on a batch; returns the losses."""
-    s = cfg.synth
-    losses, fake = generator_losses(nets, image, onehot, cfg)
-    oasis = s.discriminator == "oasis"
     g_total = torch.stack(list(losses.values())).sum()
     nets.opt_g.zero_grad(set_to_none=True)
     g_total.backward()
