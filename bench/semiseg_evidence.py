@@ -153,7 +153,7 @@ def evaluate_maps(name, synth, judge, threshold, images, lungs, infections, draw
         "dice_sd": _sd([_dice(real_pred[i], infections[i]) for i in infected]),
         "free_lung": _mean([_frac(real_pred[i], (lungs[i] > 0) & (infections[i] == 0)) for i in range(len(lungs))]),
     }
-    rows, given_images, given_lungs, tiles = [], [], [], {}
+    rows, given_images, given_lungs, given_infs, tiles = [], [], [], [], {}
     for i in range(len(lungs)):
         lung, inf = lungs[i], infections[i]
         for d in range(draws):
@@ -163,6 +163,7 @@ def evaluate_maps(name, synth, judge, threshold, images, lungs, infections, draw
             pa, pb, pc = predict_slices(judge, drawn[:, None], threshold)
             given_images.append(drawn[0])
             given_lungs.append(lung)
+            given_infs.append(inf)
             tiles[(i, d)] = (drawn, moved, maps if d == 0 else None)  # the gallery shows draw 0's maps
             rows.append({
                 "set": name, "map": i, "draw": d, "seed": seed, "infection_px": int(inf.sum()),
@@ -176,7 +177,7 @@ def evaluate_maps(name, synth, judge, threshold, images, lungs, infections, draw
         "free_lung": _mean(r["free_lung"] for r in rows),
         "moved_dice": _mean(r["moved_dice"] for r in rows), "moved_dice_sd": _sd([r["moved_dice"] for r in rows]),
     }
-    return real, synthetic, rows, np.stack(given_images)[:, None], np.stack(given_lungs), tiles
+    return real, synthetic, rows, np.stack(given_images)[:, None], np.stack(given_lungs), np.stack(given_infs), tiles
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,14 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     summary, all_rows, tiles = {}, [], {}
     for name, img, lung, inf, seed0 in (("val", val_img, val_lung, val_inf, 0), ("pseudo", un_img, un_lung, un_inf, 500)):
-        real, syn, rows, given, given_lung, t = evaluate_maps(
+        real, syn, rows, given, given_lung, given_inf, t = evaluate_maps(
             name, synth, judge, judge_b.threshold, img, lung, inf, args.draws, seed0)
         real["kid"] = kid(lung_features(judge, img[:, None], lung), feat_train)
         syn["kid"] = kid(lung_features(judge, given, given_lung), feat_train)
         real["grid"], syn["grid"] = grid_share(img), grid_share(given)
         real["grid_inner"], syn["grid_inner"] = grid_share(img[..., 12:-12, 12:-12]), grid_share(given[..., 12:-12, 12:-12])
         real["texture"], syn["texture"] = fine_texture(img, lung), fine_texture(given, given_lung)
-        given_inf = np.repeat(inf, args.draws, axis=0)  # evaluate_maps appends each map's draws in turn
         real["texture_inf"], syn["texture_inf"] = fine_texture(img, inf), fine_texture(given, given_inf)
         summary[name] = {"real": real, "synthetic": syn,
                          "infection_frac_of_lung": _mean([_frac(i, l > 0) for i, l in zip(inf, lung)])}
