@@ -36,9 +36,8 @@ figure on the real slices the maps come from:
               the same over the map's infection only.
 The gallery: one row per held-out map (val first): real | map | 3 pool draws | infection
 removed | moved map | its image (maps as the synthesizer built them; with ``synth.vessels`` the
-vessels, yellow, and with ``synth.wall`` the chest wall, grey, are read from the real slice the map
-belongs to, as in SA-CPS, except inside its infection on the removed and moved maps, which get
-plain lung there, or the vessels read through it with ``synth.infection_vessels``:
+vessels, yellow, are read from the real slice the map belongs to, as in SA-CPS, except inside its
+infection on the removed and moved maps, which get plain lung there:
 ``synth_preview.draw_variants``). Writes JSON (per image rows and summary) and prints Markdown.
 """
 

@@ -216,109 +216,67 @@ def test_a_vessel_synthesizer_reads_the_vessels_from_the_request_s_slices(tmp_pa
     assert torch.equal(adapter.decode(onehot, style, 5), synth.decode(onehot, style, 5))
 
 
-def test_a_chest_wall_synthesizer_serves_the_six_class_map_it_trains_on(tmp_path):
-    """synth.wall: a 6-class decoder (ONNX parity included) whose 6th class is the lung field's bright
-    rim of the request's images, the same map as its training batches'."""
-    import dataclasses
-
-    from plsynth.data.semantic import INFECTION, WALL
-    from plsynth.synth_service.local import LocalSynthesizer
-    from plsynth.training.synthesizer import prepare_batch
-
-    path, _ = _bundle(tmp_path / "bundle", dataclasses.replace(TINY, vessels=True, wall=True))
-    meta = json.loads((path / "meta.json").read_text())
-    assert meta["classes"][-2:] == ["vessel", "chest wall"] and meta["export_parity_max_abs"] <= 1e-4
-    infection, lung = _lungs(2, 64)
-    images = torch.full((2, 1, 64, 64), 0.6)  # body
-    images[lung[:, None] > 0] = 0.15  # lung
-    images[0, 0, 16:20, 3:30] = 0.6  # the first slice's field takes in 4 rows of chest wall
-    synth = LocalSynthesizer(path, backend="ort")
-    semantic = synth.semantic(infection, lung, images)
-    assert (semantic[0, 8:10, 2:15] == WALL).all() and not (semantic[1] == WALL).any()
-    assert torch.equal(semantic == INFECTION, infection[:, 0, ::2, ::2] > 0)
-    _, trained_on = prepare_batch({"image": images, "lung": lung, "label": infection}, 32, vessels=True, wall=True)
-    assert torch.equal(trained_on.argmax(1), semantic)
-    drawn = synth.synthesize(infection, lung, images=images, seed=3)
-    assert drawn.shape == (2, 1, 64, 64) and torch.isfinite(drawn).all()
-
-
-def test_maps_edited_away_from_the_slice_s_infection_read_no_wall_or_vessel_from_the_old_lesion(tmp_path):
+def test_maps_edited_away_from_the_slice_s_infection_read_no_vessel_from_the_old_lesion(tmp_path):
     """draw_variants (the evidence bench, the preview): the infection-removed and moved maps are the
     as-given map's slice classes except inside the slice's own lesion, which is plain lung there
-    (a consolidation reads as chest wall); all variants share one pool draw and noise."""
-    import dataclasses
-
-    from plsynth.data.semantic import INFECTION, VESSEL, WALL
-    from plsynth.synth_service.local import LocalSynthesizer
-    from plsynth.training.synth_preview import draw_variants
-
-    path, _ = _bundle(tmp_path / "bundle", dataclasses.replace(TINY, vessels=True, wall=True))
-    synth = LocalSynthesizer(path, backend="ort")
-    infection, lung = _lungs(1, 64)
-    image = torch.full((64, 64), 0.6)
-    image[lung[0] > 0] = 0.15
-    image[infection[0, 0] > 0] = 0.7  # a consolidation
-    inf, lung, image = infection[0, 0].numpy().astype("uint8"), lung[0].numpy(), image.numpy()
-    variants = np.stack([inf, np.zeros_like(inf), inf[:, ::-1] & (lung > 0)])
-    plain = synth.semantic(torch.from_numpy(variants[:, None]).float(),
-                           torch.from_numpy(np.stack([lung] * 3)).long(), torch.from_numpy(np.stack([image] * 3)[:, None]))
-    old = inf[::2, ::2] > 0
-    assert (plain[1][old] == WALL).any()  # read from the slice as it is, the removed lesion is chest wall
-    maps, drawn = draw_variants(synth, variants, lung, image, seed=4)
-    assert drawn.shape == (3, 64, 64) and np.array_equal(maps[0], plain[0].numpy())
-    assert (maps[0][old] == INFECTION).all() and not (maps[1][old] >= VESSEL).any()
-    assert np.array_equal(maps[1][old], lung[::2, ::2][old]) and np.array_equal(maps[1][~old], plain[1].numpy()[~old])
-    again, redrawn = draw_variants(synth, variants, lung, image, seed=4)
-    assert np.array_equal(again, maps) and np.array_equal(redrawn, drawn)  # the seed fixes pool draw and noise
-
-
-def test_vessels_read_through_the_infection_are_served_as_trained_and_kept_when_it_is_removed(tmp_path):
-    """synth.infection_vessels: the vessel class is drawn over the infection where the lesion's own
-    rule finds vessels, in the served map as in the training batch; with the lesion removed
-    (draw_variants) those vessels stay and the rest of the old lesion is plain lung."""
+    (a lesion's reticulation reads as vessels); all variants share one pool draw and noise."""
     import dataclasses
 
     from plsynth.data.semantic import INFECTION, VESSEL
     from plsynth.synth_service.local import LocalSynthesizer
     from plsynth.training.synth_preview import draw_variants
-    from plsynth.training.synthesizer import prepare_batch
 
-    rule = dataclasses.replace(TINY, vessels=True, infection_vessels=True)
-    path, _ = _bundle(tmp_path / "bundle", rule)
-    infection, lung = _lungs(1, 64)
-    image = torch.full((1, 1, 64, 64), 0.6)
-    image[lung[:, None] > 0] = 0.15
-    image[infection > 0] = 0.4  # ground glass
-    rows = infection[0, 0].nonzero()[:, 0]
-    vessel_row = int(rows.float().mean())
-    image[0, 0, vessel_row : vessel_row + 2][infection[0, 0, vessel_row : vessel_row + 2] > 0] = 0.75  # a vessel through it
+    path, _ = _bundle(tmp_path / "bundle", dataclasses.replace(TINY, vessels=True))
     synth = LocalSynthesizer(path, backend="ort")
-    semantic = synth.semantic(infection, lung, image)
-    lesion = infection[0, 0, ::2, ::2] > 0
-    assert (semantic[0][lesion] == VESSEL).any() and (semantic[0][lesion] == INFECTION).float().mean() > 0.5
-    _, trained_on = prepare_batch({"image": image, "lung": lung, "label": infection}, 32, *rule.map_rule)
-    assert torch.equal(trained_on.argmax(1), semantic)
-    off = LocalSynthesizer(_bundle(tmp_path / "off", dataclasses.replace(TINY, vessels=True))[0], backend="ort")
-    assert not (off.semantic(infection, lung, image)[0][lesion] == VESSEL).any()  # without it, infection on top
-    inf = infection[0, 0].numpy().astype("uint8")
-    maps, _ = draw_variants(synth, np.stack([inf, np.zeros_like(inf)]), lung[0].numpy(), image[0, 0].numpy(), seed=1)
-    through = maps[0] == VESSEL
-    assert np.array_equal(maps[1][lesion.numpy() & through], maps[0][lesion.numpy() & through])
-    assert not (maps[1][lesion.numpy() & ~through] >= INFECTION).any()
+    infection, lung = _lungs(1, 64)
+    image = torch.full((64, 64), 0.6)
+    image[lung[0] > 0] = 0.15
+    lesion = infection[0, 0] > 0
+    image[lesion] = 0.25  # ground glass
+    image[::4][lesion[::4]] = 0.6  # with a reticulation of thin bright lines
+    inf, lung, image = infection[0, 0].numpy().astype("uint8"), lung[0].numpy(), image.numpy()
+    variants = np.stack([inf, np.zeros_like(inf), inf[:, ::-1] & (lung > 0)])
+    plain = synth.semantic(torch.from_numpy(variants[:, None]).float(),
+                           torch.from_numpy(np.stack([lung] * 3)).long(), torch.from_numpy(np.stack([image] * 3)[:, None]))
+    old = inf[::2, ::2] > 0
+    assert (plain[1][old] == VESSEL).any()  # read from the slice as it is, the removed lesion has vessels
+    maps, drawn = draw_variants(synth, variants, lung, image, seed=4)
+    assert drawn.shape == (3, 64, 64) and np.array_equal(maps[0], plain[0].numpy())
+    assert (maps[0][old] == INFECTION).all() and not (maps[1][old] >= INFECTION).any()
+    assert np.array_equal(maps[1][old], lung[::2, ::2][old]) and np.array_equal(maps[1][~old], plain[1].numpy()[~old])
+    again, redrawn = draw_variants(synth, variants, lung, image, seed=4)
+    assert np.array_equal(again, maps) and np.array_equal(redrawn, drawn)  # the seed fixes pool draw and noise
 
 
-def test_a_bilinear_reflect_decoder_exports_both_to_onnx_at_parity(tmp_path):
+def test_a_bilinear_decoder_exports_to_onnx_at_parity(tmp_path):
     import onnx
 
-    smooth = dataclasses.replace(TINY, upsample="bilinear", padding="reflect")
-    path, _ = _bundle(tmp_path / "b", smooth)
+    path, _ = _bundle(tmp_path / "b", dataclasses.replace(TINY, upsample="bilinear"))
     meta = json.loads((path / "meta.json").read_text())
-    assert meta["export_parity_max_abs"] <= 1e-4
-    assert (meta["synth"]["upsample"], meta["synth"]["padding"]) == ("bilinear", "reflect")
+    assert meta["export_parity_max_abs"] <= 1e-4 and meta["synth"]["upsample"] == "bilinear"
     graph = onnx.load(path / "decoder.onnx").graph
     modes = {(n.op_type, a.s.decode()) for n in graph.node for a in n.attribute if a.name == "mode"}
-    assert ("Resize", "linear") in modes and ("Pad", "reflect") in modes
+    assert ("Resize", "linear") in modes
     assert ("Resize", "nearest") in modes  # the one-hot map is still resized nearest, as SPADE
-    loaded = load_decoder_bundle(path).decoder
-    assert loaded.config.upsample == "bilinear"
-    assert {c.padding_mode for c in loaded.modules() if isinstance(c, torch.nn.Conv2d) and c.padding != (0, 0)} == {"reflect"}
+    assert load_decoder_bundle(path).decoder.config.upsample == "bilinear"
+
+
+def test_a_bundle_saved_with_a_removed_switch_loads_at_its_old_default_and_is_refused_otherwise(tmp_path):
+    """synth.wall / infection_vessels / padding were tried and removed; bundles written before hold
+    them: at the old default they load as before, a bundle trained with one on is refused by name
+    (it would build the wrong networks or the wrong maps)."""
+    import shutil
+
+    path, _ = _bundle(tmp_path / "b", TINY)
+    for key, value, ok in (("wall", False, True), ("padding", "zeros", True), ("wall", True, False),
+                           ("infection_vessels", True, False), ("padding", "reflect", False)):
+        old = tmp_path / f"{key}-{value}"
+        shutil.copytree(path, old)
+        meta = json.loads((old / "meta.json").read_text())
+        meta["synth"][key] = value
+        (old / "meta.json").write_text(json.dumps(meta))
+        if ok:
+            assert load_decoder_bundle(old).decoder.config == load_decoder_bundle(path).decoder.config
+        else:
+            with pytest.raises(BundleError, match=rf"synth\.{key}: {value!r}.*not kept"):
+                load_decoder_bundle(old)

@@ -13,7 +13,6 @@ from plsynth.data.semantic import (
     NUM_CLASSES,
     RIGHT_LUNG,
     VESSEL,
-    WALL,
     from_lungmask_labels,
     map_classes,
     one_hot,
@@ -92,25 +91,3 @@ def test_a_vessel_is_marked_only_inside_the_lung_and_infection_overrides_it():
     as_tensor = semantic_map(torch.from_numpy(lung), torch.from_numpy(infection), torch.from_numpy(vessel))
     assert np.array_equal(as_tensor.numpy(), sem)
     assert one_hot(sem, map_classes(True)).shape == (2, 5, 7, 9)
-
-
-def test_the_chest_wall_is_marked_only_in_the_lung_under_vessel_and_infection_and_needs_the_vessels():
-    lung, infection = _example(np.random.default_rng(5))
-    rng = np.random.default_rng(6)
-    vessel, wall = ((rng.random(lung.shape) < 0.4).astype(np.uint8) for _ in range(2))
-    sem = semantic_map(lung, infection, vessel, wall)
-    assert np.all(sem[infection > 0] == INFECTION)
-    assert np.all(sem[(vessel > 0) & (lung > 0) & (infection == 0)] == VESSEL)  # vessel over wall
-    only_wall = (wall > 0) & (vessel == 0) & (lung > 0) & (infection == 0)
-    assert only_wall.any() and np.all(sem[only_wall] == WALL)
-    assert np.array_equal(sem[(wall == 0) | (lung == 0)], semantic_map(lung, infection, vessel)[(wall == 0) | (lung == 0)])
-    as_tensor = semantic_map(*(torch.from_numpy(a) for a in (lung, infection, vessel, wall)))
-    assert np.array_equal(as_tensor.numpy(), sem)
-    assert map_classes(True, True) == len(CLASS_NAMES) == 6 and CLASS_NAMES[WALL] == "chest wall"
-    assert one_hot(sem, map_classes(True, True)).shape == (2, 6, 7, 9)
-    with pytest.raises(ValueError, match="synth.vessels"):
-        map_classes(False, True)
-    from plsynth.config import SynthConfig
-
-    with pytest.raises(ValueError, match="synth.wall needs synth.vessels"):
-        SynthConfig(wall=True)

@@ -102,11 +102,12 @@ def test_removed_keys_warn_and_load(tmp_path):
     old["synth"]["backend"] = "trt"
     old["synth"]["lambda_texture"] = 1.0  # one landed version had it
     old["synth"]["l1_pool"] = 8  # and so did another
+    old["synth"].update(wall=False, infection_vessels=False, padding="zeros")  # switches removed at their defaults
     with pytest.warns(UserWarning) as caught:
         cfg = config_from_dict(old, where="old checkpoint")
     messages = " ".join(str(w.message) for w in caught)
     assert "train.num_workers" in messages and "synth.backend: trt" in messages and "synth.lambda_texture" in messages
-    assert "synth.l1_pool" in messages
+    assert "synth.l1_pool" in messages and "synth.wall" in messages and "synth.padding" in messages
     assert cfg.synth.backend == "torch" and not hasattr(cfg.train, "num_workers")
     assert old["train"]["num_workers"] == 4  # the caller's dict is left as it was
     # An old checkpoint holding the removed key still resumes under today's config.
@@ -118,6 +119,12 @@ def test_removed_keys_warn_and_load(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  num_workers: 2\n")
     with pytest.warns(UserWarning, match="num_workers"):
         load_config(tmp_path / "c.yaml")
+    # A removed switch that was on cannot be dropped: the run or bundle drew something else.
+    (tmp_path / "w.yaml").write_text("synth:\n  vessels: true\n  wall: true\n")
+    with pytest.raises(ConfigError, match=r"w\.yaml: synth\.wall: True: the chest wall .* not kept"):
+        load_config(tmp_path / "w.yaml")
+    with pytest.raises(ConfigError, match="synth.padding: 'reflect'"):
+        saved_config({**old, "synth": {**old["synth"], "padding": "reflect"}}, where="old bundle")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_config("phantom-smoke")  # the presets hold no removed key

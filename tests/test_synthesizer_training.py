@@ -81,13 +81,6 @@ def test_with_vessels_the_map_takes_a_fifth_class_from_the_image_and_a_gan_step_
     nets = build_nets(cfg)
     losses = gan_step(nets, image, onehot, cfg)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
-    # synth.wall: a 6th class, taken from the lung (never from a vessel), and the 6-class nets train on it
-    cfg = dataclasses.replace(cfg, synth=dataclasses.replace(cfg.synth, wall=True))
-    image, six = prepare_batch(batch, cfg.synth.image_size, vessels=True, wall=True)
-    assert six.shape[1] == 6 and six[:, 5].any() and torch.equal(six[:, VESSEL], onehot[:, VESSEL])
-    assert torch.equal(six[:, 1:3].sum(1) + six[:, 5], onehot[:, 1:3].sum(1))
-    losses = gan_step(build_nets(cfg), image, six, cfg)
-    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 
 
 def test_lr_schedule_is_constant_then_decays_linearly():
@@ -277,29 +270,3 @@ def test_a_damaged_frozen_segmenter_is_named_by_its_config_key(tmp_path):
     weights.unlink()
     with pytest.raises(BundleError, match=rf"synth\.segmenter: .*{weights.name}.*missing"):
         ConsistencyLoss(bundle)
-
-
-def test_vessels_drawn_over_the_infection_are_infection_for_the_frozen_segmenter(tmp_path):
-    """synth.infection_vessels: the consistency target is the map's infection with the vessels read
-    through it (closed over), never a vessel out in the lung; and the flag needs the vessel class."""
-    from _fixtures import tiny_config, write_tiny_bundle
-
-    from plsynth.config import SynthConfig
-    from plsynth.data.semantic import INFECTION, LEFT_LUNG, VESSEL, one_hot
-    from plsynth.training.synthesizer import ConsistencyLoss
-
-    with pytest.raises(ValueError, match="infection_vessels needs synth.vessels"):
-        SynthConfig(infection_vessels=True)
-    full = torch.full((1, 32, 32), LEFT_LUNG, dtype=torch.long)
-    full[:, 8:20, 8:20] = INFECTION
-    holed, far = full.clone(), full.clone()
-    holed[:, 13:15, 9:19] = VESSEL  # a vessel through the lesion
-    far[:, 26:28, 4:28] = VESSEL  # a vessel in the lung only
-    bundle = write_tiny_bundle(tmp_path / "seg", tiny_config(16), seeds=(3,))
-    fake = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with torch.no_grad():
-        through, plain = ConsistencyLoss(bundle, infection_vessels=True), ConsistencyLoss(bundle)
-        loss = {name: (float(through(fake, one_hot(m, 5))), float(plain(fake, one_hot(m, 5))))
-                for name, m in (("full", full), ("holed", holed), ("far", far))}
-    assert loss["holed"][0] == pytest.approx(loss["full"][0]) and loss["far"][0] == pytest.approx(loss["full"][0])
-    assert loss["holed"][1] != pytest.approx(loss["full"][1])  # without the flag the hole is not infection

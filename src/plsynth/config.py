@@ -114,10 +114,9 @@ class SynthConfig:
     style_dim: int = 512  # rows of the style matrix are this wide (paper: 512)
     num_up: int = 5  # x2 up-samplings in the decoder
     noise: bool = True  # learned per-channel noise injection
-    # the decoder's x2 up-sampling and its 3x3 convolutions' border padding (SEAN: nearest, zeros); at the
-    # CPU preset "bilinear" takes the grid lines out of the lung, "reflect" most of the frame (BENCHMARKS.md)
+    # the decoder's x2 up-sampling (SEAN: nearest); at the CPU preset "bilinear" takes the grid lines
+    # out of the lung (BENCHMARKS.md)
     upsample: Literal["nearest", "bilinear"] = "nearest"
-    padding: Literal["zeros", "reflect"] = "zeros"
     epochs: int = 50
     batch_size: int = 4
     lr: float = 2e-4  # SEAN two time-scale: generator lr/2, discriminator lr*2 (TTUR)
@@ -152,25 +151,12 @@ class SynthConfig:
     # a 5th map class, vessel, thresholded from the slice itself (plsynth.data.vessels), so the
     # generator is told where the lung's vessels are instead of averaging them away
     vessels: bool = False
-    # with vessels, a 6th class, chest wall: the lung field's bright rim, read by the vessel rule
-    wall: bool = False
-    # with vessels, the vessels that show through the infection (ground glass) too, drawn over it
-    infection_vessels: bool = False
-
-    @property
-    def map_rule(self) -> tuple[bool, bool, bool]:
-        """(vessels, wall, infection_vessels): how a map is read from a slice, for ``class_map_at``."""
-        return self.vessels, self.wall, self.infection_vessels
 
     def __post_init__(self) -> None:
         if self.num_up < 1 or self.image_size % 2**self.num_up:
             raise ValueError(f"synth.image_size must be a multiple of 2**num_up, got {self.image_size}, {self.num_up}")
         if self.image_size // 2**self.num_up < 2:
             raise ValueError(f"synth.image_size / 2**num_up must be >= 2, got {self.image_size}, {self.num_up}")
-        if self.wall and not self.vessels:
-            raise ValueError("synth.wall needs synth.vessels: the chest wall is read by the vessel rule")
-        if self.infection_vessels and not self.vessels:
-            raise ValueError("synth.infection_vessels needs synth.vessels: they are drawn as the vessel class")
         if self.d_width < 0 or self.rotate_degrees < 0 or not 0 <= self.scale < 1 or not 0 <= self.intensity < 1:
             raise ValueError("synth.d_width / rotate_degrees must be >= 0, synth.scale and intensity in [0, 1)")
         for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):
@@ -349,9 +335,15 @@ REMOVED_KEYS = {"train.num_workers": "it never started DataLoader workers (batch
                 "synth.lambda_texture": "a texture term from the frozen segmenter, tried and not kept (BENCHMARKS.md, issue 11)",
                 "synth.l1_pool": "the pixel L1 on block means, tried and not kept (BENCHMARKS.md, issue 11)"}
 REMOVED_VALUES = {("synth.backend", "trt"): ("torch", "trainers never ran TensorRT; the synthesis actor does (ray.synth_backend)")}
+# Switches tried and not kept that change what a synthesizer draws or its networks: at their old
+# default they are dropped like the keys above; any other value raises (a bundle trained with it
+# cannot be served by this version; BENCHMARKS.md names the commit that can).
+REMOVED_SWITCHES = {"synth.wall": (False, "the chest wall as a 6th map class"),
+                    "synth.infection_vessels": (False, "vessels drawn through the infection"),
+                    "synth.padding": ("zeros", "reflect padding in the decoder")}
 
 
-def _drop_removed(raw: dict[str, Any], where: str, stored: bool) -> dict[str, Any]:
+def drop_removed(raw: dict[str, Any], where: str, stored: bool) -> dict[str, Any]:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     dropped = []
     for key, why in REMOVED_KEYS.items():
@@ -359,6 +351,14 @@ def _drop_removed(raw: dict[str, Any], where: str, stored: bool) -> dict[str, An
         if isinstance(raw.get(section), dict) and leaf in raw[section]:
             del raw[section][leaf]
             dropped.append(f"{key} is ignored and no longer a config key: {why}")
+    for key, (default, what) in REMOVED_SWITCHES.items():
+        section, leaf = key.split(".")
+        if isinstance(raw.get(section), dict) and leaf in raw[section]:
+            value = raw[section].pop(leaf)
+            if value != default:
+                raise ConfigError(f"{where}: {key}: {value!r}: {what} was tried and not kept, and this version "
+                                  f"no longer has it (BENCHMARKS.md, issue 11, names the commit that does)")
+            dropped.append(f"{key} is ignored and no longer a config key: {what}, tried and not kept (BENCHMARKS.md, issue 11)")
     for (key, value), (new, why) in REMOVED_VALUES.items():
         section, leaf = key.split(".")
         if isinstance(raw.get(section), dict) and raw[section].get(leaf) == value:
@@ -374,7 +374,7 @@ def _drop_removed(raw: dict[str, Any], where: str, stored: bool) -> dict[str, An
 
 def config_from_dict(raw: dict[str, Any], where: str = "<dict>", stored: bool = False) -> Config:
     """Build a Config from plain data; ``stored``: a copy saved in a checkpoint or bundle."""
-    return _build(Config, _drop_removed(_renamed(raw, where), where, stored), where, prefix="")
+    return _build(Config, drop_removed(_renamed(raw, where), where, stored), where, prefix="")
 
 
 def _renamed(raw: dict[str, Any], where: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ A folder with
 - ``decoder.pt``, ``encoder.pt``: state dicts (loaded with ``torch.load(weights_only=True)``);
   the encoder is there for the ``self`` pool mode and for rebuilding the pool;
 - ``decoder.onnx``: the decoder with spectral norm folded, inputs ``onehot`` (B, C, S, S),
-  ``style`` (B, C, D) (C = 4 map classes, 5 with ``synth.vessels``, 6 with ``synth.wall``: meta's ``classes``) and,
+  ``style`` (B, C, D) (C = 4 map classes, 5 with ``synth.vessels``: meta's ``classes``) and,
   when the config has noise, ``noise`` (B, 1, S, S); output ``image`` (B, 1, S, S) in [-1, 1];
   the batch axis is dynamic;
 - ``pool.npz``: the style code pool (``StylePool``);
@@ -35,7 +35,7 @@ from plsynth.bundles.files import versions
 from plsynth.hashing import sha256_file
 from plsynth.bundles.onnx_export import OPSET, export_onnx, ort_session
 from plsynth.bundles.style_pool import StylePool
-from plsynth.config import Config, SynthConfig
+from plsynth.config import Config, SynthConfig, drop_removed
 from plsynth.errors import BundleError
 from plsynth.data.semantic import CLASS_NAMES
 from plsynth.models.sean import (
@@ -77,7 +77,7 @@ def export_decoder_onnx(decoder: SEANDecoder, path: Path) -> list[str]:
 
 def parity_inputs(config: SynthConfig, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """A fixed test input: the map of a phantom chest slice (two lungs, lesions, and with
-    ``vessels`` a disk of vessel class, with ``wall`` a band of chest wall), random styles, fixed noise."""
+    ``vessels`` a disk of vessel class), random styles, fixed noise."""
     from plsynth.data.phantom import make_phantom
     from plsynth.data.semantic import map_classes, one_hot, semantic_map
 
@@ -88,9 +88,8 @@ def parity_inputs(config: SynthConfig, batch: int = 2, seed: int = 0) -> dict[st
     lung = torch.from_numpy(phantom.lung[middle]).long()
     yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
     vessel = (yy - s // 2) ** 2 + (xx - s // 4) ** 2 < (s // 8) ** 2 if config.vessels else None
-    wall = (xx < s // 8) | (xx >= s - s // 8) if config.wall else None
-    classes = map_classes(config.vessels, config.wall)
-    onehot = one_hot(semantic_map(lung, torch.from_numpy(phantom.infection[middle]).long(), vessel, wall), classes)
+    classes = map_classes(config.vessels)
+    onehot = one_hot(semantic_map(lung, torch.from_numpy(phantom.infection[middle]).long(), vessel), classes)
     inputs = {
         "onehot": onehot.expand(batch, -1, -1, -1).contiguous(),
         "style": torch.rand(batch, classes, config.style_dim, generator=g) * 2 - 1,
@@ -199,6 +198,7 @@ def synth_config_from_meta(meta: dict[str, Any], where: Path) -> SynthConfig:
     if not isinstance(raw, dict):
         raise BundleError(f"{where}: meta.json has no synth config")
     try:
+        raw = drop_removed({"synth": raw}, str(where), stored=True)["synth"]
         return SynthConfig(**{k: v for k, v in raw.items() if k in known})
     except (TypeError, ValueError) as exc:
         raise BundleError(f"{where}: meta.json synth config is invalid: {exc}") from exc

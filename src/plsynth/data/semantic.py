@@ -1,12 +1,10 @@
 """The semantic map that the SEAN synthesizer draws from, built in exactly one place.
 
 Classes (project contract): 0 background, 1 patient-LEFT lung, 2 patient-RIGHT lung, 3 infection,
-and, for a synthesizer trained with ``synth.vessels``, 4 vessel, with ``synth.wall`` also 5 chest
-wall (both read from the slice itself, ``plsynth.data.vessels``). Infection overrides the rest
-(but for the vessels read inside it, with ``synth.infection_vessels``), vessel overrides wall;
-vessel and wall are marked only inside the lung field, and infection outside it is kept as class
-3 (as the reference code does: a pseudo-label is drawn where the segmenter put it, whatever the
-lung tool said).
+and, for a synthesizer trained with ``synth.vessels``, 4 vessel (read from the slice itself,
+``plsynth.data.vessels``). Infection overrides the rest; vessels are marked only inside the lung
+field, and infection outside it is kept as class 3 (as the reference code does: a pseudo-label is
+drawn where the segmenter put it, whatever the lung tool said).
 
 Lung label arrays follow the project contract (1 = patient left = larger x in the LPS array or
 larger column in a radiological-view slice). lungmask writes the opposite (R231: 1 = right,
@@ -28,17 +26,13 @@ LEFT_LUNG = 1  # patient's left: larger x index in LPS (z, y, x); image right in
 RIGHT_LUNG = 2
 INFECTION = 3
 VESSEL = 4
-WALL = 5  # only with VESSEL: the two are read by one rule
-NUM_CLASSES = 4  # the paper's map; map_classes(True) with vessels, map_classes(True, True) with the wall too
-CLASS_NAMES = ("background", "left lung", "right lung", "infection", "vessel", "chest wall")
+NUM_CLASSES = 4  # the paper's map; map_classes(True) with vessels
+CLASS_NAMES = ("background", "left lung", "right lung", "infection", "vessel")
 
 
-def map_classes(vessels: bool, wall: bool = False) -> int:
-    """Classes of a synthesizer's maps: 4, 5 with the vessel class (``synth.vessels``), 6 with
-    the chest-wall class as well (``synth.wall``, which needs ``synth.vessels``)."""
-    if wall and not vessels:
-        raise ValueError("the chest-wall class (synth.wall) comes with the vessel class (synth.vessels)")
-    return NUM_CLASSES + int(vessels) + int(wall)
+def map_classes(vessels: bool) -> int:
+    """Classes of a synthesizer's maps: 4, 5 with the vessel class (``synth.vessels``)."""
+    return NUM_CLASSES + int(vessels)
 
 # lungmask (JoHof/lungmask, R231 and R231CovidWeb): 1 = right lung, 2 = left lung.
 LUNGMASK_RIGHT = 1
@@ -62,9 +56,9 @@ def _min(x: Any) -> int:
     return int(x.min())
 
 
-def semantic_map(lung: Any, infection: Any, vessel: Any = None, wall: Any = None) -> Any:
+def semantic_map(lung: Any, infection: Any, vessel: Any = None) -> Any:
     """Combine a lung label array (0/1/2), an infection mask (0/1, or any value > 0) and, when
-    given, vessel and chest-wall masks into 0..3 (0..4 with vessels, 0..5 with the wall too).
+    given, a vessel mask into 0..3 (0..4 with vessels).
 
     Shapes must be equal (any leading dimensions, e.g. (H, W), (B, H, W) or (Z, Y, X)).
     numpy in -> uint8 out; torch in -> int64 (long) out on the lung tensor's device, ready for
@@ -80,29 +74,25 @@ def semantic_map(lung: Any, infection: Any, vessel: Any = None, wall: Any = None
         lung_t = torch.as_tensor(lung).long()
         infection_t = torch.as_tensor(infection, device=lung_t.device)
         out = lung_t
-        for mask, value in ((wall, WALL), (vessel, VESSEL)):
-            if mask is not None:
-                mask_t = torch.as_tensor(mask, device=lung_t.device)
-                out = torch.where((mask_t > 0) & (lung_t > 0), torch.full_like(lung_t, value), out)
+        if vessel is not None:
+            vessel_t = torch.as_tensor(vessel, device=lung_t.device)
+            out = torch.where((vessel_t > 0) & (lung_t > 0), torch.full_like(lung_t, VESSEL), out)
         return torch.where(infection_t > 0, torch.full_like(lung_t, INFECTION), out)
     out = np.asarray(lung).astype(np.uint8, copy=True)
-    for mask, value in ((wall, WALL), (vessel, VESSEL)):
-        if mask is not None:
-            out[(np.asarray(mask) > 0) & (np.asarray(lung) > 0)] = value
+    if vessel is not None:
+        out[(np.asarray(vessel) > 0) & (np.asarray(lung) > 0)] = VESSEL
     out[np.asarray(infection) > 0] = INFECTION
     return out
 
 
-def class_map_at(size: int, lung: Any, infection: Any, image: Any = None, vessels: bool = False,
-                 wall: bool = False, infection_vessels: bool = False) -> tuple[Any, Any]:
+def class_map_at(size: int, lung: Any, infection: Any, image: Any = None, vessels: bool = False) -> tuple[Any, Any]:
     """The synthesizer's condition at its size S, one rule for its training batches and for the
     requests it serves (torch tensors only).
 
     lung (B, H, W), infection (B, 1, H, W) (> 0.5 = infection), image (B, 1, H, W) in [0, 1] or
     None; maps are nearest-resized and the image bilinear-resized when their size is not S. With
-    ``vessels`` (and ``wall``) the 5th (and 6th) class is read from the image
-    (:mod:`plsynth.data.vessels`), which is then required; with ``infection_vessels`` the vessels
-    read inside the infection (by its own threshold) are drawn over it.
+    ``vessels`` the 5th class is read from the image (:mod:`plsynth.data.vessels`), which is then
+    required.
     Returns (image (B, 1, S, S) clamped to [0, 1], or None; map (B, S, S) long).
     """
     import torch.nn.functional as F
@@ -118,21 +108,14 @@ def class_map_at(size: int, lung: Any, infection: Any, image: Any = None, vessel
         if tuple(image.shape[-2:]) != (size, size):
             image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
         image = image.clamp(0, 1)
-    map_classes(vessels, wall)  # a wall without vessels raises
-    if infection_vessels and not vessels:
-        raise ValueError("vessels inside the infection (synth.infection_vessels) come with the vessel class (synth.vessels)")
-    vessel = chest_wall = inside = None
+    vessel = None
     if vessels:
         if image is None:
             raise ValueError("a map with vessels (synth.vessels) reads them from the slices: it needs its images")
-        from plsynth.data.vessels import slice_classes
+        from plsynth.data.vessels import vessel_mask
 
-        inside = (infection[:, 0] > 0) & (lung > 0) if infection_vessels else None
-        vessel, chest_wall = slice_classes(image, lung, wall, inside)
-    semantic = semantic_map(lung, infection[:, 0], vessel, chest_wall)
-    if inside is not None:
-        semantic = semantic.masked_fill(vessel & inside, VESSEL)
-    return image, semantic
+        vessel = vessel_mask(image, lung)
+    return image, semantic_map(lung, infection[:, 0], vessel)
 
 
 def one_hot(semantic: Any, num_classes: int = NUM_CLASSES) -> Any:
@@ -184,7 +167,6 @@ __all__ = [
     "RIGHT_LUNG",
     "INFECTION",
     "VESSEL",
-    "WALL",
     "NUM_CLASSES",
     "map_classes",
     "CLASS_NAMES",

@@ -4,7 +4,7 @@ Clean-room reimplementation of SEAN (Zhu et al., CVPR 2020) as used by Lyu et al
 section III-B); the differences from the official code (ZPdesu/SEAN, FeiLyu/SASSL) are listed below.
 
 Tensors (C = 4 classes: 0 background, 1 patient-left lung, 2 patient-right lung, 3 infection;
-C = 5 with ``synth.vessels``: 4 vessel; C = 6 with ``synth.wall``: 5 chest wall; see
+C = 5 with ``synth.vessels``: 4 vessel; see
 ``plsynth.data.semantic``):
 - ``onehot``: (B, C, S, S) float one-hot semantic map (``plsynth.data.semantic.one_hot``), S = image_size.
 - ``style``: (B, C, D) float style matrix, one row per class, D = style_dim; a row of an absent
@@ -206,7 +206,7 @@ class SEANDecoder(nn.Module):
         self.uses_noise = config.noise
         hidden = hidden_width(config)
         chans = decoder_channels(config)
-        self.num_classes = classes = map_classes(config.vessels, config.wall)
+        self.num_classes = classes = map_classes(config.vessels)
         self.fc = nn.Conv2d(classes, chans[0], 3, padding=1)
         fins = [chans[0], *chans[:-1]]
         last = len(chans) - 1
@@ -217,10 +217,6 @@ class SEANDecoder(nn.Module):
         # up-sample before block i (block 0 is the head at start_size, block 2 is the second middle block)
         self.upsample_before = [i not in (0, 2) for i in range(len(chans))]
         self.conv_img = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
-        # every padded conv pads the same way (weights are unchanged by the mode)
-        for conv in self.modules():
-            if isinstance(conv, nn.Conv2d) and conv.padding != (0, 0):
-                conv.padding_mode = config.padding
 
     def forward(self, onehot: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         x = self.fc(resize_nearest(onehot, (self.start_size, self.start_size)))

@@ -159,7 +159,7 @@ class LocalSynthesizer:
             raise ValueError(f"synthesize: infection {tuple(infection.shape)} and lung {tuple(lung.shape)} differ")
         images = None if images is None else images.detach().cpu()
         return class_map_at(self.image_size, lung.detach().cpu(), infection.detach().cpu(), images,
-                            *self.bundle.config.map_rule)
+                            self.bundle.config.vessels)
 
     # -- SynthesisClient ------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from plsynth.atomic import atomic_write
-from plsynth.config import REMOVED_KEYS, Config
+from plsynth.config import REMOVED_KEYS, REMOVED_SWITCHES, Config
 from plsynth.errors import InputError
 
 # Keys whose change does not alter the optimisation of a resumed run (``train.val_every``: the
@@ -99,7 +99,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """Dotted keys whose values differ between two config dicts, ignoring RESUME_IGNORED.
 
     A key the saved config lacks was added to the schema after the run started; at its default it
-    means what the older code did (switches are added off), so it is no difference."""
+    means what the older code did (switches are added off), so it is no difference; so is a removed
+    switch the saved config holds at its old default (``REMOVED_SWITCHES``)."""
     a, b = _flatten(saved), _flatten(current)
     defaults = _flatten(Config().to_dict())
     diffs = []
@@ -107,6 +108,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
         if key in RESUME_IGNORED or key.split(".")[0] in RESUME_IGNORED or ".".join(key.split(".")[:2]) in RESUME_IGNORED:
             continue
         if key not in a and key in defaults and b.get(key) == defaults[key]:
+            continue
+        if key not in b and key in REMOVED_SWITCHES and a[key] == REMOVED_SWITCHES[key][0]:
             continue
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")

@@ -6,7 +6,7 @@ infection moved elsewhere in the lungs | its image. The three images of a row sh
 pool draw and the noise (same seed), so they differ only where the map was edited.
 
 Map colours: background black, patient-left lung blue, patient-right lung green, infection red,
-vessel yellow, chest wall grey.
+vessel yellow.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from plsynth.config import Config
 
 log = logging.getLogger(__name__)
 
-PALETTE = np.array([[0, 0, 0], [60, 110, 210], [60, 170, 90], [230, 50, 40], [250, 220, 90], [150, 150, 150]],
+PALETTE = np.array([[0, 0, 0], [60, 110, 210], [60, 170, 90], [230, 50, 40], [250, 220, 90]],
                    dtype=np.uint8)
 
 
@@ -79,10 +79,9 @@ def draw_variants(synth, infections: np.ndarray, lung: np.ndarray, image: np.nda
     with one pool draw and one noise for all, so the images differ only where the maps do.
 
     infections (V, H, W), the first as the slice has it; lung (H, W); image (H, W) in [0, 1], the
-    slice a vessel / chest-wall synthesizer reads those classes from. Inside the slice's own
-    infection they are not read on the other maps (what the slice shows there is the lesion: a
-    consolidation would read as wall, its reticulation as vessels): those maps get plain lung there,
-    or the vessels the first map read through the lesion (``synth.infection_vessels``).
+    slice a vessel synthesizer reads them from. Inside the slice's own infection they are not read
+    on the other maps (what the slice shows there is the lesion, whose reticulation would read as
+    vessels): those maps get plain lung there.
     Returns (maps (V, S, S) as drawn, images (V, H, W) in [0, 1]).
     """
     from plsynth.data.semantic import VESSEL, one_hot
@@ -97,9 +96,8 @@ def draw_variants(synth, infections: np.ndarray, lung: np.ndarray, image: np.nda
         s = semantic.shape[-1]
         new, side = (F.interpolate(torch.from_numpy(np.asarray(a, np.float32))[:, None], size=(s, s),
                                    mode="nearest")[:, 0] for a in (infections, lung[None]))
-        # the old lesion outside each map's own: lung, or the vessels the first map read through it
-        kept = torch.where(semantic[:1] == VESSEL, semantic[:1], side.long())
-        semantic = torch.where((new[:1] > 0) & (new == 0), kept, semantic)
+        # the old lesion outside each map's own: lung
+        semantic = torch.where((new[:1] > 0) & (new == 0), side.long(), semantic)
         onehot = one_hot(semantic, onehot.shape[1])
     drawn = synth.decode(onehot, style, noise_seed=seed)
     if tuple(drawn.shape[-2:]) != (h, w):

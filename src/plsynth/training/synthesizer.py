@@ -3,8 +3,7 @@
 Data: the training split's labeled slices only (``build_splits(cfg, out).labeled``); validation
 slices never reach the synthesizer or its pool (paper; SASSL issue #1). Each slice gives its
 image in [0, 1] (mapped to [-1, 1]) and its 4-class map from lung mask + infection label, with
-``synth.vessels`` a 5th class, the vessels, and with ``synth.wall`` a 6th, the chest wall, read
-from the (augmented) image itself.
+``synth.vessels`` a 5th class, the vessels, read from the (augmented) image itself.
 Augmentation (``synth.flip``, ``rotate_degrees``, ``scale``, ``intensity``; ``augment_batch``)
 moves image and map jointly, so 40 slices are not memorised; the one flip mirrors left and
 right (along the axis between the two lungs, ``augment.flip_across_lungs``) and swaps the lung
@@ -58,18 +57,16 @@ log = logging.getLogger(__name__)
 # -- data -------------------------------------------------------------------------------------
 
 
-def prepare_batch(batch: dict[str, Any], size: int, vessels: bool = False,
-                  wall: bool = False, infection_vessels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_batch(batch: dict[str, Any], size: int, vessels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A dataset batch -> (image (B, 1, size, size) in [-1, 1], one-hot map (B, C, size, size)).
 
     The same condition as the synthesis service's requests (``plsynth.data.semantic.class_map_at``:
-    resized to ``size``; with ``vessels`` and ``wall``, ``synth.vessels`` / ``synth.wall``, the
-    5th and 6th classes read from the image, with ``infection_vessels`` inside the infection too).
+    resized to ``size``; with ``vessels``, ``synth.vessels``, the 5th class read from the image).
     """
     from plsynth.data.semantic import class_map_at, map_classes, one_hot
 
-    image, semantic = class_map_at(size, batch["lung"], batch["label"], batch["image"], vessels, wall, infection_vessels)
-    onehot = one_hot(semantic, map_classes(vessels, wall))
+    image, semantic = class_map_at(size, batch["lung"], batch["label"], batch["image"], vessels)
+    onehot = one_hot(semantic, map_classes(vessels))
     return image * 2 - 1, onehot
 
 
@@ -88,12 +85,11 @@ def augment_batch(batch: dict[str, Any], cfg: Config, generator: torch.Generator
     return {**batch, "image": image, "lung": lung, "label": label}
 
 
-def pool_batches(dataset, size: int, batch_size: int, vessels: bool = False,
-                 wall: bool = False, infection_vessels: bool = False) -> Iterator[dict[str, Any]]:
+def pool_batches(dataset, size: int, batch_size: int, vessels: bool = False) -> Iterator[dict[str, Any]]:
     """Batches for ``build_style_pool``: image in [0, 1], one-hot, case, index."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in loader:
-        image, onehot = prepare_batch(batch, size, vessels, wall, infection_vessels)
+        image, onehot = prepare_batch(batch, size, vessels)
         yield {
             "image": (image + 1) / 2,
             "onehot": onehot,
@@ -159,11 +155,9 @@ class ConsistencyLoss(nn.Module):
     trained on real labeled slices only, e.g. the baseline) sees the drawn image as it saw its
     training slices: in [0, 1] at its own size, black outside the lung field if it was trained so
     (``lung_handling: mask``), cut to the map's lung boxes if it was trained on them (``lung_box``).
-    With ``infection_vessels`` the vessels drawn over the infection are infection for it (as in the
-    labels): vessel pixels inside the map infection's closing (5 px at 128 px).
     """
 
-    def __init__(self, bundle: str | Path, device: str | torch.device = "cpu", infection_vessels: bool = False) -> None:
+    def __init__(self, bundle: str | Path, device: str | torch.device = "cpu") -> None:
         super().__init__()
         from plsynth.bundles.segmenter import load_bundle
         from plsynth.errors import BundleError
@@ -177,19 +171,14 @@ class ConsistencyLoss(nn.Module):
         self.mask_outside = loaded.lung_handling == "mask"
         self.meta_sha256 = loaded.meta_sha256()
         self.net = loaded.torch_networks(str(device))["model"]
-        self.infection_vessels = infection_vessels
         self.requires_grad_(False).eval()
 
     def forward(self, fake: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         from plsynth.data.preprocess import run_on_lung_boxes
-        from plsynth.data.semantic import BACKGROUND, INFECTION, VESSEL
+        from plsynth.data.semantic import BACKGROUND, INFECTION
         from plsynth.training.losses import seg_loss
 
         image, target = (fake + 1) / 2, onehot[:, INFECTION : INFECTION + 1]
-        if self.infection_vessels:
-            from plsynth.data.vessels import closing
-
-            target = torch.maximum(target, onehot[:, VESSEL : VESSEL + 1] * closing(target))
         field = 1 - onehot[:, BACKGROUND : BACKGROUND + 1]  # lung classes and infection: the map's lung field
         if self.mask_outside:
             image = image * field
@@ -237,7 +226,7 @@ def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
         vgg = VGGLoss(path).to(device)
     else:
         log.info("VGG perceptual loss off (synth.vgg_weights is empty)")
-    consistency = ConsistencyLoss(s.segmenter, device, s.infection_vessels).to(device) if s.lambda_seg else None
+    consistency = ConsistencyLoss(s.segmenter, device).to(device) if s.lambda_seg else None
     return SynthNets(decoder, encoder, discriminator, opt_g, opt_d, vgg, consistency)
 
 
@@ -312,7 +301,7 @@ def write_training_grid(decoder, encoder, preview, cfg: Config, path: Path) -> P
         return None
     batch = next(iter(torch.utils.data.DataLoader(preview, batch_size=s.grid_samples, shuffle=False)))
     device = next(decoder.parameters()).device
-    image, onehot = prepare_batch(batch, s.image_size, *s.map_rule)
+    image, onehot = prepare_batch(batch, s.image_size, s.vessels)
     image, onehot = image.to(device), onehot.to(device)
     modes = decoder.training, encoder.training
     decoder.eval(), encoder.eval()
@@ -321,7 +310,7 @@ def write_training_grid(decoder, encoder, preview, cfg: Config, path: Path) -> P
         noise = decoder.make_noise(len(image), generator)
         noise = None if noise is None else noise.to(device)
         recon = decoder(onehot, encoder(image, onehot), noise)
-        pool = build_style_pool(encoder, pool_batches(preview, s.image_size, s.batch_size, *s.map_rule), device=device)
+        pool = build_style_pool(encoder, pool_batches(preview, s.image_size, s.batch_size, s.vessels), device=device)
         mode = "positive" if pool.n_positive else "all"
         style = pool.draw(len(image), s.pool_k, generator, mode=mode).to(device)
         drawn = decoder(onehot, style, noise)
@@ -431,7 +420,7 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
         sums: dict[str, float] = {}
         steps = 0
         for batch in loader:
-            image, onehot = prepare_batch(augment_batch(batch, cfg, generator), s.image_size, *s.map_rule)
+            image, onehot = prepare_batch(augment_batch(batch, cfg, generator), s.image_size, s.vessels)
             for k, v in gan_step(nets, image.to(device), onehot.to(device), cfg).items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
@@ -445,7 +434,7 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
         write_training_grid(nets.decoder, nets.encoder, preview, cfg, out / "grids" / f"epoch_{epoch + 1:03d}.png")
     train_seconds = time.perf_counter() - t_train
 
-    pool = build_style_pool(nets.encoder, pool_batches(labeled, s.image_size, s.batch_size, *s.map_rule), device=device)
+    pool = build_style_pool(nets.encoder, pool_batches(labeled, s.image_size, s.batch_size, s.vessels), device=device)
     nets.decoder.eval()
     nets.encoder.eval()
     extra = {
