@@ -366,7 +366,8 @@ def drop_removed(raw: dict[str, Any], where: str, stored: bool) -> dict[str, Any
             if value != default:
                 raise ConfigError(f"{where}: {key}: {value!r}: {what} was tried and not kept, and this version "
                                   f"no longer has it (BENCHMARKS.md, issue 11, names the commit that does)")
-            dropped.append(f"{key} is ignored and no longer a config key: {what}, tried and not kept (BENCHMARKS.md, issue 11)")
+            if not stored:  # a stored copy at the old default is what the code does now: nothing to say
+                dropped.append(f"{key} is ignored and no longer a config key: {what}, tried and not kept (BENCHMARKS.md, issue 11)")
     for (key, value), (new, why) in REMOVED_VALUES.items():
         section, leaf = key.split(".")
         if isinstance(raw.get(section), dict) and raw[section].get(leaf) == value:
