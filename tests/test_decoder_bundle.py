@@ -280,29 +280,3 @@ def test_a_bundle_saved_with_a_removed_switch_loads_at_its_old_default_and_is_re
         else:
             with pytest.raises(BundleError, match=rf"synth\.{key}: {value!r}.*not kept"):
                 load_decoder_bundle(old)
-
-
-def test_a_margin_decoder_draws_the_slice_inside_a_replicated_border_and_exports_at_parity(tmp_path):
-    """synth.margin: the decoder draws the map edge-replicated by m pixels and cuts the slice out, so
-    its zero padding falls outside the slice; the bundle's inputs and output stay (B, C, S, S) -> S."""
-    from plsynth.models.sean import SEANDecoder
-
-    with pytest.raises(ValueError, match="synth.margin"):
-        dataclasses.replace(TINY, margin=3)  # 32 + 6 is not a multiple of 2**3
-    framed = dataclasses.replace(TINY, margin=4)
-    path, _ = _bundle(tmp_path / "b", framed)
-    meta = json.loads((path / "meta.json").read_text())
-    assert meta["export_parity_max_abs"] <= 1e-4 and meta["synth"]["margin"] == 4
-    loaded = load_decoder_bundle(path)
-    inputs = parity_inputs(framed, batch=2)
-    with torch.no_grad():
-        drawn = loaded.decoder(**inputs)
-        # the same weights without the margin, run on the padded map at 40 px, then cut: the same image
-        wide = SEANDecoder(dataclasses.replace(TINY, image_size=40)).eval()
-        wide.load_state_dict(loaded.decoder.state_dict())
-        pad = lambda t: torch.nn.functional.pad(t, (4, 4, 4, 4), mode="replicate")  # noqa: E731
-        expected = wide(pad(inputs["onehot"]), inputs["style"], pad(inputs["noise"]))[..., 4:36, 4:36]
-    assert drawn.shape == (2, 1, 32, 32) and torch.allclose(drawn, expected, atol=1e-6)
-    session = ort_session(path / "decoder.onnx")
-    (onnx_out,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
-    assert onnx_out.shape == (2, 1, 32, 32) and np.abs(onnx_out - drawn.numpy()).max() <= 1e-4

@@ -117,9 +117,6 @@ class SynthConfig:
     # the decoder's x2 up-sampling (SEAN: nearest); at the CPU preset "bilinear" takes the grid lines
     # out of the lung (BENCHMARKS.md)
     upsample: Literal["nearest", "bilinear"] = "nearest"
-    # pixels of map (edge-replicated) the decoder draws around the slice and cuts off, so that its
-    # convolutions' zero padding lands outside the slice instead of drawing a frame along its border
-    margin: int = 0
     epochs: int = 50
     batch_size: int = 4
     lr: float = 2e-4  # SEAN two time-scale: generator lr/2, discriminator lr*2 (TTUR)
@@ -160,9 +157,6 @@ class SynthConfig:
             raise ValueError(f"synth.image_size must be a multiple of 2**num_up, got {self.image_size}, {self.num_up}")
         if self.image_size // 2**self.num_up < 2:
             raise ValueError(f"synth.image_size / 2**num_up must be >= 2, got {self.image_size}, {self.num_up}")
-        if self.margin < 0 or (self.image_size + 2 * self.margin) % 2**self.num_up:
-            raise ValueError(f"synth.margin must be >= 0 with image_size + 2 * margin a multiple of 2**num_up, "
-                             f"got {self.margin}, {self.image_size}, {self.num_up}")
         if self.d_width < 0 or self.rotate_degrees < 0 or not 0 <= self.scale < 1 or not 0 <= self.intensity < 1:
             raise ValueError("synth.d_width / rotate_degrees must be >= 0, synth.scale and intensity in [0, 1)")
         for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):

@@ -195,17 +195,14 @@ class SEANDecoder(nn.Module):
     The one-hot map is resized to S / 2**num_up and lifted to 16 * width channels by a 3x3
     conv; then a head block, ``num_up`` x2 up-samplings (``synth.upsample``) with SEAN residual blocks (two
     at the first up-sampled size, as SPADE's G_middle_0/1), the last one SPADE-only; then
-    LReLU, conv3x3 to 1 channel and tanh. With ``synth.margin`` m the map (and noise) is
-    edge-replicated by m pixels, drawn at S + 2m and cut back to S: the convolutions' zero padding,
-    which the decoder learns to draw as a frame, falls outside the slice.
+    LReLU, conv3x3 to 1 channel and tanh.
     """
 
     def __init__(self, config: SynthConfig, out_channels: int = 1) -> None:
         super().__init__()
         self.config = config
         self.image_size = config.image_size
-        self.margin = config.margin
-        self.start_size = (config.image_size + 2 * config.margin) // 2**config.num_up
+        self.start_size = config.image_size // 2**config.num_up
         self.uses_noise = config.noise
         hidden = hidden_width(config)
         chans = decoder_channels(config)
@@ -222,18 +219,13 @@ class SEANDecoder(nn.Module):
         self.conv_img = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
 
     def forward(self, onehot: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        m = self.margin
-        if m:
-            onehot = F.pad(onehot, (m, m, m, m), mode="replicate")
-            noise = None if noise is None else F.pad(noise, (m, m, m, m), mode="replicate")
         x = self.fc(resize_nearest(onehot, (self.start_size, self.start_size)))
         for up, block in zip(self.upsample_before, self.blocks):
             if up:
                 mode = self.config.upsample
                 x = F.interpolate(x, scale_factor=2.0, mode=mode, align_corners=False if mode == "bilinear" else None)
             x = block(x, onehot, style, noise)
-        out = torch.tanh(self.conv_img(F.leaky_relu(x, 0.2)))
-        return out[..., m : m + self.image_size, m : m + self.image_size] if m else out
+        return torch.tanh(self.conv_img(F.leaky_relu(x, 0.2)))
 
     def make_noise(self, batch: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu"):
         """Standard normal noise (B, 1, S, S) for ``forward``; None when the config switches noise off."""
