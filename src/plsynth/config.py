@@ -340,7 +340,8 @@ REMOVED_VALUES = {("synth.backend", "trt"): ("torch", "trainers never ran Tensor
 # cannot be served by this version; BENCHMARKS.md names the commit that can).
 REMOVED_SWITCHES = {"synth.wall": (False, "the chest wall as a 6th map class"),
                     "synth.infection_vessels": (False, "vessels drawn through the infection"),
-                    "synth.padding": ("zeros", "reflect padding in the decoder")}
+                    "synth.padding": ("zeros", "reflect padding in the decoder"),
+                    "synth.margin": (0, "a margin of map drawn around the slice")}
 
 
 def drop_removed(raw: dict[str, Any], where: str, stored: bool) -> dict[str, Any]:
