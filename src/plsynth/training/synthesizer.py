@@ -81,7 +81,7 @@ def augment_batch(batch: dict[str, Any], cfg: Config, generator: torch.Generator
     lung = batch["lung"].long()
     theta, hflip = random_transforms(len(image), generator, s.flip, s.rotate_degrees, s.scale, vflip=False)
     theta = flip_across_lungs(theta, hflip, lung)
-    image, lung, label = apply_transforms(theta, hflip, image, lung, batch["label"].float())
+    image, lung, label = apply_transforms(theta, hflip, image, lung, batch["label"].float(), s.augment_padding)
     return {**batch, "image": image, "lung": lung, "label": label}
 
 
