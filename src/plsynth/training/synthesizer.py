@@ -5,7 +5,9 @@ slices never reach the synthesizer or its pool (paper; SASSL issue #1). Each sli
 image in [0, 1] (mapped to [-1, 1]) and its 4-class map from lung mask + infection label, with
 ``synth.vessels`` a 5th class, the vessels, read from the (augmented) image itself.
 Augmentation (``synth.flip``, ``rotate_degrees``, ``scale``, ``intensity``; ``augment_batch``)
-moves image and map jointly, so 40 slices are not memorised; the one flip mirrors left and
+moves image and map jointly, so 40 slices are not memorised (what comes in from outside the slice
+is black, or with ``synth.augment_padding: border`` its own edge, which keeps a dark frame out of
+the drawing); the one flip mirrors left and
 right (along the axis between the two lungs, ``augment.flip_across_lungs``) and swaps the lung
 labels, so the patient-left lung stays class 1 on its side; front and back are never mirrored.
 
