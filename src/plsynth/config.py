@@ -348,8 +348,9 @@ REMOVED_SWITCHES = {"synth.wall": (False, "the chest wall as a 6th map class"),
 
 
 def drop_removed(raw: dict[str, Any], where: str, stored: bool) -> dict[str, Any]:
-    """A copy of ``raw`` without the removed keys and values above (YAML: a warning; stored: a log
-    line); ConfigError for a removed switch that was on."""
+    """A copy of ``raw`` without the removed keys and values above (YAML: a warning; a stored copy:
+    a log line, none for a removed switch at its old default); ConfigError for a removed switch
+    that was on."""
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     dropped = []
     for key, why in REMOVED_KEYS.items():
