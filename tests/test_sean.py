@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +153,18 @@ def test_multiscale_discriminator_returns_features_per_scale_and_hinge_losses_ha
     assert hinge_d_loss(fake, real) == 6  # relu(1 + 2) + relu(1 + 2)
     assert hinge_g_loss(fake) == 2
     assert feature_matching_loss(out, out) == 0
+
+
+@pytest.mark.parametrize("noise_init", [0.0, 0.2])
+def test_noise_init_sets_where_the_noise_weights_start(noise_init):
+    """synth.noise_init: at 0 (SEAN's start) two noise draws give the same untrained image; above 0
+    every noise weight starts there and the draws differ."""
+    decoder, _ = build_synthesizer(replace(TINY, noise_init=noise_init))
+    weights = [m.noise_weight for m in decoder.modules() if getattr(m, "noise_weight", None) is not None]
+    assert weights and all(torch.all(w == noise_init) for w in weights)
+    decoder.eval()
+    onehot, style = random_onehot(1, 32), torch.randn(1, 4, 8)
+    with torch.no_grad():
+        a = decoder(onehot, style, decoder.make_noise(1, torch.Generator().manual_seed(3)))
+        b = decoder(onehot, style, decoder.make_noise(1, torch.Generator().manual_seed(4)))
+    assert torch.equal(a, b) == (noise_init == 0)

@@ -114,6 +114,9 @@ class SynthConfig:
     style_dim: int = 512  # rows of the style matrix are this wide (paper: 512)
     num_up: int = 5  # x2 up-samplings in the decoder
     noise: bool = True  # learned per-channel noise injection
+    # the noise weights' starting value (SEAN, StyleGAN: 0); above 0 every drawing starts with
+    # texture the discriminator must accept or train away
+    noise_init: float = 0.0
     # the decoder's x2 up-sampling (SEAN: nearest); at the CPU preset "bilinear" takes the grid lines
     # out of the lung (BENCHMARKS.md)
     upsample: Literal["nearest", "bilinear"] = "nearest"
@@ -165,8 +168,8 @@ class SynthConfig:
         for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):
             if getattr(self, name) < 1:
                 raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.norm_hidden < 0 or min(self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
-            raise ValueError("synth.lr must be > 0 and synth.norm_hidden / lambda_* must be >= 0")
+        if self.lr <= 0 or self.norm_hidden < 0 or min(self.noise_init, self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
+            raise ValueError("synth.lr must be > 0 and synth.norm_hidden / noise_init / lambda_* must be >= 0")
         if self.lambda_seg and not self.segmenter:
             raise ValueError("synth.lambda_seg > 0 needs synth.segmenter (a segmenter bundle trained on the labeled slices)")
 

@@ -216,6 +216,9 @@ class SEANDecoder(nn.Module):
         )
         # up-sample before block i (block 0 is the head at start_size, block 2 is the second middle block)
         self.upsample_before = [i not in (0, 2) for i in range(len(chans))]
+        for module in self.modules():  # synth.noise_init: the noise weights' starting value
+            if isinstance(module, ACE) and module.noise_weight is not None:
+                nn.init.constant_(module.noise_weight, config.noise_init)
         self.conv_img = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
 
     def forward(self, onehot: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
