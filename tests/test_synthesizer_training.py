@@ -270,27 +270,3 @@ def test_a_damaged_frozen_segmenter_is_named_by_its_config_key(tmp_path):
     weights.unlink()
     with pytest.raises(BundleError, match=rf"synth\.segmenter: .*{weights.name}.*missing"):
         ConsistencyLoss(bundle)
-
-
-def test_with_border_padding_the_synthesizer_s_augmentation_brings_in_no_black_band():
-    """synth.augment_padding: zoomed out or rotated, a slice whose body reaches its edge gets a black
-    band (map: background) with zeros, and its own edge replicated (image and map) with border."""
-    import dataclasses
-
-    from plsynth.config import Config, SynthConfig
-    from plsynth.training.synthesizer import augment_batch
-
-    image = torch.full((8, 1, 32, 32), 0.7)  # body to the edge
-    image[:, :, 8:24, 4:14] = image[:, :, 8:24, 18:28] = 0.1
-    lung = torch.zeros(8, 32, 32, dtype=torch.long)
-    lung[:, 8:24, 4:14], lung[:, 8:24, 18:28] = 1, 2
-    batch = {"image": image, "lung": lung, "label": torch.zeros(8, 1, 32, 32)}
-    ring = torch.zeros(32, 32, dtype=torch.bool)
-    ring[:2], ring[-2:], ring[:, :2], ring[:, -2:] = True, True, True, True
-    black = {}
-    for padding in ("zeros", "border"):
-        synth = SynthConfig(image_size=32, num_up=3, flip=False, rotate_degrees=10.0, scale=0.3, intensity=0.0, augment_padding=padding)
-        out = augment_batch(batch, Config(synth=synth), torch.Generator().manual_seed(0))
-        black[padding] = float((out["image"][:, 0][:, ring] < 0.05).float().mean())
-        assert out["lung"].max() <= 2
-    assert black["zeros"] > 0.2 and black["border"] == 0.0, black

@@ -142,9 +142,6 @@ class SynthConfig:
     rotate_degrees: float = 10.0
     scale: float = 0.1  # zoom uniform in [1 - scale, 1 + scale]
     intensity: float = 0.1  # contrast and brightness jitter, each uniform in +-intensity
-    # what rotation and zoom-out bring in from outside the slice: "zeros" (black, with background in
-    # the map) or "border" (edge pixels and classes replicated, as the body continues past the crop)
-    augment_padding: Literal["zeros", "border"] = "zeros"
     # "patch": SEAN's multi-scale PatchGAN on (map, image) with feature matching; "oasis": a per-pixel
     # (4 + 1)-class segmentation discriminator with LabelMix (OASIS), label-aware where VGG is missing
     discriminator: Literal["patch", "oasis"] = "oasis"
@@ -347,7 +344,8 @@ REMOVED_VALUES = {("synth.backend", "trt"): ("torch", "trainers never ran Tensor
 REMOVED_SWITCHES = {"synth.wall": (False, "the chest wall as a 6th map class"),
                     "synth.infection_vessels": (False, "vessels drawn through the infection"),
                     "synth.padding": ("zeros", "reflect padding in the decoder"),
-                    "synth.margin": (0, "a margin of map drawn around the slice")}
+                    "synth.margin": (0, "a margin of map drawn around the slice"),
+                    "synth.augment_padding": ("zeros", "edge padding in the synthesizer's augmentation")}
 
 
 def drop_removed(raw: dict[str, Any], where: str, stored: bool) -> dict[str, Any]:

@@ -93,10 +93,8 @@ def apply_transforms(
     image: torch.Tensor,
     lung: torch.Tensor | None = None,
     label: torch.Tensor | None = None,
-    padding: str = "zeros",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Apply transforms from `random_transforms`; ``padding`` fills what comes in from outside the
-    slice (``grid_sample``'s ``zeros`` or ``border``: the edge pixels and classes replicated).
+    """Apply transforms from `random_transforms`.
 
     image: (B, C, H, W) float (C > 1 moves several images of one slice together, e.g. a real
     unlabeled slice and its synthetic twin); lung: (B, H, W) integer; label: (B, 1, H, W) float.
@@ -104,17 +102,16 @@ def apply_transforms(
     """
     theta = theta.to(device=image.device, dtype=image.dtype)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
-    out_image = F.grid_sample(image, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+    out_image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     out_lung = out_label = None
     if lung is not None:
-        moved = F.grid_sample(lung[:, None].to(image.dtype), grid, mode="nearest", padding_mode=padding, align_corners=False)
+        moved = F.grid_sample(lung[:, None].to(image.dtype), grid, mode="nearest", align_corners=False)
         moved = moved[:, 0].round().to(lung.dtype)
         swap = hflip.to(lung.device)[:, None, None]
         swapped = torch.where(moved == 1, torch.full_like(moved, 2), torch.where(moved == 2, torch.ones_like(moved), moved))
         out_lung = torch.where(swap, swapped, moved)
     if label is not None:
-        out_label = F.grid_sample(label.to(image.dtype), grid, mode="nearest", padding_mode=padding,
-                                  align_corners=False).to(label.dtype)
+        out_label = F.grid_sample(label.to(image.dtype), grid, mode="nearest", align_corners=False).to(label.dtype)
     return out_image, out_lung, out_label
 
 

@@ -6,8 +6,8 @@ image in [0, 1] (mapped to [-1, 1]) and its 4-class map from lung mask + infecti
 ``synth.vessels`` a 5th class, the vessels, read from the (augmented) image itself.
 Augmentation (``synth.flip``, ``rotate_degrees``, ``scale``, ``intensity``; ``augment_batch``)
 moves image and map jointly, so 40 slices are not memorised (what comes in from outside the slice
-is black, or with ``synth.augment_padding: border`` its own edge, which keeps a dark frame out of
-the drawing); the one flip mirrors left and
+is black: replicating the slice's edge instead took the dark frame out of the drawing but made
+the pairs worse for the segmenter, BENCHMARKS.md); the one flip mirrors left and
 right (along the axis between the two lungs, ``augment.flip_across_lungs``) and swaps the lung
 labels, so the patient-left lung stays class 1 on its side; front and back are never mirrored.
 
@@ -83,7 +83,7 @@ def augment_batch(batch: dict[str, Any], cfg: Config, generator: torch.Generator
     lung = batch["lung"].long()
     theta, hflip = random_transforms(len(image), generator, s.flip, s.rotate_degrees, s.scale, vflip=False)
     theta = flip_across_lungs(theta, hflip, lung)
-    image, lung, label = apply_transforms(theta, hflip, image, lung, batch["label"].float(), s.augment_padding)
+    image, lung, label = apply_transforms(theta, hflip, image, lung, batch["label"].float())
     return {**batch, "image": image, "lung": lung, "label": label}
 
 
