@@ -114,8 +114,8 @@ class SynthConfig:
     style_dim: int = 512  # rows of the style matrix are this wide (paper: 512)
     num_up: int = 5  # x2 up-samplings in the decoder
     noise: bool = True  # learned per-channel noise injection
-    # the noise weights' starting value (SEAN, StyleGAN: 0); above 0 every drawing starts with
-    # texture the discriminator must accept or train away
+    # the noise weights' starting value (SEAN, StyleGAN: 0); a short schedule barely moves them,
+    # so at the CPU preset this is the drawn texture's level (BENCHMARKS.md)
     noise_init: float = 0.0
     # the decoder's x2 up-sampling (SEAN: nearest); at the CPU preset "bilinear" takes the grid lines
     # out of the lung (BENCHMARKS.md)
