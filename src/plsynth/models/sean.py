@@ -115,10 +115,10 @@ class ACE(nn.Module):
     """
 
     def __init__(self, channels: int, style_dim: int, hidden: int, use_style: bool, use_noise: bool,
-                 classes: int) -> None:
+                 classes: int, noise_init: float = 0.0) -> None:
         super().__init__()
         self.use_style = use_style
-        self.noise_weight = nn.Parameter(torch.zeros(channels)) if use_noise else None
+        self.noise_weight = nn.Parameter(torch.full((channels,), noise_init)) if use_noise else None
         self.spade_shared = nn.Sequential(nn.Conv2d(classes, hidden, 3, padding=1), nn.ReLU())
         self.spade_gamma_beta = nn.Conv2d(hidden, 2 * channels, 3, padding=1)
         if use_style:
@@ -157,16 +157,16 @@ class SEANResBlock(nn.Module):
     """
 
     def __init__(self, fin: int, fout: int, style_dim: int, hidden: int, use_style: bool, use_noise: bool,
-                 classes: int) -> None:
+                 classes: int, noise_init: float = 0.0) -> None:
         super().__init__()
         fmiddle = min(fin, fout)
-        self.ace_0 = ACE(fin, style_dim, hidden, use_style, use_noise, classes)
+        self.ace_0 = ACE(fin, style_dim, hidden, use_style, use_noise, classes, noise_init)
         self.conv_0 = spectral_norm(nn.Conv2d(fin, fmiddle, 3, padding=1))
-        self.ace_1 = ACE(fmiddle, style_dim, hidden, use_style, use_noise, classes)
+        self.ace_1 = ACE(fmiddle, style_dim, hidden, use_style, use_noise, classes, noise_init)
         self.conv_1 = spectral_norm(nn.Conv2d(fmiddle, fout, 3, padding=1))
         self.learned_shortcut = fin != fout
         if self.learned_shortcut:
-            self.ace_s = ACE(fin, style_dim, hidden, use_style, use_noise, classes)
+            self.ace_s = ACE(fin, style_dim, hidden, use_style, use_noise, classes, noise_init)
             self.conv_s = spectral_norm(nn.Conv2d(fin, fout, 1, bias=False))
 
     def forward(
@@ -211,14 +211,12 @@ class SEANDecoder(nn.Module):
         fins = [chans[0], *chans[:-1]]
         last = len(chans) - 1
         self.blocks = nn.ModuleList(
-            SEANResBlock(fin, fout, config.style_dim, hidden, use_style=i != last, use_noise=config.noise, classes=classes)
+            SEANResBlock(fin, fout, config.style_dim, hidden, use_style=i != last, use_noise=config.noise, classes=classes,
+                         noise_init=config.noise_init)
             for i, (fin, fout) in enumerate(zip(fins, chans))
         )
         # up-sample before block i (block 0 is the head at start_size, block 2 is the second middle block)
         self.upsample_before = [i not in (0, 2) for i in range(len(chans))]
-        for module in self.modules():  # synth.noise_init: the noise weights' starting value
-            if isinstance(module, ACE) and module.noise_weight is not None:
-                nn.init.constant_(module.noise_weight, config.noise_init)
         self.conv_img = nn.Conv2d(chans[-1], out_channels, 3, padding=1)
 
     def forward(self, onehot: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
