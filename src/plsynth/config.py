@@ -142,6 +142,9 @@ class SynthConfig:
     rotate_degrees: float = 10.0
     scale: float = 0.1  # zoom uniform in [1 - scale, 1 + scale]
     intensity: float = 0.1  # contrast and brightness jitter, each uniform in +-intensity
+    # pixels the rotation and zoom bring in from outside the slice (black, while the map says
+    # background there) are left out of every loss, and the discriminator sees the real image there
+    ignore_padding: bool = False
     # "patch": SEAN's multi-scale PatchGAN on (map, image) with feature matching; "oasis": a per-pixel
     # (4 + 1)-class segmentation discriminator with LabelMix (OASIS), label-aware where VGG is missing
     discriminator: Literal["patch", "oasis"] = "oasis"
@@ -167,6 +170,8 @@ class SynthConfig:
                 raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.norm_hidden < 0 or min(self.noise_init, self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
             raise ValueError("synth.lr must be > 0 and synth.norm_hidden / noise_init / lambda_* must be >= 0")
+        if self.ignore_padding and self.discriminator != "oasis":
+            raise ValueError("synth.ignore_padding needs synth.discriminator: oasis (a per-pixel loss to leave pixels out of)")
         if self.lambda_seg and not self.segmenter:
             raise ValueError("synth.lambda_seg > 0 needs synth.segmenter (a segmenter bundle trained on the labeled slices)")
 
