@@ -176,6 +176,8 @@ def test_ignore_padding_marks_what_the_augmentation_brought_in_and_no_loss_reach
     out = augment_batch(batch, cfg1, torch.Generator().manual_seed(3))
     inside = out["inside"]
     assert inside.shape == out["image"].shape and inside.dtype == torch.bool
+    off = cfg.replace(synth=dataclasses.replace(tiny, ignore_padding=False))
+    assert "inside" not in augment_batch(batch, off, torch.Generator().manual_seed(3))  # no extra work when off
     assert 0 < inside.float().mean() < 1  # some samples zoomed out or rotated
     assert torch.all(out["image"][~inside] < 0.3) and torch.all(out["image"][inside] >= 0.3 - 1e-5)
     small = inside_at(out, 32)

@@ -85,12 +85,15 @@ def augment_batch(batch: dict[str, Any], cfg: Config, generator: torch.Generator
     theta, hflip = random_transforms(len(image), generator, s.flip, s.rotate_degrees, s.scale, vflip=False)
     theta = flip_across_lungs(theta, hflip, lung)
     image, lung, label = apply_transforms(theta, hflip, image, lung, batch["label"].float())
-    inside = apply_transforms(theta, hflip, torch.ones_like(image[:, :1]))[0] > 0.999  # no padding mixed in
-    return {**batch, "image": image, "lung": lung, "label": label, "inside": inside}
+    out = {**batch, "image": image, "lung": lung, "label": label}
+    if s.ignore_padding:  # which pixels came from the slice, none of the padding mixed in
+        out["inside"] = apply_transforms(theta, hflip, torch.ones_like(image[:, :1]))[0] > 0.999
+    return out
 
 
 def inside_at(batch: dict[str, Any], size: int) -> torch.Tensor | None:
-    """``augment_batch``'s inside-the-slice mask (B, 1, size, size) float 0/1, or None without one."""
+    """``augment_batch``'s inside-the-slice mask (B, 1, size, size) float 0/1, or None without one
+    (``synth.ignore_padding`` off, or no rotation or zoom)."""
     inside = batch.get("inside")
     if inside is None:
         return None
@@ -444,7 +447,7 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
         for batch in loader:
             batch = augment_batch(batch, cfg, generator)
             image, onehot = prepare_batch(batch, s.image_size, s.vessels)
-            inside = inside_at(batch, s.image_size) if s.ignore_padding else None
+            inside = inside_at(batch, s.image_size)
             for k, v in gan_step(nets, image.to(device), onehot.to(device), cfg,
                                  None if inside is None else inside.to(device)).items():
                 sums[k] = sums.get(k, 0.0) + v
