@@ -150,6 +150,9 @@ class SynthConfig:
     discriminator: Literal["patch", "oasis"] = "oasis"
     d_width: int = 0  # discriminator width; 0 = width
     lambda_labelmix: float = 10.0  # OASIS LabelMix consistency weight (oasis only)
+    # pix2pixHD's discriminator feature matching (SEAN's, at lambda_feat) on the OASIS discriminator's
+    # stages: the drawn image must match the real one's features at every scale, not only its labels
+    oasis_feat: bool = False
     # a frozen segmenter bundle trained on the labeled slices only (e.g. the baseline): its loss
     # against the map's infection on the drawn image is added to the generator's (0 = off)
     segmenter: str = ""
@@ -170,6 +173,8 @@ class SynthConfig:
                 raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.norm_hidden < 0 or min(self.noise_init, self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
             raise ValueError("synth.lr must be > 0 and synth.norm_hidden / noise_init / lambda_* must be >= 0")
+        if self.oasis_feat and self.discriminator != "oasis":
+            raise ValueError("synth.oasis_feat needs synth.discriminator: oasis (the patch discriminator always matches features)")
         if self.ignore_padding and self.discriminator != "oasis":
             raise ValueError("synth.ignore_padding needs synth.discriminator: oasis (a per-pixel loss to leave pixels out of)")
         if self.lambda_seg and not self.segmenter:
