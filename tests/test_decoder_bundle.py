@@ -262,7 +262,7 @@ def test_a_bilinear_decoder_exports_to_onnx_at_parity(tmp_path):
 
 
 def test_a_bundle_saved_with_a_removed_switch_loads_at_its_old_default_and_is_refused_otherwise(tmp_path):
-    """synth.wall / infection_vessels / padding / margin / augment_padding were tried and removed; bundles written before hold
+    """synth.wall / infection_vessels / padding / margin / augment_padding / ignore_padding were tried and removed; bundles written before hold
     them: at the old default they load as before, a bundle trained with one on is refused by name
     (it would build the wrong networks or the wrong maps)."""
     import shutil
@@ -270,7 +270,8 @@ def test_a_bundle_saved_with_a_removed_switch_loads_at_its_old_default_and_is_re
     path, _ = _bundle(tmp_path / "b", TINY)
     for key, value, ok in (("wall", False, True), ("padding", "zeros", True), ("wall", True, False),
                            ("infection_vessels", True, False), ("padding", "reflect", False), ("margin", 8, False),
-                           ("augment_padding", "zeros", True), ("augment_padding", "border", False)):
+                           ("augment_padding", "zeros", True), ("augment_padding", "border", False),
+                           ("ignore_padding", False, True), ("ignore_padding", True, False)):
         old = tmp_path / f"{key}-{value}"
         shutil.copytree(path, old)
         meta = json.loads((old / "meta.json").read_text())

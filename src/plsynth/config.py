@@ -142,9 +142,6 @@ class SynthConfig:
     rotate_degrees: float = 10.0
     scale: float = 0.1  # zoom uniform in [1 - scale, 1 + scale]
     intensity: float = 0.1  # contrast and brightness jitter, each uniform in +-intensity
-    # pixels the rotation and zoom bring in from outside the slice (black, while the map says
-    # background there) are left out of every loss, and the discriminator sees the real image there
-    ignore_padding: bool = False
     # "patch": SEAN's multi-scale PatchGAN on (map, image) with feature matching; "oasis": a per-pixel
     # (4 + 1)-class segmentation discriminator with LabelMix (OASIS), label-aware where VGG is missing
     discriminator: Literal["patch", "oasis"] = "oasis"
@@ -175,8 +172,6 @@ class SynthConfig:
             raise ValueError("synth.lr must be > 0 and synth.norm_hidden / noise_init / lambda_* must be >= 0")
         if self.oasis_feat and self.discriminator != "oasis":
             raise ValueError("synth.oasis_feat needs synth.discriminator: oasis (the patch discriminator always matches features)")
-        if self.ignore_padding and self.discriminator != "oasis":
-            raise ValueError("synth.ignore_padding needs synth.discriminator: oasis (a per-pixel loss to leave pixels out of)")
         if self.lambda_seg and not self.segmenter:
             raise ValueError("synth.lambda_seg > 0 needs synth.segmenter (a segmenter bundle trained on the labeled slices)")
 
@@ -355,7 +350,8 @@ REMOVED_SWITCHES = {"synth.wall": (False, "the chest wall as a 6th map class"),
                     "synth.infection_vessels": (False, "vessels drawn through the infection"),
                     "synth.padding": ("zeros", "reflect padding in the decoder"),
                     "synth.margin": (0, "a margin of map drawn around the slice"),
-                    "synth.augment_padding": ("zeros", "edge padding in the synthesizer's augmentation")}
+                    "synth.augment_padding": ("zeros", "edge padding in the synthesizer's augmentation"),
+                    "synth.ignore_padding": (False, "the augmentation's black band left out of every loss")}
 
 
 def drop_removed(raw: dict[str, Any], where: str, stored: bool) -> dict[str, Any]:

@@ -127,23 +127,15 @@ class SegmentationDiscriminator(nn.Module):
         return (logits, stages) if features else logits
 
 
-def class_balanced_ce(logits: torch.Tensor, onehot: torch.Tensor, real: bool,
-                      inside: torch.Tensor | None = None) -> torch.Tensor:
+def class_balanced_ce(logits: torch.Tensor, onehot: torch.Tensor, real: bool) -> torch.Tensor:
     """OASIS loss: per-pixel cross-entropy to the map's class (``real``) or to the fake class, each
-    pixel weighted by the inverse frequency of its map class in the batch (small infections count).
-
-    inside: (B, 1, H, W) 0/1, the pixels that count (frequencies too); None = all of them.
-    """
-    if inside is not None:
-        onehot = onehot * inside
+    pixel weighted by the inverse frequency of its map class in the batch (small infections count)."""
     counts = onehot.sum(dim=(0, 2, 3))
     present = (counts > 0).sum().clamp(min=1)
-    total = onehot[:, 0].numel() if inside is None else inside.sum().clamp(min=1)
-    coefficients = torch.where(counts > 0, total / (counts * present), torch.zeros_like(counts))
+    coefficients = torch.where(counts > 0, onehot[:, 0].numel() / (counts * present), torch.zeros_like(counts))
     weight = torch.einsum("c,bchw->bhw", coefficients, onehot)
     target = onehot.argmax(1) if real else torch.full_like(onehot[:, 0], onehot.shape[1], dtype=torch.long)
-    loss = F.cross_entropy(logits, target, reduction="none") * weight
-    return loss.mean() if inside is None else loss.sum() / total
+    return (F.cross_entropy(logits, target, reduction="none") * weight).mean()
 
 
 def labelmix_loss(
@@ -154,16 +146,10 @@ def labelmix_loss(
     logits_real: torch.Tensor,
     logits_fake: torch.Tensor,
     generator: torch.Generator | None = None,
-    inside: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """OASIS LabelMix: each map class of each image comes from ``real`` or ``fake`` at random; the
-    discriminator's logits of the mix must equal the same mix of its logits of the two (MSE, over
-    the ``inside`` pixels when given, as ``class_balanced_ce``)."""
+    discriminator's logits of the mix must equal the same mix of its logits of the two (MSE)."""
     bits = torch.randint(0, 2, onehot.shape[:2], generator=generator).to(onehot)
     mask = torch.einsum("bc,bchw->bhw", bits, onehot)[:, None]
     mixed = mask * real + (1 - mask) * fake
-    target = mask * logits_real + (1 - mask) * logits_fake
-    if inside is None:
-        return F.mse_loss(discriminator(mixed), target)
-    error = (discriminator(mixed) - target).square() * inside
-    return error.sum() / (inside.sum() * target.shape[1]).clamp(min=1)
+    return F.mse_loss(discriminator(mixed), mask * logits_real + (1 - mask) * logits_fake)

@@ -7,8 +7,7 @@ image in [0, 1] (mapped to [-1, 1]) and its 4-class map from lung mask + infecti
 Augmentation (``synth.flip``, ``rotate_degrees``, ``scale``, ``intensity``; ``augment_batch``)
 moves image and map jointly, so 40 slices are not memorised (what comes in from outside the slice
 is black: replicating the slice's edge instead took the dark frame out of the drawing but made
-the pairs worse for the segmenter, BENCHMARKS.md; ``synth.ignore_padding`` leaves it out of every
-loss instead, ``gan_step``); the one flip mirrors left and
+the pairs worse for the segmenter, BENCHMARKS.md); the one flip mirrors left and
 right (along the axis between the two lungs, ``augment.flip_across_lungs``) and swaps the lung
 labels, so the patient-left lung stays class 1 on its side; front and back are never mirrored.
 
@@ -86,19 +85,7 @@ def augment_batch(batch: dict[str, Any], cfg: Config, generator: torch.Generator
     theta, hflip = random_transforms(len(image), generator, s.flip, s.rotate_degrees, s.scale, vflip=False)
     theta = flip_across_lungs(theta, hflip, lung)
     image, lung, label = apply_transforms(theta, hflip, image, lung, batch["label"].float())
-    out = {**batch, "image": image, "lung": lung, "label": label}
-    if s.ignore_padding:  # which pixels came from the slice, none of the padding mixed in
-        out["inside"] = apply_transforms(theta, hflip, torch.ones_like(image[:, :1]))[0] > 0.999
-    return out
-
-
-def inside_at(batch: dict[str, Any], size: int) -> torch.Tensor | None:
-    """``augment_batch``'s inside-the-slice mask (B, 1, size, size) float 0/1, or None without one
-    (``synth.ignore_padding`` off, or no rotation or zoom)."""
-    inside = batch.get("inside")
-    if inside is None:
-        return None
-    return F.interpolate(inside.float(), size=(size, size), mode="nearest")
+    return {**batch, "image": image, "lung": lung, "label": label}
 
 
 def pool_batches(dataset, size: int, batch_size: int, vessels: bool = False) -> Iterator[dict[str, Any]]:
@@ -246,20 +233,12 @@ def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
     return SynthNets(decoder, encoder, discriminator, opt_g, opt_d, vgg, consistency)
 
 
-def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Config,
-             inside: torch.Tensor | None = None) -> dict[str, float]:
-    """One generator step then one discriminator step on a batch; returns the losses.
-
-    inside: (B, 1, S, S) 0/1 (``synth.ignore_padding``): outside it the drawn image is replaced by
-    the real one (what the augmentation brought in) and no loss counts there, so the generator is
-    not taught to draw a black band where the map says background (oasis discriminator only).
-    """
+def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Config) -> dict[str, float]:
+    """One generator step then one discriminator step on a batch; returns the losses."""
     s = cfg.synth
     noise = nets.decoder.make_noise(len(image), device=image.device)
     style = nets.encoder(image, onehot)
     fake = nets.decoder(onehot, style, noise)
-    if inside is not None:
-        fake = fake * inside + image * (1 - inside)
 
     oasis = s.discriminator == "oasis"
     nets.discriminator.requires_grad_(False)
@@ -267,18 +246,17 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
         logits_fake, feats_fake = nets.discriminator(fake, features=True)
         with torch.no_grad():
             logits_real, feats_real = nets.discriminator(image, features=True)
-        losses = {"g_gan": class_balanced_ce(logits_fake, onehot, real=True, inside=inside),
+        losses = {"g_gan": class_balanced_ce(logits_fake, onehot, real=True),
                   "g_feat": s.lambda_feat * feature_matching_loss([[*feats_real, logits_real]], [[*feats_fake, logits_fake]])}
     elif oasis:
-        losses = {"g_gan": class_balanced_ce(nets.discriminator(fake), onehot, real=True, inside=inside)}
+        losses = {"g_gan": class_balanced_ce(nets.discriminator(fake), onehot, real=True)}
     else:
         pred_fake = nets.discriminator(onehot, fake)
         with torch.no_grad():
             pred_real = nets.discriminator(onehot, image)
         losses = {"g_gan": hinge_g_loss(pred_fake), "g_feat": s.lambda_feat * feature_matching_loss(pred_real, pred_fake)}
     if s.lambda_l1:
-        l1 = F.l1_loss(fake, image) if inside is None else (fake - image).abs().sum() / inside.sum().clamp(min=1)
-        losses["g_l1"] = s.lambda_l1 * l1
+        losses["g_l1"] = s.lambda_l1 * F.l1_loss(fake, image)
     if nets.vgg is not None:
         losses["g_vgg"] = s.lambda_vgg * nets.vgg(fake, image)
     if nets.consistency is not None:
@@ -292,11 +270,10 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
     if oasis:
         fake = fake.detach()
         logits_real, logits_fake = nets.discriminator(image), nets.discriminator(fake)
-        d_loss = (class_balanced_ce(logits_real, onehot, real=True, inside=inside)
-                  + class_balanced_ce(logits_fake, onehot, real=False, inside=inside))
+        d_loss = class_balanced_ce(logits_real, onehot, real=True) + class_balanced_ce(logits_fake, onehot, real=False)
         if s.lambda_labelmix:
             d_loss = d_loss + s.lambda_labelmix * labelmix_loss(
-                nets.discriminator, image, fake, onehot, logits_real, logits_fake, inside=inside)
+                nets.discriminator, image, fake, onehot, logits_real, logits_fake)
     else:
         d_loss = hinge_d_loss(nets.discriminator(onehot, image), nets.discriminator(onehot, fake.detach()))
     nets.opt_d.zero_grad(set_to_none=True)
@@ -452,11 +429,8 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
         sums: dict[str, float] = {}
         steps = 0
         for batch in loader:
-            batch = augment_batch(batch, cfg, generator)
-            image, onehot = prepare_batch(batch, s.image_size, s.vessels)
-            inside = inside_at(batch, s.image_size)
-            for k, v in gan_step(nets, image.to(device), onehot.to(device), cfg,
-                                 None if inside is None else inside.to(device)).items():
+            image, onehot = prepare_batch(augment_batch(batch, cfg, generator), s.image_size, s.vessels)
+            for k, v in gan_step(nets, image.to(device), onehot.to(device), cfg).items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
         record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, **{k: v / max(steps, 1) for k, v in sums.items()}}
