@@ -147,9 +147,6 @@ class SynthConfig:
     discriminator: Literal["patch", "oasis"] = "oasis"
     d_width: int = 0  # discriminator width; 0 = width
     lambda_labelmix: float = 10.0  # OASIS LabelMix consistency weight (oasis only)
-    # pix2pixHD's discriminator feature matching (SEAN's, at lambda_feat) on the OASIS discriminator's
-    # stages: the drawn image must match the real one's features at every scale, not only its labels
-    oasis_feat: bool = False
     # a frozen segmenter bundle trained on the labeled slices only (e.g. the baseline): its loss
     # against the map's infection on the drawn image is added to the generator's (0 = off)
     segmenter: str = ""
@@ -170,8 +167,6 @@ class SynthConfig:
                 raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.norm_hidden < 0 or min(self.noise_init, self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
             raise ValueError("synth.lr must be > 0 and synth.norm_hidden / noise_init / lambda_* must be >= 0")
-        if self.oasis_feat and self.discriminator != "oasis":
-            raise ValueError("synth.oasis_feat needs synth.discriminator: oasis (the patch discriminator always matches features)")
         if self.lambda_seg and not self.segmenter:
             raise ValueError("synth.lambda_seg > 0 needs synth.segmenter (a segmenter bundle trained on the labeled slices)")
 
@@ -341,7 +336,8 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 # not warn about a training knob.
 REMOVED_KEYS = {"train.num_workers": "it never started DataLoader workers (batches are built in-process)",
                 "synth.lambda_texture": "a texture term from the frozen segmenter, tried and not kept (BENCHMARKS.md, issue 11)",
-                "synth.l1_pool": "the pixel L1 on block means, tried and not kept (BENCHMARKS.md, issue 11)"}
+                "synth.l1_pool": "the pixel L1 on block means, tried and not kept (BENCHMARKS.md, issue 11)",
+                "synth.oasis_feat": "feature matching on the OASIS discriminator, tried and not kept (BENCHMARKS.md, issue 11)"}
 REMOVED_VALUES = {("synth.backend", "trt"): ("torch", "trainers never ran TensorRT; the synthesis actor does (ray.synth_backend)")}
 # Switches tried and not kept that change what a synthesizer draws or its networks: at their old
 # default they are dropped like the keys above; any other value raises (a bundle trained with it

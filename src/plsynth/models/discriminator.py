@@ -108,23 +108,18 @@ class SegmentationDiscriminator(nn.Module):
         self.up = nn.ModuleList(stage(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(depth - 1)))
         self.head = nn.Conv2d(widths[0], num_classes + 1, 1)
 
-    def forward(self, image: torch.Tensor, features: bool = False):
-        """Per-pixel logits (B, num_classes + 1, S, S); with ``features``, also every stage's output
-        (encoder then decoder), for feature matching (``synth.oasis_feat``)."""
-        skips, x, stages = [], image, []
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        skips, x = [], image
         for i, stage in enumerate(self.down):
             if i:
                 x = F.avg_pool2d(x, 2)
             x = stage(x)
             skips.append(x)
-        stages += skips
         x = skips.pop()
         for stage in self.up:
             skip = skips.pop()
             x = stage(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], 1))
-            stages.append(x)
-        logits = self.head(x)
-        return (logits, stages) if features else logits
+        return self.head(x)
 
 
 def class_balanced_ce(logits: torch.Tensor, onehot: torch.Tensor, real: bool) -> torch.Tensor:

@@ -14,8 +14,7 @@ labels, so the patient-left lung stays class 1 on its side; front and back are n
 Per step (the defaults of SEAN's own train.py, ZPdesu/SEAN): the encoder reads the real
 image's style under its map, the decoder reconstructs it (with fresh noise); hinge GAN loss on
 a multi-scale PatchGAN fed (map, image) and discriminator feature matching (``lambda_feat``),
-or (``synth.discriminator: oasis``) OASIS's per-pixel (4 + 1)-class loss with LabelMix (with
-``synth.oasis_feat``, feature matching on its stages too); a
+or (``synth.discriminator: oasis``) OASIS's per-pixel (4 + 1)-class loss with LabelMix; a
 VGG19 perceptual loss only when ``synth.vgg_weights`` names a local file (never downloaded);
 a pixel L1 (``lambda_l1``, not in SEAN: it stands in for VGG where no weights exist); with
 ``synth.segmenter`` / ``lambda_seg``, a frozen segmenter trained on the labeled slices must find
@@ -242,13 +241,7 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
 
     oasis = s.discriminator == "oasis"
     nets.discriminator.requires_grad_(False)
-    if oasis and s.oasis_feat:
-        logits_fake, feats_fake = nets.discriminator(fake, features=True)
-        with torch.no_grad():
-            logits_real, feats_real = nets.discriminator(image, features=True)
-        losses = {"g_gan": class_balanced_ce(logits_fake, onehot, real=True),
-                  "g_feat": s.lambda_feat * feature_matching_loss([[*feats_real, logits_real]], [[*feats_fake, logits_fake]])}
-    elif oasis:
+    if oasis:
         losses = {"g_gan": class_balanced_ce(nets.discriminator(fake), onehot, real=True)}
     else:
         pred_fake = nets.discriminator(onehot, fake)
