@@ -148,7 +148,7 @@ def lung_boxes(lung: np.ndarray, size: int, margin: int, multiple: int) -> np.nd
         for axis, (lo, hi, n) in enumerate(((ys[0], ys[-1] + 1, ny), (xs[0], xs[-1] + 1, nx))):
             start = max(0, int(np.floor(lo * size / n)) - margin)
             stop = min(size, int(np.ceil(hi * size / n)) + margin)
-            length = -(-(stop - start) // multiple) * multiple
+            length = max(2 * multiple, -(-(stop - start) // multiple) * multiple)  # the U-Net needs >= 2 pixels at its bottom
             boxes[i, 2 * axis : 2 * axis + 2] = grow_box(start, stop, size, length)
     return boxes
 
@@ -163,6 +163,24 @@ def volume_box(lung: np.ndarray, size: int, margin: int, multiple: int) -> np.nd
     back its accuracy, the slice's own tight box does not (BENCHMARKS.md, issue 16).
     """
     return lung_boxes(np.asarray(lung).any(axis=0)[None], size, margin, multiple)[0]
+
+
+def slab_boxes(lung: np.ndarray, size: int, margin: int, multiple: int, slab: int | None) -> np.ndarray:
+    """Per-slice ``(Z, 4)`` boxes: each slice gets the `volume_box` of its slab of ``slab`` slices.
+
+    Slabs are fixed runs of slices (``z // slab``), so a slice's box does not depend on which other
+    slices are run; ``slab`` None: one box for the whole volume. Slices without lung get zeros.
+    """
+    lung = np.asarray(lung)
+    z = lung.shape[0]
+    step = z if not slab else int(slab)
+    boxes = np.zeros((z, 4), np.int64)
+    has_lung = lung.reshape(z, -1).any(axis=1)
+    for start in range(0, z, step):
+        inside = has_lung[start : start + step]
+        if inside.any():
+            boxes[start : start + step][inside] = volume_box(lung[start : start + step][inside], size, margin, multiple)
+    return boxes
 
 
 def grow_box(start: int, stop: int, size: int, length: int) -> tuple[int, int]:

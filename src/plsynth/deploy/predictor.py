@@ -131,6 +131,7 @@ class Predictor:
         review_below: float = settings.REVIEW_BELOW,
         lung_box: int | None | str = "bundle",
         agreement_every: int = settings.AGREEMENT_EVERY,
+        slab_mm: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -151,6 +152,7 @@ class Predictor:
             raise ValueError(f"agreement_every must be >= 1, got {agreement_every}")
         self.agreement_every = int(agreement_every)
         self.size_multiple = bundle.size_multiple
+        self.slab_mm = slab_mm
         self.versions = versions()
         keep_freed_memory()
 
@@ -237,7 +239,7 @@ class Predictor:
         as the volume's lung box (`volume_box`) cut from the resized frame, and the window is that
         box when the model's grid is the input's (probability 0 outside it); else the whole frame.
         """
-        from plsynth.data.preprocess import paste_at, to_input_grid, to_model_input, volume_box
+        from plsynth.data.preprocess import paste_at, slab_boxes, to_input_grid, to_model_input
         from plsynth.data.window import to_unit
 
         size = self.bundle.image_size
@@ -245,12 +247,13 @@ class Predictor:
         z, y, x = lung.shape
         has_lung = lung.reshape(z, -1).any(axis=1)
         todo = np.flatnonzero(has_lung) if slices is None else np.asarray(slices)[has_lung[slices]]
-        box = None
+        boxes = None
         if self.lung_box is not None and has_lung.any():
-            box = volume_box(lung[has_lung], size, self.lung_box, self.size_multiple)
+            slab = None if self.slab_mm is None else max(1, round(self.slab_mm / float(image.spacing[0])))
+            boxes = slab_boxes(lung, size, self.lung_box, self.size_multiple, slab)
         whole = (slice(None), slice(None))
-        for start in range(0, len(todo), self.batch_size):
-            idx = todo[start : start + self.batch_size]
+        for idx in _same_box_batches(todo, boxes, self.batch_size):
+            box = None if boxes is None else boxes[idx[0]]
             unit = to_unit(replace(image, array=image.array[idx]), self.bundle.window_hu,
                            self.bundle.intensity, lung[idx])
             batch = to_model_input(unit, lung[idx], size, self.bundle.lung_handling)
@@ -521,3 +524,15 @@ def agreement_slices(lung: np.ndarray, every: int) -> np.ndarray:
 def _message(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if isinstance(exc, InputError) else f"{type(exc).__name__}: {text}"
+
+
+def _same_box_batches(todo: np.ndarray, boxes: np.ndarray | None, batch_size: int) -> Iterator[np.ndarray]:
+    """``todo`` in runs of at most ``batch_size`` slices that share one box (one engine call, one size)."""
+    start = 0
+    while start < len(todo):
+        stop = min(start + batch_size, len(todo))
+        if boxes is not None:
+            same = (boxes[todo[start:stop]] == boxes[todo[start]]).all(axis=1)
+            stop = start + (int(np.argmin(same)) if not same.all() else len(same))
+        yield todo[start:stop]
+        start = stop
