@@ -184,7 +184,7 @@ def dynamic_onnx(bundle, folder: Path, calib=None) -> dict[str, dict[str, Path]]
 
 
 def predictor(bundle, files: dict[str, Path] | None, threads: int, batch_size: int, margin: int | None | str = "bundle",
-              torch_engine: bool = False, slab_mm: float | None = None):
+              torch_engine: bool = False):
     """A Predictor over ``files`` (name -> ONNX) or the bundle's own ONNX, engines wrapped in `Timed`;
     ``margin``: the bundle's own field of view ("bundle"), whole frames (None) or lung boxes."""
     from plsynth.deploy.engines import OrtEngine, TorchEngine
@@ -197,7 +197,7 @@ def predictor(bundle, files: dict[str, Path] | None, threads: int, batch_size: i
         engines = {n: OrtEngine(p, ["CPUExecutionProvider"], threads=threads, arena=False)  # as Predictor.from_bundle
                    for n, p in files.items()}
     return Predictor(bundle, {n: Timed(e) for n, e in engines.items()}, batch_size=batch_size,
-                     lung_backend="classical", lung_box=margin, slab_mm=slab_mm)
+                     lung_backend="classical", lung_box=margin)
 
 
 def run_variant(args) -> None:
@@ -386,9 +386,6 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
         variants["same bundle, whole frames"] = predictor(bundle, onnx["fp32"], args.threads, args.batch_size, None)
     for m in args.margins:
         variants[f"same bundle, lung box margin {m}"] = predictor(bundle, onnx["fp32"], args.threads, args.batch_size, m)
-    for mm in args.slabs_mm if bundle.lung_box is not None else []:
-        variants[f"same bundle, lung box of each {mm:g} mm slab"] = predictor(
-            bundle, onnx["fp32"], args.threads, args.batch_size, slab_mm=mm)
     if onnx["int8"]:
         variants[f"same bundle, INT8, {own}"] = predictor(bundle, onnx["int8"], args.threads, args.batch_size)
     variants[f"same bundle, torch eager, {own}"] = predictor(bundle, None, args.threads, args.batch_size, torch_engine=True)
@@ -457,8 +454,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--margin", type=int, default=16, help="lung box margin, model pixels (speed section)")
-    parser.add_argument("--slabs-mm", type=float, nargs="*", default=[],
-                        help="parity section, lung-box bundles: also run each slab of this many mm on its own box")
     parser.add_argument("--margins", type=int, nargs="+", default=[8, 16, 32], help="lung box margins (parity section)")
     parser.add_argument("--no-speed", action="store_true", help="skip the 512 px speed sections")
     parser.add_argument("--parity-bundle", type=Path, help="a trained bundle for the parity section")

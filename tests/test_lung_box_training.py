@@ -1,6 +1,6 @@
 """Networks trained on lung boxes (``data.lung_box``): the training step, validation, the exported
-bundle and plsynth-infer all run each slice on its own lung-field box, so the network sees at
-inference the field of view it was trained on (bundles trained before per-slice boxes: the volume's box). Tiny in-test slices; the SA-CPS test uses the
+bundle and plsynth-infer all cut each slice to its lung-field box, so the network sees at
+inference the field of view it was trained on. Tiny in-test slices; the SA-CPS test uses the
 fake synthesizer of the method tests (a trained SEAN cannot be trained in a unit test's time)."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 
 from _training_data import FakeSynthesizer, tiny_splits
 from plsynth.config import Config, ConfigError, DataConfig, OptimConfig, TrainConfig, UNetConfig, load_config
-from plsynth.data.preprocess import OUTSIDE_BOX_LOGIT, FieldOfView, lung_boxes, run_on_lung_boxes, volume_box
+from plsynth.data.preprocess import FieldOfView, volume_box
 from plsynth.models.unet import UNet
 from plsynth.training.evaluate import predict_slices
 from plsynth.training.loop import BatchMaker, train
-from plsynth.training.methods import cps_step, run_net
+from plsynth.training.methods import cps_step
 from plsynth.training.schedule import BatchPlan
 
 torch.set_num_threads(1)
@@ -55,34 +55,6 @@ def test_a_lung_box_step_cuts_every_slice_to_its_whole_lung_field_with_one_size_
         assert torch.equal(boxed["u_image"][i], frames["u_image"][i, :, y0 : y0 + h, x0 : x0 + w])
     # SA-CPS draws in whole frames: the unlabeled frames stay in the batch
     assert torch.equal(boxed["u_frame"], frames["u_image"]) and torch.equal(boxed["u_frame_lung"], frames["u_lung"])
-
-
-def test_a_step_runs_each_slice_on_its_own_lung_box_and_answers_as_it_would_alone():
-    data = tiny_splits(4, 4, size=SIZE)
-    frames = _batch(_cfg("cps", lung_box=None), data)
-    boxed = _batch(_cfg("cps"), data)
-    h, w = boxed["image"].shape[-2:]
-    lungs = torch.cat([frames["lung"], frames["u_lung"]])
-    own = lung_boxes(lungs.numpy(), SIZE, MARGIN, 4)
-    sizes = {(int(y1 - y0), int(x1 - x0)) for y0, y1, x0, x1 in own if y1 > y0}
-    assert any(size != (h, w) for size in sizes), "some slice's own box must be smaller than the step's crop"
-    torch.manual_seed(0)
-    net = _Shapes(UNet(UNetConfig(width=4, depth=2))).eval()
-    windows = torch.cat([boxed["window"], boxed["u_window"]])
-    with torch.no_grad():
-        step = run_net(net, torch.cat([boxed["image"], boxed["u_image"]]), windows)
-        view = FieldOfView(MARGIN, 4, per_slice=True)
-        alone = [run_on_lung_boxes(net.net, f[None], lung[None], view)[0]
-                 for f, lung in zip(torch.cat([frames["image"], frames["u_image"]]), lungs)]
-    assert set(net.seen) == sizes  # one call per box size, each slice on its own box
-    for i, ((y0, y1, x0, x1), (v0, v1, u0, u1)) in enumerate(zip(own, windows.tolist())):
-        if y1 <= y0:
-            assert (step[i] == OUTSIDE_BOX_LOGIT).all()  # no lung: not run
-            continue
-        torch.testing.assert_close(step[i, :, v0:v1, u0:u1], alone[i][:, y0:y1, x0:x1], atol=1e-5, rtol=1e-4)
-        inside = torch.zeros((h, w), dtype=torch.bool)
-        inside[v0:v1, u0:u1] = True
-        assert (step[i, 0][~inside] == OUTSIDE_BOX_LOGIT).all()
 
 
 def test_sa_cps_on_lung_boxes_draws_in_whole_frames_and_trains_on_the_same_boxes_with_exact_labels():
@@ -171,54 +143,12 @@ def test_a_lung_box_bundle_records_its_margin_exports_dynamic_sides_and_plsynth_
     ort.engines["model"] = Recording()
     unit_prob = ort.probabilities(image, region)
     assert seen and all(s[-1] < SIZE or s[-2] < SIZE for s in seen) and all(s[-1] % 4 == 0 for s in seen)
-    lung_slices = np.flatnonzero(region.reshape(len(region), -1).any(axis=1))
-    assert sum(s[0] for s in seen) == len(lung_slices)  # each lung slice once, on its own box:
-    own = lung_boxes(region[lung_slices], SIZE, MARGIN, 4)
-    assert sorted(s[-2:] for s in seen for _ in range(s[0])) == sorted(
-        (int(y1 - y0), int(x1 - x0)) for y0, y1, x0, x1 in own)
-    assert len({s[-2:] for s in seen}) > 1
+    assert len({s[-2:] for s in seen}) == 1  # every slice of the volume on the volume's box
     torch_pred = Predictor.from_bundle(path, engine="torch", device="cpu", agreement=False, lung_fn=lambda i: region)
     np.testing.assert_allclose(torch_pred.probabilities(image, region), unit_prob, atol=1e-4)
     whole = Predictor.from_bundle(path, engine="ort", device="cpu", agreement=False, lung_fn=lambda i: region,
                                   lung_box=None)
     assert whole.lung_box is None  # the benchmark's override still runs whole frames
-
-
-@pytest.mark.slow
-def test_a_bundle_trained_before_per_slice_boxes_still_runs_on_the_volumes_box(boxed_bundle, tmp_path):
-    import json
-    import shutil
-
-    from plsynth.bundles.segmenter import load_bundle
-    from plsynth.deploy.predictor import Predictor
-
-    path, _ = boxed_bundle
-    old = tmp_path / "old-bundle"
-    shutil.copytree(path, old)
-    meta = json.loads((old / "meta.json").read_text())
-    del meta["lung_box_per_slice"]  # what bundles written before it hold
-    (old / "meta.json").write_text(json.dumps(meta))
-    assert load_bundle(path).field_of_view.per_slice and not load_bundle(old).field_of_view.per_slice
-    data = tiny_splits(1, 0, size=SIZE)
-    lung = np.concatenate([c.lung for c in data.val])
-    from plsynth.data.image import CTImage
-
-    image = CTImage(array=np.where(lung > 0, -800.0, 40.0).astype(np.float32), kind="hu", spacing=(2.0, 1.0, 1.0),
-                    source=Path("tiny"))
-    pred = Predictor.from_bundle(old, engine="ort", device="cpu", agreement=False, lung_fn=lambda i: lung)
-    seen = []
-    inner = pred.engines["model"]
-
-    class Recording:
-        name, provider = inner.name, inner.provider
-
-        def run(self, x):
-            seen.append(x.shape)
-            return inner.run(x)
-
-    pred.engines["model"] = Recording()
-    pred.probabilities(image, lung)
-    assert {s[-2:] for s in seen} == {tuple(np.diff(volume_box(lung, SIZE, MARGIN, 4).reshape(2, 2)).ravel())}
 
 
 def test_lung_box_is_a_margin_or_null(tmp_path):
@@ -253,8 +183,7 @@ def test_a_lung_box_teacher_labels_the_unlabeled_slices_on_their_boxes(boxed_bun
 
     path, _ = boxed_bundle
     net, fingerprint, view = load_teacher(path)
-    assert view == FieldOfView(MARGIN, 4, per_slice=True) and fingerprint["teacher"]["lung_box"] == MARGIN
-    assert fingerprint["teacher"]["lung_box_per_slice"]
+    assert view == FieldOfView(MARGIN, 4) and fingerprint["teacher"]["lung_box"] == MARGIN
     teacher = _Shapes(net)
     data = tiny_splits(2, 6, size=SIZE)
     offline = make_offline_set(teacher, data.unlabeled, None, tmp_path, _cfg("st").train, fingerprint=fingerprint,

@@ -91,7 +91,6 @@ def write_bundle(
             "output": {"name": OUTPUT_NAME, "shape": ["batch", 1, *side], "kind": "logits"},
             "image_size": size,
             "lung_box": cfg.data.lung_box,
-            "lung_box_per_slice": FieldOfView.of(cfg).per_slice,
             "window_hu": list(cfg.data.window_hu),
             "lung_handling": cfg.data.lung_handling,
             "intensity": cfg.data.intensity,
@@ -182,7 +181,7 @@ class Bundle:
     @property
     def field_of_view(self) -> FieldOfView:
         """The `FieldOfView` the networks were trained on (whole frames or lung boxes)."""
-        return FieldOfView(self.lung_box, self.size_multiple, bool(self.meta.get("lung_box_per_slice", False)))
+        return FieldOfView(self.lung_box, self.size_multiple)
 
     @property
     def intensity(self) -> str:

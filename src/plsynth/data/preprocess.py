@@ -148,7 +148,7 @@ def lung_boxes(lung: np.ndarray, size: int, margin: int, multiple: int) -> np.nd
         for axis, (lo, hi, n) in enumerate(((ys[0], ys[-1] + 1, ny), (xs[0], xs[-1] + 1, nx))):
             start = max(0, int(np.floor(lo * size / n)) - margin)
             stop = min(size, int(np.ceil(hi * size / n)) + margin)
-            length = max(2 * multiple, -(-(stop - start) // multiple) * multiple)  # the U-Net needs >= 2 pixels at its bottom
+            length = -(-(stop - start) // multiple) * multiple
             boxes[i, 2 * axis : 2 * axis + 2] = grow_box(start, stop, size, length)
     return boxes
 
@@ -163,24 +163,6 @@ def volume_box(lung: np.ndarray, size: int, margin: int, multiple: int) -> np.nd
     back its accuracy, the slice's own tight box does not (BENCHMARKS.md, issue 16).
     """
     return lung_boxes(np.asarray(lung).any(axis=0)[None], size, margin, multiple)[0]
-
-
-def slab_boxes(lung: np.ndarray, size: int, margin: int, multiple: int, slab: int | None) -> np.ndarray:
-    """Per-slice ``(Z, 4)`` boxes: each slice gets the `volume_box` of its slab of ``slab`` slices.
-
-    Slabs are fixed runs of slices (``z // slab``), so a slice's box does not depend on which other
-    slices are run; ``slab`` None: one box for the whole volume. Slices without lung get zeros.
-    """
-    lung = np.asarray(lung)
-    z = lung.shape[0]
-    step = z if not slab else int(slab)
-    boxes = np.zeros((z, 4), np.int64)
-    has_lung = lung.reshape(z, -1).any(axis=1)
-    for start in range(0, z, step):
-        inside = has_lung[start : start + step]
-        if inside.any():
-            boxes[start : start + step][inside] = volume_box(lung[start : start + step][inside], size, margin, multiple)
-    return boxes
 
 
 def grow_box(start: int, stop: int, size: int, length: int) -> tuple[int, int]:
@@ -234,71 +216,30 @@ OUTSIDE_BOX_LOGIT = -30.0  # what a network run on lung boxes answers outside it
 
 @dataclass(frozen=True)
 class FieldOfView:
-    """What a network is run on: whole frames (``lung_box`` None) or lung boxes with that margin.
-
-    ``per_slice``: each slice on its own lung box (what training does since per-slice boxes were
-    measured: as accurate, fewer pixels; BENCHMARKS.md, issue 16); False: on a box grown to the
-    training step's largest, so at inference the volume's box (bundles trained before).
-    """
+    """What a network is run on: whole frames (``lung_box`` None) or lung boxes with that margin."""
 
     lung_box: int | None = None
     multiple: int = 16  # 2 ** model.depth: what box sides are rounded up to
-    per_slice: bool = False
 
     @classmethod
     def of(cls, cfg: Any) -> FieldOfView:
         """The field of view a config trains (``data.lung_box``, ``model.depth``)."""
-        return cls(cfg.data.lung_box, 2 ** int(cfg.model.depth), per_slice=cfg.data.lung_box is not None)
+        return cls(cfg.data.lung_box, 2 ** int(cfg.model.depth))
 
-    def slab(self) -> int | None:
-        """`slab_boxes`' slab for a volume: 1 (each slice's own box) or None (the volume's box)."""
-        return 1 if self.per_slice else None
-
-    def batch_corners(self, lung: np.ndarray) -> tuple[np.ndarray, int, int, np.ndarray]:
-        """`box_corners` of the slices' `lung_boxes` (``lung`` (b, S, S) on the model grid): one size per batch,
-        and each slice's window inside its crop ``(b, 4)`` (y0, y1, x0, x1): its own box when ``per_slice``,
-        else the whole crop."""
+    def batch_corners(self, lung: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """`box_corners` of the slices' `lung_boxes` (``lung`` (b, S, S) on the model grid): one size per batch."""
         size = int(lung.shape[-1])
-        boxes = lung_boxes(lung, size, self.lung_box, self.multiple)
-        corners, h, w = box_corners(boxes, size, self.multiple)
-        if self.per_slice:
-            windows = boxes - np.repeat(corners, 2, axis=1)
-            windows[boxes[:, 1] <= boxes[:, 0]] = 0  # no lung: nothing to run
-        else:
-            windows = np.tile(np.array([[0, h, 0, w]], np.int64), (len(boxes), 1))
-        return corners, h, w, windows
-
-
-def run_on_boxes(run: Any, frames: Any, boxes: np.ndarray) -> Any:
-    """Logits of ``run`` on each frame's box ``(b, 4)`` (y0, y1, x0, x1), `OUTSIDE_BOX_LOGIT` elsewhere.
-
-    ``frames`` ``(b, 1, H, W)`` (torch, gradients pass); rows whose boxes have one size share a call
-    (each row is normalised on its own: instance norm); empty boxes are not run.
-    """
-    import torch
-
-    out = torch.full(frames.shape, OUTSIDE_BOX_LOGIT, dtype=frames.dtype, device=frames.device)
-    sizes = [(int(y1 - y0), int(x1 - x0)) for y0, y1, x0, x1 in np.asarray(boxes)]
-    for size in dict.fromkeys(s for s in sizes if min(s) > 0):
-        rows = [i for i, s in enumerate(sizes) if s == size]
-        windows = [tuple(int(v) for v in boxes[i]) for i in rows]
-        logits = run(torch.stack([frames[i, :, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in zip(rows, windows)]))
-        for k, (i, (y0, y1, x0, x1)) in enumerate(zip(rows, windows)):
-            out[i, :, y0:y1, x0:x1] = logits[k]
-    return out
+        return box_corners(lung_boxes(lung, size, self.lung_box, self.multiple), size, self.multiple)
 
 
 def run_on_lung_boxes(run: Any, frames: Any, lung: Any, view: FieldOfView) -> Any:
     """Logits ``(b, 1, S, S)`` of ``run`` on ``frames`` ``(b, 1, S, S)``, each cut to its lung box.
 
     ``lung`` ``(b, S, S)`` on the frames' grid. Whole frames with ``view.lung_box`` None (networks
-    trained on whole frames); otherwise each slice's `lung_boxes` with that margin, each on its own
-    (``view.per_slice``) or grown to one size per call (`box_corners`), `OUTSIDE_BOX_LOGIT` outside.
+    trained on whole frames); otherwise each slice's `lung_boxes` with that margin, one size per
+    call (`box_corners`), and `OUTSIDE_BOX_LOGIT` outside the box.
     """
     if view.lung_box is None:
         return run(frames)
-    lung = lung.cpu().numpy() if hasattr(lung, "cpu") else np.asarray(lung)
-    if view.per_slice:
-        return run_on_boxes(run, frames, lung_boxes(lung, int(frames.shape[-1]), view.lung_box, view.multiple))
-    corners, h, w, _ = view.batch_corners(lung)
+    corners, h, w = view.batch_corners(lung.cpu().numpy() if hasattr(lung, "cpu") else np.asarray(lung))
     return paste_at(run(crop_at(frames, corners, h, w)), corners, int(frames.shape[-1]), OUTSIDE_BOX_LOGIT)

@@ -21,9 +21,8 @@ Dice between the two networks' masks is reported as a quality flag, estimated on
 phantoms the estimate was within 0.013 of the all-slice Dice on average, 0.08 at worst, and
 changed no review decision; BENCHMARKS.md).
 
-A bundle trained on lung boxes (``data.lung_box``, its margin) runs each slice on its own lung box
-cut from the resized frame instead of the whole frame: a fraction of the pixels (bundles trained
-before per-slice boxes: on the volume's box, `volume_box`, as they were trained).
+A bundle trained on lung boxes (``data.lung_box``, its margin) is run on the volume's lung box
+(`volume_box`) cut from each resized frame instead of the whole frame: a fraction of the pixels.
 A bundle trained on whole frames is run on whole frames: its instance-norm U-Net normalises by the
 whole frame's statistics and answers otherwise on a box (BENCHMARKS.md). ``lung_box=`` overrides
 the bundle for the benchmark (it needs the torch engine or an ONNX with dynamic height and width).
@@ -132,7 +131,6 @@ class Predictor:
         review_below: float = settings.REVIEW_BELOW,
         lung_box: int | None | str = "bundle",
         agreement_every: int = settings.AGREEMENT_EVERY,
-        slab_mm: float | None | str = "bundle",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -153,9 +151,6 @@ class Predictor:
             raise ValueError(f"agreement_every must be >= 1, got {agreement_every}")
         self.agreement_every = int(agreement_every)
         self.size_multiple = bundle.size_multiple
-        if slab_mm == "bundle":  # each slice on its own box (0 mm) or the volume's (None), as trained
-            slab_mm = 0.0 if bundle.field_of_view.per_slice else None
-        self.slab_mm = slab_mm  # the benchmark's probe: one box per slab of this many mm
         self.versions = versions()
         keep_freed_memory()
 
@@ -238,12 +233,11 @@ class Predictor:
         """(slice indices, in-plane window, probabilities there) batch by batch, on the input grid.
 
         Only slices holding lung (of ``slices``, default all) go through the network, windowed a
-        batch at a time (no windowed copy of the volume). With ``lung_box`` set, every slice goes as
-        its lung box cut from the resized frame: its own (bundles trained on per-slice boxes) or the
-        volume's (`slab_boxes`); slices whose boxes have one size share a batch, and the window is
-        the slice's box when the model's grid is the input's (probability 0 outside it); else the whole frame.
+        batch at a time (no windowed copy of the volume). With ``lung_box`` set, every slice goes
+        as the volume's lung box (`volume_box`) cut from the resized frame, and the window is that
+        box when the model's grid is the input's (probability 0 outside it); else the whole frame.
         """
-        from plsynth.data.preprocess import paste_at, slab_boxes, to_input_grid, to_model_input
+        from plsynth.data.preprocess import paste_at, to_input_grid, to_model_input, volume_box
         from plsynth.data.window import to_unit
 
         size = self.bundle.image_size
@@ -251,25 +245,24 @@ class Predictor:
         z, y, x = lung.shape
         has_lung = lung.reshape(z, -1).any(axis=1)
         todo = np.flatnonzero(has_lung) if slices is None else np.asarray(slices)[has_lung[slices]]
-        boxes = None
+        box = None
         if self.lung_box is not None and has_lung.any():
-            slab = None if self.slab_mm is None else max(1, round(self.slab_mm / float(image.spacing[0])))
-            boxes = slab_boxes(lung, size, self.lung_box, self.size_multiple, slab)
+            box = volume_box(lung[has_lung], size, self.lung_box, self.size_multiple)
         whole = (slice(None), slice(None))
-        for idx in _same_size_batches(todo, boxes, self.batch_size):
+        for start in range(0, len(todo), self.batch_size):
+            idx = todo[start : start + self.batch_size]
             unit = to_unit(replace(image, array=image.array[idx]), self.bundle.window_hu,
                            self.bundle.intensity, lung[idx])
             batch = to_model_input(unit, lung[idx], size, self.bundle.lung_handling)
-            if boxes is None:
+            if box is None:
                 yield idx, whole, to_input_grid(sigmoid(self._run(engine, batch)[:, 0]), (y, x))
                 continue
-            crops = np.stack([batch[k, :, y0:y1, x0:x1] for k, (y0, y1, x0, x1) in enumerate(boxes[idx])])
-            out = sigmoid(self._run(engine, crops))
+            y0, y1, x0, x1 = box
+            out = sigmoid(self._run(engine, np.ascontiguousarray(batch[..., y0:y1, x0:x1])))
             if (y, x) == (size, size):
-                for k, (y0, y1, x0, x1) in enumerate(boxes[idx]):
-                    yield idx[k : k + 1], (slice(y0, y1), slice(x0, x1)), out[k : k + 1, 0]
+                yield idx, (slice(y0, y1), slice(x0, x1)), out[:, 0]
             else:
-                yield idx, whole, to_input_grid(paste_at(out, boxes[idx][:, [0, 2]], size)[:, 0], (y, x))
+                yield idx, whole, to_input_grid(paste_at(out, np.tile([[y0, x0]], (len(idx), 1)), size)[:, 0], (y, x))
 
     @staticmethod
     def _run(engine: Engine, batch: np.ndarray) -> np.ndarray:
@@ -528,16 +521,3 @@ def agreement_slices(lung: np.ndarray, every: int) -> np.ndarray:
 def _message(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if isinstance(exc, InputError) else f"{type(exc).__name__}: {text}"
-
-
-def _same_size_batches(todo: np.ndarray, boxes: np.ndarray | None, batch_size: int) -> Iterator[np.ndarray]:
-    """``todo`` in runs of at most ``batch_size`` slices whose boxes have one size (one engine call)."""
-    sizes = None if boxes is None else np.stack([boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]], axis=1)
-    start = 0
-    while start < len(todo):
-        stop = min(start + batch_size, len(todo))
-        if sizes is not None:
-            same = (sizes[todo[start:stop]] == sizes[todo[start]]).all(axis=1)
-            stop = start + (len(same) if same.all() else int(np.argmin(same)))
-        yield todo[start:stop]
-        start = stop

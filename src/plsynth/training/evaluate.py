@@ -36,23 +36,23 @@ def predict_slices(net: torch.nn.Module, images: Any, threshold: float = TrainCo
                    lung: Any = None, view: FieldOfView = FieldOfView()) -> np.ndarray:
     """Binary masks (Z, S, S) uint8 for images (Z, 1, S, S) in [0, 1]; the net is put in eval mode.
 
-    With ``view.lung_box`` every slice is run on its lung box (``lung`` (Z, S, S)) as plsynth-infer
-    runs it: its own (``view.per_slice``) or the volume's (`slab_boxes`).
+    With ``view.lung_box`` every slice is run on the volume's lung box (`volume_box` of ``lung``
+    (Z, S, S)), as plsynth-infer runs it.
     """
-    from plsynth.data.preprocess import run_on_boxes, slab_boxes
+    from plsynth.data.preprocess import volume_box
 
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     size = images.shape[-1]
-    boxes = np.tile(np.array([[0, size, 0, size]], np.int64), (images.shape[0], 1))
+    y0, y1, x0, x1 = 0, size, 0, size
     if view.lung_box is not None:
-        boxes = slab_boxes(np.asarray(lung), size, view.lung_box, view.multiple, view.slab())
+        y0, y1, x0, x1 = volume_box(np.asarray(lung), size, view.lung_box, view.multiple)
     masks = torch.zeros((images.shape[0], size, size), dtype=torch.uint8)
-    for start in range(0, images.shape[0], batch_size):
-        logits = run_on_boxes(net, images[start : start + batch_size].to(device), boxes[start : start + batch_size])
-        masks[start : start + batch_size] = (torch.sigmoid(logits)[:, 0] >= threshold).to(torch.uint8).cpu()
+    for start in range(0, images.shape[0] if y1 > y0 else 0, batch_size):
+        logits = net(images[start : start + batch_size, :, y0:y1, x0:x1].to(device))
+        masks[start : start + batch_size, y0:y1, x0:x1] = (torch.sigmoid(logits)[:, 0] >= threshold).to(torch.uint8).cpu()
     net.train(was_training)
     return masks.numpy()
 

@@ -223,19 +223,15 @@ LABELED_KEYS, UNLABELED_KEYS = ("image", "lung", "label"), ("u_image", "u_lung",
 def cut_to_lung_boxes(batch: dict[str, torch.Tensor], view: FieldOfView) -> dict[str, torch.Tensor]:
     """``data.lung_box``: a step's slices cut to their (augmented) lung boxes, one size for the step.
 
-    Labeled and unlabeled slices share one step, so they share one crop size (`box_corners`);
-    the networks see only each slice's own box in it (``window``, ``u_window``). SA-CPS draws its synthetic images in whole
+    Labeled and unlabeled slices share one forward pass, so they share one crop size
+    (`box_corners`). SA-CPS draws its synthetic images in whole
     frames (the synthesizer's), so the unlabeled frames stay in the batch (``u_frame``,
     ``u_frame_lung``) with their boxes' corners (``u_corners``).
     """
     lungs = torch.cat([batch["lung"], batch["u_lung"]]) if "u_lung" in batch else batch["lung"]
-    corners, h, w, windows = view.batch_corners(lungs.numpy())
+    corners, h, w = view.batch_corners(lungs.numpy())
     n = batch["lung"].shape[0]
     out = dict(batch)
-    if view.per_slice:  # the networks read each slice's own box inside the crop (methods.run_net)
-        out["window"] = torch.from_numpy(windows[:n])
-        if "u_lung" in batch:
-            out["u_window"] = torch.from_numpy(windows[n:])
     out.update({k: crop_at(batch[k], corners[:n], h, w) for k in LABELED_KEYS})
     out.update({k: crop_at(batch[k], corners[n:], h, w) for k in UNLABELED_KEYS if k in batch})
     if "u_image" in batch:

@@ -77,24 +77,9 @@ def _lung_or_none(batch: dict, key: str, cfg: TrainConfig) -> torch.Tensor | Non
     return batch[key] if cfg.pseudo_in_lung else None
 
 
-def run_net(net: nn.Module, x: torch.Tensor, windows: torch.Tensor | None) -> torch.Tensor:
-    """``net(x)``; with ``data.lung_box`` each slice on its own lung box inside the step's crop
-    (``windows`` (B, 4), from the loop), `OUTSIDE_BOX_LOGIT` around it: what plsynth-infer runs."""
-    if windows is None:
-        return net(x)
-    from plsynth.data.preprocess import run_on_boxes
-
-    return run_on_boxes(net, x, windows.cpu().numpy())
-
-
-def _windows(batch: dict, *keys: str) -> torch.Tensor | None:
-    """The stacked windows of the batch parts ``keys`` (None when the step runs whole crops)."""
-    return torch.cat([batch[k] for k in keys]) if keys[0] in batch else None
-
-
 def baseline_step(nets: dict[str, nn.Module], batch: dict, cfg: TrainConfig, synth: Any = None, seed: int = 0) -> StepOutput:
     """Supervised only: L_s = L_seg(f(x_l), y) (eq. 15 without the unlabeled terms)."""
-    loss = seg_loss(run_net(nets["model"], batch["image"], batch.get("window")), batch["label"])
+    loss = seg_loss(nets["model"](batch["image"]), batch["label"])
     return StepOutput(loss, {"loss_s": float(loss.detach())})
 
 
@@ -161,8 +146,7 @@ def cps_step(
     xl, y, xu = batch["image"], batch["label"], batch["u_image"]
     n_l = xl.shape[0]
     x = torch.cat([xl, xu])
-    windows = _windows(batch, "window", "u_window")
-    out1, out2 = run_net(s1, x, windows), run_net(s2, x, windows)
+    out1, out2 = s1(x), s2(x)
     loss_s = seg_loss(out1[:n_l], y) + seg_loss(out2[:n_l], y)
     loss_pseudo, y1, y2 = cross_pseudo_terms(out1[n_l:], out2[n_l:], cfg.tau, _lung_or_none(batch, "u_lung", cfg))
     loss = loss_s
@@ -176,8 +160,7 @@ def cps_step(
             raise ValueError("sa-cps with train.use_synthetic needs a synthesis client (synth.bundle)")
         n_u = xu.shape[0]
         x1_hat, t2, x2_hat, t1 = synthesize_pairs(synth, batch, torch.cat([y2, y1]), seed)
-        u_windows = batch.get("u_window")
-        loss_synthetic = seg_loss(run_net(s1, x1_hat, u_windows), t2) + seg_loss(run_net(s2, x2_hat, u_windows), t1)
+        loss_synthetic = seg_loss(s1(x1_hat), t2) + seg_loss(s2(x2_hat), t1)
         loss = loss + cfg.lam * loss_synthetic
         terms["loss_synthetic"] = float(loss_synthetic.detach())
         extras.update(synthetic_model=x1_hat, synthetic_peer=x2_hat)
@@ -199,16 +182,14 @@ def self_training_step(
     (Algorithm 1, steps 2-3); real, pseudo and synthetic pairs share one forward pass.
     """
     student = nets["model"]
-    parts, targets, keys = [batch["image"]], [batch["label"]], ["window"]
+    parts, targets = [batch["image"]], [batch["label"]]
     if use_pseudo:
         parts.append(batch["u_image"])
         targets.append(batch["u_pseudo"])
-        keys.append("u_window")
     if use_synthetic:
         parts.append(batch["u_synthetic"])
         targets.append(batch["u_pseudo"])
-        keys.append("u_window")
-    out = run_net(student, torch.cat(parts), _windows(batch, *keys))
+    out = student(torch.cat(parts))
     chunks = torch.split(out, [p.shape[0] for p in parts])
     loss_s = seg_loss(chunks[0], targets[0])
     loss = loss_s

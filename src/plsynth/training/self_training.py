@@ -202,5 +202,4 @@ def load_teacher(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module
         raise ValueError(f"{path}: train.teacher must be a segmenter bundle folder or a run checkpoint (.pt); not found")
     if view.lung_box is not None:  # its pseudo-labels depend on it
         info["lung_box"] = view.lung_box
-        info["lung_box_per_slice"] = view.per_slice
     return net, {"teacher": info}, view
