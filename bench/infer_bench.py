@@ -12,6 +12,9 @@ process, so its peak RSS is its own:
 - ``full``: a bundle trained on whole frames: every lung slice as the whole 512x512 frame, fp32;
 - ``box``: the same weights in a bundle trained on lung boxes (``data.lung_box`` = ``--margin``
   model pixels): plsynth-infer cuts each slice's lung box (`lung_boxes`) from the frame, fp32;
+- ``box-openvino``: the same bundle through OpenVINO in fp32: what plsynth-infer runs by default
+  on the CPU where OpenVINO is installed (``--engine auto``);
+- ``box-openvino-bf16``: OpenVINO left to bfloat16 (AMX): measured, NOT used by plsynth-infer;
 - ``box-int8``: the same on statically quantised INT8 networks (QDQ, per channel, calibrated
   on phantom slices): measured, NOT used by plsynth-infer (see the parity section).
 
@@ -51,7 +54,7 @@ from pathlib import Path
 
 import machine
 
-VARIANTS = ("full", "box", "box-int8")
+VARIANTS = ("full", "box", "box-openvino", "box-openvino-bf16", "box-int8")
 
 
 class Timed:
@@ -184,14 +187,18 @@ def dynamic_onnx(bundle, folder: Path, calib=None) -> dict[str, dict[str, Path]]
 
 
 def predictor(bundle, files: dict[str, Path] | None, threads: int, batch_size: int, margin: int | None | str = "bundle",
-              torch_engine: bool = False):
+              torch_engine: bool = False, openvino: str | None = None):
     """A Predictor over ``files`` (name -> ONNX) or the bundle's own ONNX, engines wrapped in `Timed`;
-    ``margin``: the bundle's own field of view ("bundle"), whole frames (None) or lung boxes."""
-    from plsynth.deploy.engines import OrtEngine, TorchEngine
+    ``margin``: the bundle's own field of view ("bundle"), whole frames (None) or lung boxes;
+    ``openvino``: OpenVINO at that precision ("f32", "bf16") instead of ONNX Runtime."""
+    from plsynth.deploy.engines import OpenVinoEngine, OrtEngine, TorchEngine
     from plsynth.deploy.predictor import Predictor
 
     if torch_engine:
         engines = {n: TorchEngine(net) for n, net in bundle.torch_networks().items()}
+    elif openvino:
+        files = files or {n: bundle.onnx_path(n) for n in bundle.network_names}
+        engines = {n: OpenVinoEngine(p, threads=threads, precision=openvino) for n, p in files.items()}
     else:
         files = files or {n: bundle.onnx_path(n) for n in bundle.network_names}
         engines = {n: OrtEngine(p, ["CPUExecutionProvider"], threads=threads, arena=False)  # as Predictor.from_bundle
@@ -212,7 +219,8 @@ def run_variant(args) -> None:
     bundle = load_bundle(work / ("bundle-full" if args.variant == "full" else "bundle-box"))
     onnx = json.loads((work / "onnx.json").read_text())
     files = {n: Path(p) for n, p in onnx["int8"].items()} if args.variant.endswith("int8") else None
-    pred = predictor(bundle, files, args.threads, args.batch_size)  # the field of view its bundle was trained on
+    precision = {"box-openvino": "f32", "box-openvino-bf16": "bf16"}.get(args.variant)
+    pred = predictor(bundle, files, args.threads, args.batch_size, openvino=precision)  # its bundle's field of view
     started = time.perf_counter()
     result = next(pred.run(find_cases([work / "in" / "phantom.nii.gz"]), work / f"out-{args.variant}"))
     seconds = time.perf_counter() - started
@@ -307,7 +315,8 @@ def speed_section(args, work: Path, lines: list[str]) -> None:
 
     lines += [
         f"Model: U-Net width 16, depth 4, {cfg.model.norm} norm, untrained (speed only), in two bundles: trained on whole "
-        f"frames (`full`) and on lung boxes with margin {args.margin} (`data.lung_box`; `box`, `box-int8`); "
+        f"frames (`full`) and on lung boxes with margin {args.margin} (`data.lung_box`; `box`, `box-openvino`, "
+        f"`box-openvino-bf16`, `box-int8`); "
         f"{flops * 512 * 512 / 1e9:.1f} GFLOP "
         f"per 512x512 slice (counted). fp32 peak of the convolution probe on {args.threads} threads: **{peak:.0f} GFLOP/s**.",
         "",
@@ -381,11 +390,14 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
             calib.append(to_model_input(unit, region, bundle.image_size, bundle.lung_handling))
     onnx = dynamic_onnx(bundle, work / "parity-onnx", np.concatenate(calib) if calib else None)
     own = "lung boxes" if bundle.lung_box is not None else "whole frames"
-    variants = {f"{bundle.path.name}, {own} (plsynth-infer)": base}
+    variants = {f"{bundle.path.name}, {own}, ONNX Runtime fp32 (the reference)": base}
     if bundle.lung_box is not None:
         variants["same bundle, whole frames"] = predictor(bundle, onnx["fp32"], args.threads, args.batch_size, None)
     for m in args.margins:
         variants[f"same bundle, lung box margin {m}"] = predictor(bundle, onnx["fp32"], args.threads, args.batch_size, m)
+    variants[f"same bundle, OpenVINO fp32, {own} (plsynth-infer --engine auto)"] = predictor(
+        bundle, None, args.threads, args.batch_size, openvino="f32")
+    variants[f"same bundle, OpenVINO bf16, {own}"] = predictor(bundle, None, args.threads, args.batch_size, openvino="bf16")
     if onnx["int8"]:
         variants[f"same bundle, INT8, {own}"] = predictor(bundle, onnx["int8"], args.threads, args.batch_size)
     variants[f"same bundle, torch eager, {own}"] = predictor(bundle, None, args.threads, args.batch_size, torch_engine=True)
@@ -443,7 +455,7 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
         p = f"{np.mean(peer[name]):.4f}" if peer[name] else "-"
         lines.append(f"| {name} | {s.mean():.4f} | {s.min():.4f} | {t} | {f} | {p} | {np.mean(share[name]):.2f} |")
     lines += ["", "Gate: Dice >= 0.99 (mean and worst input) for what plsynth-infer may run in place of the bundle's "
-              "own fp32 mask (INT8).", ""]
+              "own fp32 mask (OpenVINO, INT8).", ""]
 
 
 def main() -> None:

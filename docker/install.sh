@@ -6,7 +6,7 @@
 #   docker/install.sh SRC [--variant cpu|gpu] [--no-deps] [--check-only]
 #
 #   SRC           the plsynth source tree or a built wheel
-#   --variant     cpu: onnxruntime; gpu: onnxruntime-gpu + tensorrt (needs pypi.nvidia.com at build time)
+#   --variant     cpu: onnxruntime + openvino; gpu: onnxruntime-gpu + tensorrt (needs pypi.nvidia.com at build time)
 #   --no-deps     install plsynth alone (dependencies already importable; CI uses this to stay cheap)
 #   --check-only  skip the install, run only the checks
 #
@@ -59,6 +59,11 @@ try:
     print("onnxruntime", ort.__version__, ort.get_available_providers())
 except ImportError:
     print("onnxruntime not installed: plsynth-infer will use the torch engine")
+try:
+    from plsynth.deploy.engines import import_openvino  # without openvino's usage telemetry
+    print("openvino", import_openvino().__version__, "(plsynth-infer's default CPU engine)")
+except ImportError:
+    print("openvino not installed: plsynth-infer runs ONNX Runtime on the CPU")
 from plsynth.bundles.tensorrt_engine import tensorrt_status
 print("tensorrt", tensorrt_status())
 bundle = os.environ.get("PLSYNTH_MODEL")

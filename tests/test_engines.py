@@ -1,4 +1,4 @@
-"""Engine choice, the ONNX Runtime provider check, and the TensorRT engine cache.
+"""Engine choice, the ONNX Runtime provider check, OpenVINO on the CPU, and the TensorRT engine cache.
 
 TensorRT and GPUs do not exist on these machines: the provider lists below are FAKED (a GPU
 machine's list, as onnxruntime-gpu reports it even without a GPU), and the TensorRT builder is a fake function; the real TensorRT tests skip.
@@ -16,6 +16,7 @@ import torch
 from _fixtures import tiny_unet
 from plsynth.deploy.engines import (
     EngineUnavailable,
+    OpenVinoEngine,
     OrtEngine,
     TorchEngine,
     check_providers,
@@ -49,10 +50,10 @@ def test_gpu_asked_but_cpu_loaded_is_refused_unless_fallback_allowed():
 
 def test_engine_choice_on_faked_machines():
     # GPU machine with TensorRT: auto picks trt; --device cpu never does
-    assert resolve_engine("auto", "auto", False, GPU_LIST, (True, "10.9"), True) == "trt"
-    assert resolve_engine("auto", "cpu", False, GPU_LIST, (True, "10.9"), True) == "ort"
+    assert resolve_engine("auto", "auto", False, GPU_LIST, (True, "10.9"), True, openvino=False) == "trt"
+    assert resolve_engine("auto", "cpu", False, GPU_LIST, (True, "10.9"), True, openvino=False) == "ort"
     # CPU machine: auto -> ort, explicit trt refused or falls back
-    assert resolve_engine("auto", "auto", False, CPU_LIST, NO_TRT, False) == "ort"
+    assert resolve_engine("auto", "auto", False, CPU_LIST, NO_TRT, False, openvino=False) == "ort"
     with pytest.raises(EngineUnavailable, match="TensorRT"):
         resolve_engine("trt", "auto", False, CPU_LIST, NO_TRT, False)
     assert resolve_engine("trt", "auto", True, CPU_LIST, NO_TRT, False) == "ort"
@@ -60,11 +61,28 @@ def test_engine_choice_on_faked_machines():
     with pytest.raises(EngineUnavailable, match="no CUDA device"):
         resolve_engine("trt", "auto", False, GPU_LIST, (True, "10.9"), False)
     # no onnxruntime at all: auto uses torch, explicit ort is refused
-    assert resolve_engine("auto", "auto", False, [], NO_TRT, False) == "torch"
+    assert resolve_engine("auto", "auto", False, [], NO_TRT, False, openvino=False) == "torch"
     with pytest.raises(EngineUnavailable, match="onnxruntime"):
         resolve_engine("ort", "auto", False, [], NO_TRT, False)
     with pytest.raises(ValueError, match="engine"):
         resolve_engine("onnx", "auto", False, CPU_LIST, NO_TRT, False)
+
+
+def test_auto_takes_openvino_on_the_cpu_only():
+    assert resolve_engine("auto", "auto", False, CPU_LIST, NO_TRT, False, openvino=True) == "openvino"
+    assert resolve_engine("auto", "cpu", False, GPU_LIST, (True, "10.9"), True, openvino=True) == "openvino"
+    assert resolve_engine("auto", "auto", False, [], NO_TRT, False, openvino=True) == "openvino"
+    # a GPU stays first: TensorRT, or ONNX Runtime's CUDA provider
+    assert resolve_engine("auto", "auto", False, GPU_LIST, (True, "10.9"), True, openvino=True) == "trt"
+    assert resolve_engine("auto", "auto", False, GPU_LIST, NO_TRT, False, openvino=True) == "ort"
+    # --device cuda is never answered by a CPU engine: ONNX Runtime, whose provider check refuses the CPU
+    assert resolve_engine("auto", "cuda", False, CPU_LIST, NO_TRT, False, openvino=True) == "ort"
+    with pytest.raises(EngineUnavailable, match="runs on the CPU"):
+        resolve_engine("openvino", "cuda", False, CPU_LIST, NO_TRT, False, openvino=True)
+    # asked for and not installed: refused, or ONNX Runtime with --allow-fallback
+    with pytest.raises(EngineUnavailable, match="OpenVINO is not installed"):
+        resolve_engine("openvino", "auto", False, CPU_LIST, NO_TRT, False, openvino=False)
+    assert resolve_engine("openvino", "auto", True, CPU_LIST, NO_TRT, False, openvino=False) == "ort"
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +229,49 @@ def test_ort_engine_disables_telemetry_and_an_unloadable_model_is_a_bundle_error
     broken.write_bytes(b"not a model")
     with pytest.raises(BundleError, match="ONNX Runtime cannot load"):
         open_engine(broken, "ort", "cpu")
+
+
+def test_openvino_runs_the_onnx_file_as_onnx_runtime_does_on_any_side_and_batch(tmp_path: Path):
+    pytest.importorskip("openvino")
+    from plsynth.errors import BundleError
+
+    net = tiny_unet(0)
+    path = tmp_path / "model.onnx"
+    export_onnx(net, path, {"x": torch.zeros(1, 1, 32, 32)}, ["logits"], spatial=True)  # as lung-box bundles
+    ov_engine = open_engine(path, "openvino", "cpu", threads=1)
+    ort_engine = open_engine(path, "ort", "cpu", threads=1)
+    assert isinstance(ov_engine, OpenVinoEngine) and ov_engine.provider.startswith("openvino ")
+    assert ov_engine.provider.endswith("CPU f32")  # not left to bf16 on CPUs with AMX
+    for shape in ((1, 1, 32, 32), (3, 1, 48, 32), (2, 1, 32, 64)):
+        x = np.random.default_rng(shape[0]).random(shape, dtype=np.float32)
+        a, b = ov_engine.run(x), ort_engine.run(x)
+        assert a.shape == b.shape == shape
+        assert np.max(np.abs(a - b)) < 1e-3
+    first = ov_engine.run(x)
+    ov_engine.run(np.zeros_like(x))
+    assert np.array_equal(first, ov_engine.run(x)), "a result must not be overwritten by the next call"
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(BundleError, match="OpenVINO cannot load"):
+        open_engine(broken, "openvino", "cpu")
+
+
+def test_openvino_writes_nothing_under_home_and_starts_no_telemetry(tmp_path: Path):
+    """openvino's converter starts usage telemetry on import (a client id under $HOME/intel); the
+    engine imports it without (a fresh process, as plsynth-infer's)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino")
+    path = tmp_path / "model.onnx"
+    export_onnx(tiny_unet(0), path, {"x": torch.zeros(1, 1, 32, 32)}, ["logits"])
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("import sys, numpy as np; from plsynth.deploy.engines import open_engine; "
+            f"open_engine({str(path)!r}, 'openvino', 'cpu', threads=1).run(np.zeros((1, 1, 32, 32), np.float32)); "
+            "print(sorted(m for m in sys.modules if 'telemetry' in m and sys.modules[m] is not None))")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(home)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [p for p in home.rglob("*")] == []
+    assert "openvino_telemetry" not in done.stdout, done.stdout

@@ -29,6 +29,7 @@ from plsynth.atomic import TEMP_PREFIX
 from plsynth.config import Config, DataConfig, UNetConfig
 from plsynth.data.phantom import _nifti, make_phantom
 from plsynth.data.preprocess import resize_labels, to_model_input
+from plsynth.deploy.engines import openvino_available
 from plsynth.data.window import window_array
 from plsynth.bundles.segmenter import write_bundle
 from plsynth.errors import ExitCode
@@ -150,7 +151,8 @@ def test_every_input_kind_end_to_end(bundle: Path, tmp_path: Path):
     assert result.exit_code == 0, result.output
     report = rows(out)
     assert set(report) == {"vol", "plain", "slice", "photo", "series-a"}
-    assert all(r["status"] == "ok" and r["engine"] == "ort" and r["provider"] == "CPUExecutionProvider" for r in report.values())
+    engine, provider = ("openvino", "openvino ") if openvino_available() else ("ort", "CPUExecutionProvider")
+    assert all(r["status"] == "ok" and r["engine"] == engine and r["provider"].startswith(provider) for r in report.values())
     # volumes: mask in the input's geometry, infection only, ml figures; at least one finds infection
     written = nib.load(out / "vol.nii.gz")
     original = nib.load(vol)
@@ -176,16 +178,17 @@ def test_every_input_kind_end_to_end(bundle: Path, tmp_path: Path):
     # sub-folders: lungs and overlays; report.json has the run and the agreement flag
     assert (out / "lungs" / "vol.nii.gz").is_file() and (out / "overlays" / "vol.png").is_file()
     data = json.loads((out / "report.json").read_text())
-    assert data["run"]["engine"] == "ort" and data["run"]["networks"] == ["model", "peer"]
+    assert data["run"]["engine"] == engine and data["run"]["networks"] == ["model", "peer"]
     assert data["run"]["lung_backend"] == "classical"
     assert all(0.0 <= c["agreement_dice"] <= 1.0 for c in data["cases"])
     assert not [p for p in out.rglob(f"{TEMP_PREFIX}*")]
 
 
 def test_torch_is_imported_only_where_it_runs(bundle: Path, tmp_path: Path):
-    """ONNX Runtime with the classical lungs on a volume at the bundle's size (no resize, which is
-    torch's F.interpolate) never imports torch, nor does a bad bundle: 1.2 s of start-up less per
-    run here, and a container's plsynth-infer fails fast."""
+    """The default CPU engine (OpenVINO, or ONNX Runtime where it is absent) with the classical lungs
+    on a volume at the bundle's size (no resize, which is torch's F.interpolate) never imports
+    torch, nor does a bad bundle: 1.2 s of start-up less per run here, and a container's
+    plsynth-infer fails fast."""
     def imported(result: Run) -> set[str]:
         return {line.split("|")[-1].strip() for line in result.output.splitlines() if line.startswith("import time:")}
 
@@ -193,8 +196,9 @@ def test_torch_is_imported_only_where_it_runs(bundle: Path, tmp_path: Path):
     vol = phantom_nifti(tmp_path / "v.nii.gz", 48, shape=(8, 32, 32))  # slices at the bundle's size
     result = invoke(vol, "-o", tmp_path / "out", "--model", bundle, "--lung-backend", "classical", env=profile)
     assert result.exit_code == 0, result.output[-3000:]
-    assert rows(tmp_path / "out")["v"]["engine"] == "ort"
-    assert "onnxruntime" in imported(result) and "torch" not in imported(result)
+    engine = "openvino" if openvino_available() else "ort"
+    assert rows(tmp_path / "out")["v"]["engine"] == engine
+    assert {"openvino": "openvino", "ort": "onnxruntime"}[engine] in imported(result) and "torch" not in imported(result)
     (tmp_path / "empty").mkdir()
     result = invoke(vol, "-o", tmp_path / "out2", "--model", tmp_path / "empty", env=profile)
     assert result.exit_code == ExitCode.BUNDLE and "torch" not in imported(result)
@@ -444,7 +448,8 @@ def test_bundle_faults_outside_the_hash_check_exit_4_with_a_message(bundle: Path
         if expected != "onnx that does not load":
             assert expected in result.output, result.output
         else:
-            assert "ONNX Runtime cannot load" in result.output
+            assert ("OpenVINO cannot load" if openvino_available() else "ONNX Runtime cannot load") in result.output
+            assert result.output.count("\n") <= 2, result.output  # one message, no library log lines
 
 
 def test_an_output_that_cannot_be_written_fails_that_case_only(bundle: Path, tmp_path: Path):

@@ -13,7 +13,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("plsynth", "torch", "onnx", "onnxruntime", "numpy"):
+    for name in ("plsynth", "torch", "onnx", "onnxruntime", "openvino", "numpy"):
         dists = ("onnxruntime", "onnxruntime-gpu") if name == "onnxruntime" else (name,)
         out[name] = "absent"  # a missing optional package is recorded, not fatal
         for dist in dists:

@@ -1,4 +1,4 @@
-"""Inference engines behind one interface: ``torch``, ``ort`` (ONNX Runtime) and ``trt`` (TensorRT).
+"""Inference engines behind one interface: ``torch``, ``ort`` (ONNX Runtime), ``openvino`` and ``trt`` (TensorRT).
 
 Every engine has ``name`` (torch / ort / trt), ``provider`` (what actually runs it, e.g.
 ``CPUExecutionProvider``, ``CUDAExecutionProvider``, ``torch:cpu``, ``tensorrt 10.x fp16``) and
@@ -11,6 +11,11 @@ session is created we read ``session.get_providers()``, and when a GPU engine wa
 not obtained we raise `EngineUnavailable` (the CLI's exit code 5) unless ``allow_fallback``.
 The provider logic takes the list of available providers as a parameter so tests can fake a GPU
 machine.
+
+On the CPU ``auto`` takes OpenVINO where it is installed: on the same ONNX file, in fp32, it ran the
+512 px U-Net 1.3-1.4x faster than ONNX Runtime on 2 Intel Xeon cores (oneDNN kernels with instance
+norm fused into the blocked layout, where ONNX Runtime reorders around it), with masks equal to
+ONNX Runtime's (BENCHMARKS.md, issue 16).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from plsynth.errors import BundleError, EngineUnavailable  # EngineUnavailable: 
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("auto", "trt", "ort", "torch")
+ENGINES = ("auto", "trt", "ort", "openvino", "torch")
 DEVICES = ("auto", "cuda", "cpu")
 ORT_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 ORT_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -87,6 +92,29 @@ def available_ort_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def import_openvino() -> Any:
+    """``import openvino`` without its usage telemetry.
+
+    Importing openvino imports its converter, which starts Google Analytics telemetry (opt-out:
+    it writes a client id under ``$HOME/intel`` and may send events). Without the
+    ``openvino_telemetry`` package openvino uses its own no-op stub, so the package is blocked
+    from import for this process (only openvino's tools use it; inference does not).
+    """
+    import sys
+
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None in sys.modules: ImportError on import
+    import openvino
+
+    return openvino
+
+
+def openvino_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
 def resolve_engine(
     engine: str,
     device: str,
@@ -94,11 +122,13 @@ def resolve_engine(
     ort_available: Sequence[str] | None = None,
     trt_status: tuple[bool, str] | None = None,
     cuda_available: bool | None = None,
+    openvino: bool | None = None,
 ) -> str:
-    """Which engine to open: ``torch``, ``ort`` or ``trt``.
+    """Which engine to open: ``torch``, ``ort``, ``openvino`` or ``trt``.
 
     auto: TensorRT when it is installed and a GPU is visible (and device is not cpu), else ONNX
-    Runtime when installed, else torch. An explicit ``trt`` that cannot be had raises
+    Runtime on a GPU provider, else OpenVINO on the CPU when installed, else ONNX Runtime when
+    installed, else torch. An explicit ``trt`` or ``openvino`` that cannot be had raises
     EngineUnavailable, or falls back to ``ort`` with ``allow_fallback``. The environment probes
     are parameters so tests can fake machines.
     """
@@ -119,7 +149,19 @@ def resolve_engine(
             if not allow_fallback:
                 raise EngineUnavailable(message)
             logger.warning("%s; falling back to ONNX Runtime", message)
-    if engine in ("ort", "trt", "auto"):
+    gpu_ort = device != "cpu" and any(p in ORT_GPU_PROVIDERS for p in ort_available)
+    if engine == "openvino" and device == "cuda" and not allow_fallback:
+        raise EngineUnavailable("--engine openvino runs on the CPU, --device cuda asks for a GPU; "
+                                "pass --allow-fallback to run on the CPU anyway")
+    if engine == "openvino" or (engine == "auto" and device != "cuda" and not gpu_ort):
+        if openvino_available() if openvino is None else openvino:
+            return "openvino"
+        if engine == "openvino":
+            message = "--engine openvino: OpenVINO is not installed (pip install 'plsynth[cpu]')"
+            if not allow_fallback:
+                raise EngineUnavailable(message + "; pass --allow-fallback to use ONNX Runtime")
+            logger.warning("%s; falling back to ONNX Runtime", message)
+    if engine in ("ort", "trt", "openvino", "auto"):
         if ort_available:
             return "ort"
         if engine != "auto" and not allow_fallback:
@@ -201,6 +243,45 @@ class OrtEngine:
         return self.session.run(None, feeds)
 
 
+class OpenVinoEngine:
+    """OpenVINO on the CPU over one ONNX file (height and width may vary from call to call).
+
+    ``precision`` "f32" keeps fp32 arithmetic (OpenVINO would otherwise pick bf16 on CPUs with AMX);
+    "bf16" (``--fp16``) is 4-5x faster there, with masks at Dice >= 0.99 against fp32 on the bundles
+    measured, not equal to them (BENCHMARKS.md, issue 16). ``provider`` names the precision granted.
+    """
+
+    name = "openvino"
+
+    def __init__(self, onnx_path: Path, threads: int | None = None, precision: str = "f32") -> None:
+        ov = import_openvino()
+        from openvino.frontend import FrontEndManager
+
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.onnx_path = Path(onnx_path)
+        try:  # the ONNX frontend only: guessing the format would try every frontend and log their failures
+            onnx = FrontEndManager().load_by_framework("onnx")
+            self.model = ov.Core().compile_model(onnx.convert(onnx.load(str(onnx_path))), "CPU", config)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own GeneralFailure/RuntimeError types
+            lines = [line for line in str(exc).strip().splitlines() if line and not line.startswith(("Check ", "Exception from"))]
+            reason = lines[-1] if lines else type(exc).__name__
+            raise BundleError(f"{onnx_path}: OpenVINO cannot load this model ({reason})") from None
+        self.request = self.model.create_infer_request()
+        self.input_names = [port.any_name for port in self.model.inputs]
+        used = self.model.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # granted: bf16 needs AMX / AVX-512 BF16
+        self.provider = f"openvino {ov.__version__.split('-')[0]} CPU {used}"
+        logger.info("openvino %s: %s, %s threads", self.onnx_path.name, self.provider, threads or "all")
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.run_named({self.input_names[0]: np.ascontiguousarray(x, np.float32)})[0]
+
+    def run_named(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.request.infer(feeds)  # outputs copied out of the request (share_outputs=False)
+        return [result[port] for port in self.model.outputs]
+
+
 def open_engine(
     source: Path | Any,
     engine: str = "auto",
@@ -215,7 +296,7 @@ def open_engine(
     gpu_required: bool | None = None,
     arena: bool = True,
 ) -> Engine:
-    """Open one engine over an ONNX file (``ort``/``trt``) or a torch module (``torch``).
+    """Open one engine over an ONNX file (``ort``/``openvino``/``trt``) or a torch module (``torch``).
 
     ``engine`` must already be resolved or "auto" (see `resolve_engine`). ``available_providers``
     fakes ONNX Runtime's provider list in tests. ``gpu_required`` defaults to what ``engine`` and
@@ -244,6 +325,8 @@ def open_engine(
         return TorchEngine(source, torch_device)
     if not isinstance(source, (str, Path)):
         raise ValueError(f"engine {engine!r} needs an ONNX file, got {type(source).__name__}")
+    if engine == "openvino":
+        return OpenVinoEngine(Path(source), threads=threads, precision="bf16" if fp16 else "f32")
     if engine == "trt":
         from plsynth.bundles.tensorrt_engine import open_trt_engine
 
