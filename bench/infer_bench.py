@@ -12,8 +12,9 @@ process, so its peak RSS is its own:
 - ``full``: a bundle trained on whole frames: every lung slice as the whole 512x512 frame, fp32;
 - ``box``: the same weights in a bundle trained on lung boxes (``data.lung_box`` = ``--margin``
   model pixels): plsynth-infer cuts each slice's lung box (`lung_boxes`) from the frame, fp32;
-- ``box-openvino``: the same bundle through OpenVINO in fp32: what plsynth-infer runs by default
-  on the CPU where OpenVINO is installed (``--engine auto``);
+- ``box-openvino``: the same bundle through OpenVINO in fp32 (the second network, the agreement
+  flag's, in bfloat16 where the CPU has it): what plsynth-infer runs by default on the CPU where
+  OpenVINO is installed (``--engine auto``);
 - ``box-openvino-bf16``: OpenVINO left to bfloat16 (AMX): measured, NOT used by plsynth-infer;
 - ``box-int8``: the same on statically quantised INT8 networks (QDQ, per channel, calibrated
   on phantom slices): measured, NOT used by plsynth-infer (see the parity section).
@@ -190,7 +191,8 @@ def predictor(bundle, files: dict[str, Path] | None, threads: int, batch_size: i
               torch_engine: bool = False, openvino: str | None = None):
     """A Predictor over ``files`` (name -> ONNX) or the bundle's own ONNX, engines wrapped in `Timed`;
     ``margin``: the bundle's own field of view ("bundle"), whole frames (None) or lung boxes;
-    ``openvino``: OpenVINO at that precision ("f32", "bf16") instead of ONNX Runtime."""
+    ``openvino``: OpenVINO at that precision ("f32", "bf16") instead of ONNX Runtime, the second network
+    in bf16 as plsynth-infer runs it."""
     from plsynth.deploy.engines import OpenVinoEngine, OrtEngine, TorchEngine
     from plsynth.deploy.predictor import Predictor
 
@@ -198,7 +200,8 @@ def predictor(bundle, files: dict[str, Path] | None, threads: int, batch_size: i
         engines = {n: TorchEngine(net) for n, net in bundle.torch_networks().items()}
     elif openvino:
         files = files or {n: bundle.onnx_path(n) for n in bundle.network_names}
-        engines = {n: OpenVinoEngine(p, threads=threads, precision=openvino) for n, p in files.items()}
+        engines = {n: OpenVinoEngine(p, threads=threads, precision=openvino if n == "model" else "bf16")  # as plsynth-infer
+                   for n, p in files.items()}
     else:
         files = files or {n: bundle.onnx_path(n) for n in bundle.network_names}
         engines = {n: OrtEngine(p, ["CPUExecutionProvider"], threads=threads, arena=False)  # as Predictor.from_bundle

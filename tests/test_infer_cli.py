@@ -137,6 +137,28 @@ def rows(out: Path) -> dict[str, dict]:
         return {r["case"]: r for r in csv.DictReader(handle)}
 
 
+def test_openvino_gives_onnx_runtimes_masks_with_the_peer_in_reduced_precision(bundle: Path, tmp_path: Path):
+    """plsynth-infer on OpenVINO: the delivered mask is fp32's (ONNX Runtime's, voxel for voxel); the
+    second network, which only gives the agreement flag, runs in bfloat16 where the CPU has it."""
+    pytest.importorskip("openvino")
+    from plsynth.deploy.predictor import Predictor
+
+    vol = phantom_nifti(tmp_path / "in" / "v.nii.gz", 21)
+    masks, agreement = {}, {}
+    for engine in ("ort", "openvino"):
+        result = invoke(vol, "-o", tmp_path / engine, "--model", bundle, "--engine", engine, "--lung-backend", "classical")
+        assert result.exit_code == 0, result.output[-3000:]
+        row = rows(tmp_path / engine)["v"]
+        assert row["engine"] == engine
+        masks[engine] = np.asarray(nib.load(tmp_path / engine / "v.nii.gz").dataobj)
+        agreement[engine] = float(row["agreement_dice"])
+    assert masks["ort"].any() and np.array_equal(masks["ort"], masks["openvino"])
+    assert abs(agreement["ort"] - agreement["openvino"]) <= 0.01
+    pred = Predictor.from_bundle(bundle, engine="openvino", device="cpu", lung_backend="classical")
+    assert pred.engines["model"].precision == "f32" and pred.engines["peer"].precision == "bf16"
+    assert pred.provider.endswith("CPU f32")
+
+
 def test_every_input_kind_end_to_end(bundle: Path, tmp_path: Path):
     inputs = tmp_path / "in"
     inputs.mkdir()

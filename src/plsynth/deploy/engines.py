@@ -260,7 +260,7 @@ class OpenVinoEngine:
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.onnx_path = Path(onnx_path)
+        self.onnx_path, self.precision = Path(onnx_path), precision  # asked for; ``provider`` says what was granted
         try:  # the ONNX frontend only: guessing the format would try every frontend and log their failures
             onnx = FrontEndManager().load_by_framework("onnx")
             self.model = ov.Core().compile_model(onnx.convert(onnx.load(str(onnx_path))), "CPU", config)
