@@ -1,6 +1,6 @@
 """Inference engines behind one interface: ``torch``, ``ort`` (ONNX Runtime), ``openvino`` and ``trt`` (TensorRT).
 
-Every engine has ``name`` (torch / ort / trt), ``provider`` (what actually runs it, e.g.
+Every engine has ``name`` (torch / ort / openvino / trt), ``provider`` (what actually runs it, e.g.
 ``CPUExecutionProvider``, ``CUDAExecutionProvider``, ``torch:cpu``, ``tensorrt 10.x fp16``) and
 ``run(x)``: ``(B, 1, S, S)`` float32 in [0, 1] -> ``(B, 1, S, S)`` float32 logits. ONNX-based
 engines also have ``run_named(feeds) -> list[np.ndarray]`` for models with several inputs (the
@@ -13,9 +13,9 @@ The provider logic takes the list of available providers as a parameter so tests
 machine.
 
 On the CPU ``auto`` takes OpenVINO where it is installed: on the same ONNX file, in fp32, it ran the
-512 px U-Net 1.3-1.4x faster than ONNX Runtime on 2 Intel Xeon cores (oneDNN kernels with instance
-norm fused into the blocked layout, where ONNX Runtime reorders around it), with masks equal to
-ONNX Runtime's (BENCHMARKS.md, issue 16).
+512 px U-Net 1.3-1.4x faster than ONNX Runtime on 2 Intel Xeon cores, with masks equal to ONNX
+Runtime's (BENCHMARKS.md, issue 16; ONNX Runtime spends 18 % there reordering its blocked layout
+around each instance norm, OpenVINO was not profiled).
 """
 
 from __future__ import annotations
