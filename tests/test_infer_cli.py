@@ -408,6 +408,10 @@ def test_continue_redoes_a_case_whose_input_or_bundle_changed(bundle: Path, tmp_
     third = invoke(inputs, "--model", other, *args)
     assert third.exit_code == 0 and "a: ok" in third.output
     assert rows(out)["a"]["bundle_sha256"] != first["bundle_sha256"]
+    # another engine or precision (the report's provider): the mask and its row are made again
+    fourth = invoke(inputs, "--model", other, *args, "--engine", "torch")
+    assert fourth.exit_code == 0 and "a: ok" in fourth.output and rows(out)["a"]["provider"] == "torch:cpu"
+    assert invoke(inputs, "--model", other, *args, "--engine", "torch").output.count("a: skipped") == 1
 
 
 def test_a_second_run_into_a_locked_out_gets_a_clear_error_naming_the_holder(bundle: Path, tmp_path: Path):

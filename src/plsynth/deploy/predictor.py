@@ -321,8 +321,9 @@ class Predictor:
         """The case's record when a previous run finished this very input with this very bundle.
 
         The record must be ok, name the same input content (sha256 of the file, or of a DICOM
-        folder's files) and the same bundle (sha256 of its meta.json, which lists every file's
-        sha256), and its outputs must still be there; otherwise the case is done again.
+        folder's files), the same bundle (sha256 of its meta.json, which lists every file's
+        sha256) and the same engine and precision (``provider``: a bfloat16 mask is not an fp32
+        one), and its outputs must still be there; otherwise the case is done again.
         """
         from plsynth.deploy.report import read_case_record
 
@@ -330,6 +331,8 @@ class Predictor:
         if not record or record.get("status") != "ok" or input_sha256 is None:
             return None
         if record.get("input_sha256") != input_sha256 or record.get("bundle_sha256") != self.bundle_sha256:
+            return None
+        if record.get("provider") != self.provider:
             return None
         wanted = ["mask"]  # the outputs this run asks for must all be there
         if record.get("series_uid"):  # a DICOM series: its outputs follow --format
@@ -359,7 +362,7 @@ class Predictor:
         ``<name>.seg.dcm`` (DICOM inputs, with "dicom-seg" in ``formats``), ``cases/<name>.json``
         (its report row). A failing case (bad input, or an output that cannot be written) yields
         status "failed" with its error, the files this attempt wrote for it are removed, and the
-        batch goes on. With ``resume``, cases finished from the same input and bundle are
+        batch goes on. With ``resume``, cases finished from the same input, bundle and engine are
         yielded as "skipped".
         """
         from plsynth.data.io import DEFAULT_MAX_VOXELS, content_sha256
