@@ -24,7 +24,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad option, value or config file
     NO_INPUT = 3  # no usable input (no case found, unreadable data)
     BUNDLE = 4  # model bundle missing, damaged, tampered with or of the wrong kind
-    ENGINE = 5  # a GPU engine was asked for and not obtained (no --allow-fallback)
+    ENGINE = 5  # the engine asked for (a GPU one, or OpenVINO) was not obtained (no --allow-fallback)
     LOCKED = 6  # the output folder is in use by another run (its pid and host are named)
     INTERNAL = 70  # an unexpected error (EX_SOFTWARE); the traceback with --verbose
     INTERRUPTED = 130  # Ctrl-C / SIGINT
