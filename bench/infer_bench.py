@@ -194,16 +194,15 @@ def predictor(bundle, files: dict[str, Path] | None, threads: int, batch_size: i
     ``openvino``: OpenVINO at that precision ("f32", "bf16") instead of ONNX Runtime, the second network
     in bf16 as plsynth-infer runs it."""
     from plsynth.deploy.engines import OpenVinoEngine, OrtEngine, TorchEngine
-    from plsynth.deploy.predictor import Predictor
+    from plsynth.deploy.predictor import Predictor, reduced_precision
 
+    files = files or {n: bundle.onnx_path(n) for n in bundle.network_names}
     if torch_engine:
         engines = {n: TorchEngine(net) for n, net in bundle.torch_networks().items()}
-    elif openvino:
-        files = files or {n: bundle.onnx_path(n) for n in bundle.network_names}
-        engines = {n: OpenVinoEngine(p, threads=threads, precision=openvino if n == "model" else "bf16")  # as plsynth-infer
-                   for n, p in files.items()}
+    elif openvino:  # as Predictor.from_bundle
+        engines = {n: OpenVinoEngine(p, threads=threads, precision="bf16" if reduced_precision(
+                       "openvino", n, openvino == "bf16") else "f32") for n, p in files.items()}
     else:
-        files = files or {n: bundle.onnx_path(n) for n in bundle.network_names}
         engines = {n: OrtEngine(p, ["CPUExecutionProvider"], threads=threads, arena=False)  # as Predictor.from_bundle
                    for n, p in files.items()}
     return Predictor(bundle, {n: Timed(e) for n, e in engines.items()}, batch_size=batch_size,

@@ -259,6 +259,7 @@ def test_openvino_runs_the_onnx_file_as_onnx_runtime_does_on_any_side_and_batch(
 def test_openvino_writes_nothing_under_home_and_starts_no_telemetry(tmp_path: Path):
     """openvino's converter starts usage telemetry on import (a client id under $HOME/intel); the
     engine imports it without (a fresh process, as plsynth-infer's)."""
+    import os
     import subprocess
     import sys
 
@@ -270,7 +271,7 @@ def test_openvino_writes_nothing_under_home_and_starts_no_telemetry(tmp_path: Pa
     code = ("import sys, numpy as np; from plsynth.deploy.engines import open_engine; "
             f"open_engine({str(path)!r}, 'openvino', 'cpu', threads=1).run(np.zeros((1, 1, 32, 32), np.float32)); "
             "print(sorted(m for m in sys.modules if 'telemetry' in m and sys.modules[m] is not None))")
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
     done = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(home)}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert [p for p in home.rglob("*")] == []

@@ -200,9 +200,7 @@ class Predictor:
                 allow_fallback,
                 threads=threads,
                 batch_size=batch_size,
-                # the peer only gives the agreement flag: in bfloat16 where OpenVINO can (its agreement
-                # within 0.004 of fp32's, no review decision changed; the delivered mask stays fp32)
-                fp16=fp16 or (resolved == "openvino" and name == "peer"),
+                fp16=reduced_precision(resolved, name, fp16),
                 cache_dir=cache_dir,
                 onnx_sha256=None if resolved == "torch" else bundle.onnx_sha256(name),
                 available_providers=available_providers,
@@ -516,6 +514,13 @@ def _glibc():
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+
+
+def reduced_precision(engine: str, network: str, fp16: bool) -> bool:
+    """Whether ``network`` runs in reduced precision: with ``--fp16``, and the peer on OpenVINO, which
+    only gives the agreement flag (in bfloat16 its agreement moved by 0.004 at most and no review
+    decision changed; the delivered mask stays fp32: BENCHMARKS.md, issue 16)."""
+    return fp16 or (engine == "openvino" and network == "peer")
 
 
 def agreement_slices(lung: np.ndarray, every: int) -> np.ndarray:
