@@ -10,17 +10,17 @@ agreement flag on every `AGREEMENT_EVERY`-th lung slice, post-processing, writes
 process, so its peak RSS is its own:
 
 - ``full``: a bundle trained on whole frames: every lung slice as the whole 512x512 frame, fp32;
+- ``full-openvino-fp32``, ``full-openvino-bf16``: that bundle through OpenVINO in fp32 (``--fp32``) and
+  in bfloat16 (what plsynth-infer runs by default on a CPU with AMX / AVX-512 BF16, ``--engine auto``);
 - ``box``: the same weights in a bundle trained on lung boxes (``data.lung_box`` = ``--margin``
   model pixels): plsynth-infer cuts each slice's lung box (`lung_boxes`) from the frame, fp32;
-- ``box-openvino``: the same bundle through OpenVINO in fp32 (the second network, the agreement
-  flag's, in bfloat16 where the CPU has it): what plsynth-infer runs by default on the CPU where
-  OpenVINO is installed (``--engine auto``);
-- ``box-openvino-bf16``: OpenVINO left to bfloat16 (AMX): measured, NOT used by plsynth-infer;
+- ``box-openvino-fp32``, ``box-openvino-bf16``: the same through OpenVINO, as above;
 - ``box-int8``: the same on statically quantised INT8 networks (QDQ, per channel, calibrated
   on phantom slices): measured, NOT used by plsynth-infer (see the parity section).
 
 GFLOP/s = the U-Net's FLOPs (counted per pixel on the torch module) over the seconds
-inside the engine, as a fraction of the fp32 peak of a convolution probe on the same threads.
+inside the engine, as a fraction of the fp32 peak of a convolution probe on the same threads
+(bfloat16 on AMX goes past that fp32 peak).
 Dice of each variant's mask against the full-frame fp32 mask is on this untrained network, so
 it only shows the mechanics; accuracy parity needs a trained bundle:
 
@@ -55,7 +55,7 @@ from pathlib import Path
 
 import machine
 
-VARIANTS = ("full", "box", "box-openvino", "box-openvino-bf16", "box-int8")
+VARIANTS = ("full", "full-openvino-fp32", "full-openvino-bf16", "box", "box-openvino-fp32", "box-openvino-bf16", "box-int8")
 
 
 class Timed:
@@ -191,17 +191,16 @@ def predictor(bundle, files: dict[str, Path] | None, threads: int, batch_size: i
               torch_engine: bool = False, openvino: str | None = None):
     """A Predictor over ``files`` (name -> ONNX) or the bundle's own ONNX, engines wrapped in `Timed`;
     ``margin``: the bundle's own field of view ("bundle"), whole frames (None) or lung boxes;
-    ``openvino``: OpenVINO at that precision ("f32", "bf16") instead of ONNX Runtime, the second network
-    in bf16 as plsynth-infer runs it."""
+    ``openvino``: OpenVINO at that precision ("f32": ``--fp32``, "bf16": the default where the CPU has it)
+    instead of ONNX Runtime."""
     from plsynth.deploy.engines import OpenVinoEngine, OrtEngine, TorchEngine
-    from plsynth.deploy.predictor import Predictor, reduced_precision
+    from plsynth.deploy.predictor import Predictor
 
     files = files or {n: bundle.onnx_path(n) for n in bundle.network_names}
     if torch_engine:
         engines = {n: TorchEngine(net) for n, net in bundle.torch_networks().items()}
     elif openvino:  # as Predictor.from_bundle
-        engines = {n: OpenVinoEngine(p, threads=threads, precision="bf16" if reduced_precision(
-                       "openvino", n, openvino == "bf16") else "f32") for n, p in files.items()}
+        engines = {n: OpenVinoEngine(p, threads=threads, precision=openvino) for n, p in files.items()}
     else:
         engines = {n: OrtEngine(p, ["CPUExecutionProvider"], threads=threads, arena=False)  # as Predictor.from_bundle
                    for n, p in files.items()}
@@ -218,10 +217,10 @@ def run_variant(args) -> None:
     from plsynth.bundles.segmenter import load_bundle
 
     work = args.work
-    bundle = load_bundle(work / ("bundle-full" if args.variant == "full" else "bundle-box"))
+    bundle = load_bundle(work / ("bundle-full" if args.variant.startswith("full") else "bundle-box"))
     onnx = json.loads((work / "onnx.json").read_text())
     files = {n: Path(p) for n, p in onnx["int8"].items()} if args.variant.endswith("int8") else None
-    precision = {"box-openvino": "f32", "box-openvino-bf16": "bf16"}.get(args.variant)
+    precision = {"openvino-fp32": "f32", "openvino-bf16": "bf16"}.get(args.variant.split("-", 1)[-1])
     pred = predictor(bundle, files, args.threads, args.batch_size, openvino=precision)  # its bundle's field of view
     started = time.perf_counter()
     result = next(pred.run(find_cases([work / "in" / "phantom.nii.gz"]), work / f"out-{args.variant}"))
@@ -304,7 +303,7 @@ def speed_section(args, work: Path, lines: list[str]) -> None:
     touch = json.loads(subprocess.run([sys.executable, __file__, "--touch"], capture_output=True, text=True,
                                       check=True).stdout.strip().splitlines()[-1])
     runs = {}
-    for variant in VARIANTS:
+    for variant in dict.fromkeys(["full", *args.variants]):  # full: the reference of the Dice column
         command = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--threads", str(args.threads),
                    "--batch-size", str(args.batch_size), "--margin", str(args.margin)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -317,8 +316,8 @@ def speed_section(args, work: Path, lines: list[str]) -> None:
 
     lines += [
         f"Model: U-Net width 16, depth 4, {cfg.model.norm} norm, untrained (speed only), in two bundles: trained on whole "
-        f"frames (`full`) and on lung boxes with margin {args.margin} (`data.lung_box`; `box`, `box-openvino`, "
-        f"`box-openvino-bf16`, `box-int8`); "
+        f"frames (`full`, `full-openvino-fp32`, `full-openvino-bf16`) and on lung boxes with margin {args.margin} "
+        f"(`data.lung_box`; `box`, `box-openvino-fp32`, `box-openvino-bf16`, `box-int8`); "
         f"{flops * 512 * 512 / 1e9:.1f} GFLOP "
         f"per 512x512 slice (counted). fp32 peak of the convolution probe on {args.threads} threads: **{peak:.0f} GFLOP/s**.",
         "",
@@ -397,9 +396,10 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
         variants["same bundle, whole frames"] = predictor(bundle, onnx["fp32"], args.threads, args.batch_size, None)
     for m in args.margins:
         variants[f"same bundle, lung box margin {m}"] = predictor(bundle, onnx["fp32"], args.threads, args.batch_size, m)
-    variants[f"same bundle, OpenVINO fp32, {own} (plsynth-infer --engine auto)"] = predictor(
+    variants[f"same bundle, OpenVINO fp32, {own} (plsynth-infer --fp32)"] = predictor(
         bundle, None, args.threads, args.batch_size, openvino="f32")
-    variants[f"same bundle, OpenVINO bf16, {own}"] = predictor(bundle, None, args.threads, args.batch_size, openvino="bf16")
+    variants[f"same bundle, OpenVINO bf16, {own} (plsynth-infer's default where the CPU has it)"] = predictor(
+        bundle, None, args.threads, args.batch_size, openvino="bf16")
     if onnx["int8"]:
         variants[f"same bundle, INT8, {own}"] = predictor(bundle, onnx["int8"], args.threads, args.batch_size)
     variants[f"same bundle, torch eager, {own}"] = predictor(bundle, None, args.threads, args.batch_size, torch_engine=True)
@@ -413,6 +413,7 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
     false: dict[str, list[int]] = {k: [] for k in variants}  # voxels marked on inputs whose truth is empty
     peer: dict[str, list[float]] = {k: [] for k in variants}
     share: dict[str, list[float]] = {k: [] for k in variants}
+    differ: dict[str, list[tuple[int, int]]] = {k: [] for k in variants}  # (voxels that differ, reference mask's voxels)
     cases = find_cases(args.parity_inputs)
     for case in cases:
         image, region = prepared(Path(case.path))
@@ -427,6 +428,7 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
         for name, pred in variants.items():
             got = ref if pred is base else pred.predict(image, region)
             scores[name].append(dice(got.infection, ref.infection))
+            differ[name].append((int((got.infection != ref.infection).sum()), int(ref.infection.sum())))
             if label is not None and label.any():
                 truth[name].append(dice(got.infection, label))
             elif label is not None:
@@ -445,17 +447,20 @@ def parity_section(args, work: Path, lines: list[str]) -> None:
         f"{len(next(iter(truth.values())))} inputs with infection in their reference mask, "
         f"{len(next(iter(false.values())))} without.",
         "",
-        "| variant | mean Dice vs the bundle's mask | worst input | mean Dice vs truth (inputs with infection) | "
+        "| variant | mean Dice vs the bundle's mask | worst input | voxels that differ, most on one input (of its mask's) | "
+        "mean Dice vs truth (inputs with infection) | "
         "voxels marked on inputs without infection | mean Dice (second network, its sampled slices) | "
         "network pixels vs whole lung frames |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in variants:
         s = np.array(scores[name])
         t = f"{np.mean(truth[name]):.4f}" if truth[name] else "-"
         f = ", ".join(str(v) for v in false[name]) or "-"
         p = f"{np.mean(peer[name]):.4f}" if peer[name] else "-"
-        lines.append(f"| {name} | {s.mean():.4f} | {s.min():.4f} | {t} | {f} | {p} | {np.mean(share[name]):.2f} |")
+        most = max(differ[name])
+        lines.append(f"| {name} | {s.mean():.4f} | {s.min():.4f} | {most[0]} ({most[1]}) | {t} | {f} | {p} | "
+                     f"{np.mean(share[name]):.2f} |")
     lines += ["", "Gate: Dice >= 0.99 (mean and worst input) for what plsynth-infer may run in place of the bundle's "
               "own fp32 mask (OpenVINO, INT8).", ""]
 
@@ -468,7 +473,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--margin", type=int, default=16, help="lung box margin, model pixels (speed section)")
-    parser.add_argument("--margins", type=int, nargs="+", default=[8, 16, 32], help="lung box margins (parity section)")
+    parser.add_argument("--margins", type=int, nargs="*", default=[8, 16, 32], help="lung box margins (parity section)")
     parser.add_argument("--no-speed", action="store_true", help="skip the 512 px speed sections")
     parser.add_argument("--parity-bundle", type=Path, help="a trained bundle for the parity section")
     parser.add_argument("--parity-inputs", type=Path, nargs="*", default=[], help="inputs (files or folders) for parity")
@@ -476,6 +481,8 @@ def main() -> None:
     parser.add_argument("--parity-reference", type=Path, nargs="*", default=[],
                         help="other bundles compared as plsynth-infer runs them (e.g. the same recipe on whole frames)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/infer_bench.md"))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="variants of the end-to-end section (full always runs)")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--touch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)

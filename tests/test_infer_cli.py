@@ -137,26 +137,34 @@ def rows(out: Path) -> dict[str, dict]:
         return {r["case"]: r for r in csv.DictReader(handle)}
 
 
-def test_openvino_gives_onnx_runtimes_masks_with_the_peer_in_reduced_precision(bundle: Path, tmp_path: Path):
-    """plsynth-infer on OpenVINO: the delivered mask is fp32's (ONNX Runtime's, voxel for voxel); the
-    second network, which only gives the agreement flag, runs in bfloat16 where the CPU has it."""
+def test_openvino_runs_bfloat16_by_default_where_the_cpu_has_it_and_fp32_gives_onnx_runtimes_masks(
+        bundle: Path, tmp_path: Path):
+    """plsynth-infer on OpenVINO: by default both networks in bfloat16 where the CPU grants it (AMX /
+    AVX-512 BF16; fp32 elsewhere), the provider saying which; ``--fp32`` gives ONNX Runtime's
+    masks voxel for voxel."""
     pytest.importorskip("openvino")
+    from plsynth.deploy.engines import import_openvino
     from plsynth.deploy.predictor import Predictor
+    from plsynth.metrics import dice
 
+    granted = "bf16" if "BF16" in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
     vol = phantom_nifti(tmp_path / "in" / "v.nii.gz", 21)
-    masks, agreement = {}, {}
-    for engine in ("ort", "openvino"):
-        result = invoke(vol, "-o", tmp_path / engine, "--model", bundle, "--engine", engine, "--lung-backend", "classical")
+    masks, agreement, provider = {}, {}, {}
+    for name, options in {"ort": ["--engine", "ort"], "fp32": ["--engine", "openvino", "--fp32"],
+                          "default": ["--engine", "openvino"]}.items():
+        result = invoke(vol, "-o", tmp_path / name, "--model", bundle, "--lung-backend", "classical", *options)
         assert result.exit_code == 0, result.output[-3000:]
-        row = rows(tmp_path / engine)["v"]
-        assert row["engine"] == engine
-        masks[engine] = np.asarray(nib.load(tmp_path / engine / "v.nii.gz").dataobj)
-        agreement[engine] = float(row["agreement_dice"])
-    assert masks["ort"].any() and np.array_equal(masks["ort"], masks["openvino"])
-    assert abs(agreement["ort"] - agreement["openvino"]) <= 0.01
+        row = rows(tmp_path / name)["v"]
+        masks[name] = np.asarray(nib.load(tmp_path / name / "v.nii.gz").dataobj)
+        agreement[name], provider[name] = float(row["agreement_dice"]), row["provider"]
+    assert provider["fp32"].endswith("CPU f32") and provider["default"].endswith(f"CPU {granted}")
+    assert masks["ort"].any() and np.array_equal(masks["ort"], masks["fp32"])
+    assert abs(agreement["ort"] - agreement["fp32"]) <= 1e-3
+    assert dice(masks["default"] > 0, masks["ort"] > 0) >= 0.95  # near fp32's; the gate on trained bundles: BENCHMARKS
     pred = Predictor.from_bundle(bundle, engine="openvino", device="cpu", lung_backend="classical")
-    assert pred.engines["model"].precision == "f32" and pred.engines["peer"].precision == "bf16"
-    assert pred.provider.endswith("CPU f32")
+    assert pred.engines["model"].precision == pred.engines["peer"].precision == "bf16"
+    pred = Predictor.from_bundle(bundle, engine="openvino", device="cpu", lung_backend="classical", fp16=False)
+    assert pred.engines["model"].precision == pred.engines["peer"].precision == "f32"
 
 
 def test_every_input_kind_end_to_end(bundle: Path, tmp_path: Path):

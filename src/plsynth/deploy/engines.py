@@ -246,9 +246,10 @@ class OrtEngine:
 class OpenVinoEngine:
     """OpenVINO on the CPU over one ONNX file (height and width may vary from call to call).
 
-    ``precision`` "f32" keeps fp32 arithmetic (OpenVINO would otherwise pick bf16 on CPUs with AMX);
-    "bf16" (``--fp16``) is 4-5x faster there, with masks at Dice >= 0.99 against fp32 on the bundles
-    measured, not equal to them (BENCHMARKS.md, issue 16). ``provider`` names the precision granted.
+    ``precision`` "bf16" (plsynth-infer's default) is granted on CPUs with AMX / AVX-512 BF16 and is
+    3-4x faster there, with masks at Dice >= 0.99 against fp32 on the trained bundles measured, not
+    equal to them (BENCHMARKS.md, issue 16); "f32" (``--fp32``) keeps fp32 arithmetic, ONNX Runtime's
+    masks. ``provider`` names the precision granted.
     """
 
     name = "openvino"

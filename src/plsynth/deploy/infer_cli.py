@@ -43,7 +43,7 @@ def infer(
     review_below: Annotated[float, typer.Option("--review-below", help="Mark cases whose two-network Dice is below this for review.")] = settings.REVIEW_BELOW,
     min_size_mm3: Annotated[float, typer.Option("--min-size-mm3", min=0.0, help="Drop infection components smaller than this (volumes).")] = settings.MIN_SIZE_MM3,
     min_size_px: Annotated[int, typer.Option("--min-size-px", min=0, help="Drop infection components smaller than this (2D slices).")] = settings.MIN_SIZE_PX,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Reduced precision: TensorRT FP16 on a GPU, OpenVINO bfloat16 on a CPU with AMX / AVX-512 BF16 (masks near, not equal to, fp32's).")] = False,
+    fp16: Annotated[Optional[bool], typer.Option("--fp16/--fp32", help="Precision. Default: bfloat16 with OpenVINO on a CPU with AMX / AVX-512 BF16 (masks near, not equal to, fp32's), fp32 elsewhere; --fp16 also TensorRT FP16 on a GPU; --fp32 full precision everywhere.", show_default=False)] = None,
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads for the engine (0: library default).")] = 0,
     series_uid: Annotated[Optional[str], typer.Option("--series-uid", help="DICOM series to use when a folder holds several.")] = None,
     output_format: Annotated[str, typer.Option("--format", help="DICOM inputs: nifti | dicom-seg | both (SEG: infection and lungs, referencing the series).")] = settings.OUTPUT_FORMATS[0],
