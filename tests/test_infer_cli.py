@@ -155,6 +155,7 @@ def test_openvino_runs_bfloat16_by_default_where_the_cpu_has_it_and_fp32_gives_o
         result = invoke(vol, "-o", tmp_path / name, "--model", bundle, "--lung-backend", "classical", *options)
         assert result.exit_code == 0, result.output[-3000:]
         row = rows(tmp_path / name)["v"]
+        assert row["engine"] == options[1]
         masks[name] = np.asarray(nib.load(tmp_path / name / "v.nii.gz").dataobj)
         agreement[name], provider[name] = float(row["agreement_dice"]), row["provider"]
     assert provider["fp32"].endswith("CPU f32") and provider["default"].endswith(f"CPU {granted}")
