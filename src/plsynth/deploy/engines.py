@@ -247,8 +247,8 @@ class OpenVinoEngine:
     """OpenVINO on the CPU over one ONNX file (height and width may vary from call to call).
 
     ``precision`` "bf16" (plsynth-infer's default) is granted on CPUs with AMX / AVX-512 BF16 and is
-    about 3x faster there, with masks at Dice >= 0.99 against fp32 on the trained bundles measured, not
-    equal to them (BENCHMARKS.md, issue 16); "f32" (``--fp32``) keeps fp32 arithmetic, ONNX Runtime's
+    about 3x faster there, with masks at Dice 0.997-0.999 on average against fp32 on the trained bundles
+    measured, not equal to them (BENCHMARKS.md, issue 16); "f32" (``--fp32``) keeps fp32 arithmetic, ONNX Runtime's
     masks. ``provider`` names the precision granted.
     """
 

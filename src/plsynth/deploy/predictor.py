@@ -519,7 +519,8 @@ def _glibc():
 def reduced_precision(engine: str, fp16: bool | None) -> bool:
     """Whether the networks run in reduced precision: as ``--fp16`` / ``--fp32`` say; by default on
     OpenVINO (bfloat16 where the CPU grants it, OpenVINO's own choice on such CPUs: masks at Dice
-    >= 0.99 against fp32 on every trained bundle measured, BENCHMARKS.md, issue 16), fp32 elsewhere."""
+    0.997-0.999 on average against fp32 on every trained bundle measured, BENCHMARKS.md, issue 16),
+    fp32 elsewhere."""
     return engine == "openvino" if fp16 is None else fp16
 
 
