@@ -14,8 +14,9 @@ machine.
 
 On the CPU ``auto`` takes OpenVINO where it is installed: on the same ONNX file, in fp32, it ran the
 512 px U-Net 1.3-1.4x faster than ONNX Runtime on 2 Intel Xeon cores, with masks equal to ONNX
-Runtime's (BENCHMARKS.md, issue 16; ONNX Runtime spends 18 % there reordering its blocked layout
-around each instance norm, OpenVINO was not profiled).
+Runtime's, and in bfloat16 (plsynth-infer's default where the CPU has it) about 3x faster again,
+with masks near fp32's (BENCHMARKS.md, issue 16; ONNX Runtime spends 18 % there reordering its
+blocked layout around each instance norm, OpenVINO was not profiled).
 """
 
 from __future__ import annotations

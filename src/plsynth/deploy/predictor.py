@@ -19,8 +19,7 @@ infection is kept inside the lung field only. With a second network in the bundl
 Dice between the two networks' masks is reported as a quality flag, estimated on every
 ``settings.AGREEMENT_EVERY``-th lung slice: the second network costs a quarter of the first (on 160-slice
 phantoms the estimate was within 0.013 of the all-slice Dice on average, 0.08 at worst, and
-changed no review decision; BENCHMARKS.md). On OpenVINO the second network runs in bfloat16 where
-the CPU has it (AMX / AVX-512 BF16): the agreement moved by 0.004 at most, the mask not at all.
+changed no review decision; BENCHMARKS.md). Both networks run at one precision (`reduced_precision`).
 
 A bundle trained on lung boxes (``data.lung_box``, its margin) is run on the volume's lung box
 (`volume_box`) cut from each resized frame instead of the whole frame: a fraction of the pixels.
