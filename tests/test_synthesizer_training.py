@@ -270,3 +270,87 @@ def test_a_damaged_frozen_segmenter_is_named_by_its_config_key(tmp_path):
     weights.unlink()
     with pytest.raises(BundleError, match=rf"synth\.segmenter: .*{weights.name}.*missing"):
         ConsistencyLoss(bundle)
+
+
+def test_diffaugment_moves_images_and_map_together_and_leaves_what_it_brings_in_unlabelled():
+    from plsynth.models.discriminator import class_balanced_ce
+    from plsynth.training.augment import diff_augment
+
+    torch.manual_seed(0)
+    semantic = torch.zeros(6, 32, 32, dtype=torch.long)
+    semantic[:, 8:24, 4:14], semantic[:, 8:24, 18:28], semantic[:, 12:16, 20:24] = 1, 2, 3
+    onehot = torch.nn.functional.one_hot(semantic, 4).permute(0, 3, 1, 2).float()
+    real = semantic[:, None].float() / 3 * 2 - 1  # each class its own grey
+    fake = (-real).requires_grad_(True)
+    assert diff_augment([real, fake], onehot, "")[0][0] is real  # off: nothing drawn, nothing moved
+    (real_t, fake_t), onehot_t = diff_augment([real, fake], onehot, "translation,cutout")
+    labelled = onehot_t.sum(1) > 0
+    assert not labelled.all() and labelled.float().mean() > 0.3  # translated in and cut out: no class
+    # one draw for both images and the map: each labelled pixel keeps its class's grey in both
+    cls = onehot_t.argmax(1)[:, None].float() / 3 * 2 - 1
+    assert torch.equal(real_t[labelled[:, None]], cls[labelled[:, None]])
+    assert torch.equal(fake_t[labelled[:, None]], -cls[labelled[:, None]])
+    assert not torch.equal(onehot_t, onehot)
+    # the drawn image is still trained through the augmentation, and unlabelled pixels cost nothing
+    logits = torch.zeros(6, 5, 32, 32)
+    logits[:, 4] = fake_t[:, 0] * 0 + 1
+    class_balanced_ce(logits + fake_t, onehot_t, real=True).backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+    (colored,), same = diff_augment([real], onehot, "color")
+    assert torch.equal(same, onehot) and not torch.allclose(colored, real)
+
+
+def test_with_ema_the_bundle_ships_the_moving_average_and_a_resume_keeps_it(smoke, tmp_path):
+    from plsynth.bundles.synthesizer import load_decoder_bundle
+    from plsynth.training.synthesizer import train_synthesizer
+
+    cfg, splits, _ = smoke
+    small = torch.utils.data.Subset(splits.labeled, range(8))
+    tiny = dataclasses.replace(cfg.synth, image_size=32, width=4, style_dim=8, num_up=3, epochs=1,
+                               discriminator="oasis", ema=0.5, diffaugment="color,translation,cutout")
+    train_synthesizer(cfg.replace(synth=tiny), tmp_path, "cpu", labeled=small)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    ema = {k[len("module."):]: v for k, v in state["decoder_ema"].items() if k.startswith("module.")}
+    raw = state["decoder"]
+    assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in raw)
+    assert int(state["decoder_ema"]["n_averaged"]) == 2  # 8 slices, batch 4: one update per step
+    # resumed for a second epoch: the average goes on from the checkpoint's, not from the raw weights
+    train_synthesizer(cfg.replace(synth=dataclasses.replace(tiny, epochs=2)), tmp_path, "cpu", labeled=small)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert int(state["decoder_ema"]["n_averaged"]) == 4
+    loaded = load_decoder_bundle(tmp_path / "bundle")
+    assert loaded.config.ema == 0.5 and loaded.config.diffaugment == "color,translation,cutout"
+    ema = {k[len("module."):]: v for k, v in state["decoder_ema"].items() if k.startswith("module.")}
+    raw = state["decoder"]
+    shipped = loaded.decoder.state_dict()
+    assert all(torch.equal(shipped[k], ema[k]) for k in ema if k.endswith("_orig"))
+    assert not all(torch.equal(shipped[k], raw[k]) for k in raw if k.endswith("_orig"))
+
+
+def test_an_averaged_copy_divides_by_its_own_largest_singular_value():
+    from torch.nn.utils import spectral_norm
+
+    from plsynth.training.synthesizer import refresh_spectral_norm
+
+    torch.manual_seed(0)
+    conv = spectral_norm(torch.nn.Conv2d(3, 4, 3))
+    with torch.no_grad():
+        conv.weight_orig.mul_(5).add_(torch.randn_like(conv.weight_orig))  # as an average moves it
+    conv.eval()
+
+    def sigma() -> torch.Tensor:  # of the weight an eval-mode forward uses
+        conv(torch.zeros(1, 3, 5, 5))
+        return torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2)
+
+    assert abs(float(sigma()) - 1) > 0.05  # stale u, v: not normalised
+    refresh_spectral_norm(conv)
+    assert abs(float(sigma()) - 1) < 1e-3
+
+
+def test_diffaugment_and_ema_are_checked_when_the_config_is_read():
+    from plsynth.config import SynthConfig
+
+    with pytest.raises(ValueError, match="synth.diffaugment: unknown flip"):
+        SynthConfig(diffaugment="color,flip")
+    with pytest.raises(ValueError, match="synth.ema"):
+        SynthConfig(ema=1.0)
