@@ -105,9 +105,6 @@ class UNetConfig:
             raise ValueError(f"model.width and model.depth must be >= 1, got {self.width}, {self.depth}")
 
 
-DIFF_AUGMENT_POLICIES = ("color", "translation", "cutout")  # synth.diffaugment
-
-
 @dataclass(frozen=True)
 class SynthConfig:
     """SEAN synthesizer: networks, GAN training, style pool and how trainers reach it."""
@@ -157,20 +154,8 @@ class SynthConfig:
     # a 5th map class, vessel, thresholded from the slice itself (plsynth.data.vessels), so the
     # generator is told where the lung's vessels are instead of averaging them away
     vessels: bool = False
-    # DiffAugment before the discriminator, a comma-separated subset of color, translation, cutout
-    # ("" = off): the field's answer to a discriminator that memorises a few dozen slices
-    diffaugment: str = ""
-    # decay of an exponential moving average of the generator's weights, which the bundle then
-    # ships (OASIS, StyleGAN); 0 = off, the last step's weights ship
-    ema: float = 0.0
 
     def __post_init__(self) -> None:
-        unknown = sorted({p.strip() for p in self.diffaugment.split(",") if p.strip()} - set(DIFF_AUGMENT_POLICIES))
-        if unknown:
-            raise ValueError(f"synth.diffaugment: unknown {', '.join(unknown)} (a comma-separated subset of "
-                             f"{', '.join(DIFF_AUGMENT_POLICIES)})")
-        if not 0 <= self.ema < 1:
-            raise ValueError(f"synth.ema must be in [0, 1), got {self.ema}")
         if self.num_up < 1 or self.image_size % 2**self.num_up:
             raise ValueError(f"synth.image_size must be a multiple of 2**num_up, got {self.image_size}, {self.num_up}")
         if self.image_size // 2**self.num_up < 2:
@@ -352,7 +337,9 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 REMOVED_KEYS = {"train.num_workers": "it never started DataLoader workers (batches are built in-process)",
                 "synth.lambda_texture": "a texture term from the frozen segmenter, tried and not kept (BENCHMARKS.md, issue 11)",
                 "synth.l1_pool": "the pixel L1 on block means, tried and not kept (BENCHMARKS.md, issue 11)",
-                "synth.oasis_feat": "feature matching on the OASIS discriminator, tried and not kept (BENCHMARKS.md, issue 11)"}
+                "synth.oasis_feat": "feature matching on the OASIS discriminator, tried and not kept (BENCHMARKS.md, issue 11)",
+                "synth.diffaugment": "DiffAugment before the discriminator, tried and not kept (BENCHMARKS.md, issue 11)",
+                "synth.ema": "a moving average of the generator's weights, tried and not kept (BENCHMARKS.md, issue 11)"}
 REMOVED_VALUES = {("synth.backend", "trt"): ("torch", "trainers never ran TensorRT; the synthesis actor does (ray.synth_backend)")}
 # Switches tried and not kept that change what a synthesizer draws or its networks: at their old
 # default they are dropped like the keys above; any other value raises (a bundle trained with it

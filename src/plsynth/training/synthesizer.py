@@ -52,7 +52,6 @@ from plsynth.models.discriminator import (
     labelmix_loss,
 )
 from plsynth.models.sean import SEANDecoder, StyleEncoder, build_synthesizer
-from plsynth.training.augment import diff_augment
 
 log = logging.getLogger(__name__)
 
@@ -206,32 +205,6 @@ class SynthNets:
     opt_d: torch.optim.Optimizer
     vgg: VGGLoss | None = None
     consistency: ConsistencyLoss | None = None
-    # with synth.ema: moving averages of decoder and encoder, updated after each generator step
-    ema: tuple[torch.optim.swa_utils.AveragedModel, torch.optim.swa_utils.AveragedModel] | None = None
-
-    def shipped(self) -> tuple[SEANDecoder, StyleEncoder]:
-        """The decoder and encoder that grids and the bundle use: the averages with ``synth.ema``."""
-        if self.ema is None:
-            return self.decoder, self.encoder
-        for average in self.ema:
-            refresh_spectral_norm(average.module)
-        return self.ema[0].module, self.ema[1].module
-
-
-@torch.no_grad()
-def refresh_spectral_norm(module: nn.Module, iterations: int = 30) -> None:
-    """Power-iterate every spectral norm of ``module`` to its current weights.
-
-    An averaged copy's weights never ran the one power iteration per step that keeps spectral
-    norm's ``u``, ``v`` up to date, and eval mode divides by the ``sigma`` those give.
-    """
-    from torch.nn.utils.spectral_norm import SpectralNorm
-
-    for sub in module.modules():
-        for hook in sub._forward_pre_hooks.values():
-            if isinstance(hook, SpectralNorm):
-                for _ in range(iterations):
-                    hook.compute_weight(sub, do_power_iteration=True)
 
 
 def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
@@ -256,12 +229,7 @@ def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
     else:
         log.info("VGG perceptual loss off (synth.vgg_weights is empty)")
     consistency = ConsistencyLoss(s.segmenter, device).to(device) if s.lambda_seg else None
-    ema = None
-    if s.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = tuple(AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(s.ema)) for net in (decoder, encoder))
-    return SynthNets(decoder, encoder, discriminator, opt_g, opt_d, vgg, consistency, ema)
+    return SynthNets(decoder, encoder, discriminator, opt_g, opt_d, vgg, consistency)
 
 
 def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Config) -> dict[str, float]:
@@ -273,13 +241,12 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
 
     oasis = s.discriminator == "oasis"
     nets.discriminator.requires_grad_(False)
-    (fake_d, image_d), onehot_d = diff_augment([fake, image], onehot, s.diffaugment)
     if oasis:
-        losses = {"g_gan": class_balanced_ce(nets.discriminator(fake_d), onehot_d, real=True)}
+        losses = {"g_gan": class_balanced_ce(nets.discriminator(fake), onehot, real=True)}
     else:
-        pred_fake = nets.discriminator(onehot_d, fake_d)
+        pred_fake = nets.discriminator(onehot, fake)
         with torch.no_grad():
-            pred_real = nets.discriminator(onehot_d, image_d)
+            pred_real = nets.discriminator(onehot, image)
         losses = {"g_gan": hinge_g_loss(pred_fake), "g_feat": s.lambda_feat * feature_matching_loss(pred_real, pred_fake)}
     if s.lambda_l1:
         losses["g_l1"] = s.lambda_l1 * F.l1_loss(fake, image)
@@ -291,20 +258,17 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
     nets.opt_g.zero_grad(set_to_none=True)
     g_total.backward()
     nets.opt_g.step()
-    if nets.ema is not None:
-        nets.ema[0].update_parameters(nets.decoder)
-        nets.ema[1].update_parameters(nets.encoder)
 
     nets.discriminator.requires_grad_(True)
-    (real_d, fake_d), onehot_d = diff_augment([image, fake.detach()], onehot, s.diffaugment)
     if oasis:
-        logits_real, logits_fake = nets.discriminator(real_d), nets.discriminator(fake_d)
-        d_loss = class_balanced_ce(logits_real, onehot_d, real=True) + class_balanced_ce(logits_fake, onehot_d, real=False)
+        fake = fake.detach()
+        logits_real, logits_fake = nets.discriminator(image), nets.discriminator(fake)
+        d_loss = class_balanced_ce(logits_real, onehot, real=True) + class_balanced_ce(logits_fake, onehot, real=False)
         if s.lambda_labelmix:
             d_loss = d_loss + s.lambda_labelmix * labelmix_loss(
-                nets.discriminator, real_d, fake_d, onehot_d, logits_real, logits_fake)
+                nets.discriminator, image, fake, onehot, logits_real, logits_fake)
     else:
-        d_loss = hinge_d_loss(nets.discriminator(onehot_d, real_d), nets.discriminator(onehot_d, fake_d))
+        d_loss = hinge_d_loss(nets.discriminator(onehot, image), nets.discriminator(onehot, fake.detach()))
     nets.opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     nets.opt_d.step()
@@ -384,7 +348,6 @@ def _save_last(path: Path, nets: SynthNets, epoch: int, cfg: Config, history: li
         "discriminator": nets.discriminator.state_dict(),
         "opt_g": nets.opt_g.state_dict(),
         "opt_d": nets.opt_d.state_dict(),
-        **({"decoder_ema": nets.ema[0].state_dict(), "encoder_ema": nets.ema[1].state_dict()} if nets.ema else {}),
         "config": cfg.to_dict(),
         "history": history,
     }
@@ -404,11 +367,6 @@ def _resume(path: Path, nets: SynthNets, cfg: Config) -> tuple[int, list[dict]]:
     nets.discriminator.load_state_dict(state["discriminator"])
     nets.opt_g.load_state_dict(state["opt_g"])
     nets.opt_d.load_state_dict(state["opt_d"])
-    if nets.ema is not None and "decoder_ema" in state:
-        nets.ema[0].load_state_dict(state["decoder_ema"])
-        nets.ema[1].load_state_dict(state["encoder_ema"])
-    elif nets.ema is not None:  # synth.ema switched on for a resumed run: the average starts here
-        log.warning("resuming %s without a moving average of the generator; it starts from these weights", path)
     log.info("resumed %s after epoch %d", path, state["epoch"])
     return int(state["epoch"]), list(state.get("history", []))
 
@@ -475,13 +433,12 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
             ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"),
         )
         _save_last(out / "last.pt", nets, epoch + 1, cfg, history)
-        write_training_grid(*nets.shipped(), preview, cfg, out / "grids" / f"epoch_{epoch + 1:03d}.png")
+        write_training_grid(nets.decoder, nets.encoder, preview, cfg, out / "grids" / f"epoch_{epoch + 1:03d}.png")
     train_seconds = time.perf_counter() - t_train
 
-    decoder, encoder = nets.shipped()
-    pool = build_style_pool(encoder, pool_batches(labeled, s.image_size, s.batch_size, s.vessels), device=device)
-    decoder.eval()
-    encoder.eval()
+    pool = build_style_pool(nets.encoder, pool_batches(labeled, s.image_size, s.batch_size, s.vessels), device=device)
+    nets.decoder.eval()
+    nets.encoder.eval()
     extra = {
         "labeled_slices": len(labeled),
         "epochs": s.epochs,
@@ -491,7 +448,7 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
     }
     if nets.consistency is not None:
         extra["consistency_segmenter"] = {"path": str(s.segmenter), "meta_sha256": nets.consistency.meta_sha256}
-    return write_decoder_bundle(out / "bundle", decoder, encoder, pool, cfg, extra=extra)
+    return write_decoder_bundle(out / "bundle", nets.decoder, nets.encoder, pool, cfg, extra=extra)
 
 
 __all__ = [
@@ -503,6 +460,5 @@ __all__ = [
     "lr_factor",
     "prepare_batch",
     "reconstruction_l1",
-    "refresh_spectral_norm",
     "train_synthesizer",
 ]
