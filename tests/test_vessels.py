@@ -85,3 +85,20 @@ def test_on_a_dark_windowed_slice_bright_bits_of_the_chest_wall_inside_the_field
     found = vessel_mask(image, field)[0]
     assert not (found & ribs).any()
     assert (found & lines).sum() > 0.8 * lines.sum()
+
+
+def test_on_a_lung_masked_slice_the_field_edge_is_not_read_as_vessel():
+    """``data.lung_handling: mask`` zeroes everything outside the field: without the body around it
+    the opening sinks to black at the field's edge, and the lung's rim came out as a ring of vessel
+    where the field takes in more chest wall than the vessel rule's margin (on 12 labeled COVID-SemiSeg
+    slices 3.8x the unmasked slices' vessel pixels within 4 px of the field's edge).
+    The masked slice must give the vessels the unmasked one gives."""
+    image, _, lines = _slice()
+    size = image.shape[-1]
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    field = ((((yy - size / 2) ** 2 + (xx - size / 2) ** 2).sqrt()) < size * 0.35 + 5).long()[None]  # wall, fat
+    masked = torch.where(field[:, None] > 0, image, torch.zeros_like(image))
+    found, on_masked = vessel_mask(image, field)[0], vessel_mask(masked, field)[0]
+    assert (on_masked & lines[0]).sum() > 0.8 * lines[0].sum()
+    agree = (found & on_masked).sum() / (found | on_masked).sum()
+    assert agree > 0.95, float(agree)

@@ -12,7 +12,8 @@ minus its opening) with a square of ``kernel`` pixels. A pixel is vessel when
 - its opening (the local background) is darker than the level ``background`` of the way from the
   slice's lung (median over the field) to its body (median of what is brighter outside the
   field): parenchyma, not chest wall, mediastinum or consolidation, on bright and on
-  dark-windowed slices alike;
+  dark-windowed slices alike; a lung-masked slice (black just outside the field) has no body
+  there, so the chest wall the field takes in stands for it, outside the field too;
 - its top-hat exceeds the slice's own threshold, median + ``mads`` robust deviations of the
   top-hat over that region, and at least ``floor`` (windowed 8-bit slices differ in brightness
   and noise, so no fixed threshold fits all).
@@ -64,12 +65,24 @@ def vessel_mask(image: torch.Tensor, lung: torch.Tensor, *, kernel: int = 5, mar
     k = _kernel(kernel, image.shape[-1])
     m = max(0, int(round(margin * image.shape[-1] / REFERENCE_SIZE)))
     x = image.float()
-    opened = _dilate(_erode(x, k), k)
     field = lung > 0
     # the slice's own levels: its lung, and the body around it (what outside the field is brighter);
     # no body: no limit
     lung_level = _median(x[:, 0], field)
     body_level = _median(x[:, 0], ~field & (x[:, 0] > lung_level[:, None, None]))
+    # a lung-masked slice (data.lung_handling: mask) is black just outside the field: its body is
+    # the chest wall the field takes in (its outer rim, brighter than the lung), and stands outside
+    # the field, so that the opening does not sink to black at the field's edge
+    rim_px = _kernel(7, image.shape[-1])  # 3 px each side of the edge at 128 px
+    ring = (_dilate(field.float()[:, None], rim_px)[:, 0] > 0.5) & ~field
+    masked = ~(_median(x[:, 0], ring) > lung_level)
+    if masked.any():
+        rim = field & ~(_erode(field.float()[:, None], rim_px)[:, 0] > 0.5)
+        wall = _median(x[:, 0], rim & (x[:, 0] > lung_level[:, None, None]))
+        body_level = torch.where(masked, wall, body_level)
+        outside = masked[:, None, None, None] & ~field[:, None]
+        x = torch.where(outside, body_level.nan_to_num(nan=1.0)[:, None, None, None].expand_as(x), x)
+    opened = _dilate(_erode(x, k), k)
     level = (lung_level + background * (body_level - lung_level)).nan_to_num(nan=float("inf"))[:, None, None]
     region = field
     if m:
