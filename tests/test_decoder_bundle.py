@@ -282,3 +282,26 @@ def test_a_bundle_saved_with_a_removed_switch_loads_at_its_old_default_and_is_re
         else:
             with pytest.raises(BundleError, match=rf"synth\.{key}: {value!r}.*not kept"):
                 load_decoder_bundle(old)
+
+
+def test_a_synthesizer_trained_on_lung_masked_slices_draws_black_outside_the_lung_field(tmp_path):
+    """With ``data.lung_handling: mask`` every slice the synthesizer and the segmenters see is black
+    outside the lung field; a drawing is a training slice of the segmenter, so the service returns it
+    in that domain (the rule the consistency loss applies), on both back-ends and through the Ray
+    actor's decode; a synthesizer trained on whole slices draws outside the field as it learned."""
+    from plsynth.synth_service.actor import LocalDecoderAdapter
+    from plsynth.synth_service.local import LocalSynthesizer
+
+    cfg = Config(synth=TINY)
+    masked_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, lung_handling="mask"))
+    whole, _ = write_synth_bundle(tmp_path / "whole", cfg, varied=True)
+    masked, _ = write_synth_bundle(tmp_path / "masked", masked_cfg, varied=True)
+    infection, lung = _lungs(2, TINY.image_size)
+    outside = (lung == 0)[:, None]
+    for backend in ("torch", "ort"):
+        drawn = LocalSynthesizer(masked, backend=backend).synthesize(infection, lung, seed=1)
+        assert drawn[outside].abs().max() == 0 and drawn[~outside].mean() > 0.05
+        assert LocalSynthesizer(whole, backend=backend).synthesize(infection, lung, seed=1)[outside].abs().max() > 0
+    adapter = LocalDecoderAdapter(LocalSynthesizer(masked, backend="torch"))
+    onehot, style = adapter.condition(infection, lung, None, 1)
+    assert adapter.decode(onehot, style, 1)[outside].abs().max() == 0

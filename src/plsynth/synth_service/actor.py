@@ -162,7 +162,7 @@ class LocalDecoderAdapter:
         if noise is not None:
             feeds["noise"] = noise.numpy()
         (image,) = self.trt_engine.run_named(feeds)
-        return ((torch.from_numpy(image) + 1) / 2).clamp(0, 1).float()
+        return self.local.to_unit(torch.from_numpy(image), onehot)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Per request (paper eq. 9-10): the map is built from (lung, infection), and with 
 the vessels read from the request's images, by ``plsynth.data.semantic`` (``semantic``); one reference style is drawn from the bundle's pool for the whole
 request (K codes averaged per class, see ``StylePool.draw``), or, in ``self`` mode, each image
 is encoded under its own map; the decoder draws [-1, 1] images that are returned as (x + 1) / 2
-in [0, 1], resized to the request's size.
+in [0, 1] (black outside the lung field where the synthesizer learned lung-masked slices),
+resized to the request's size.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class LocalSynthesizer:
         self.device = torch.device(device)
         self.image_size = self.bundle.config.image_size
         self.num_classes = self.bundle.decoder.num_classes
+        self.black_outside = self.bundle.meta.get("data", {}).get("lung_handling") == "mask"
         self.pool_mode: PoolMode = pool_mode or self.bundle.config.pool_mode
         self.k = k or self.bundle.config.pool_k
         if self.pool_mode != "self":
@@ -108,7 +110,18 @@ class LocalSynthesizer:
                     style.float().to(self.device),
                     None if noise is None else noise.to(self.device),
                 ).cpu()
-        return ((image + 1) / 2).clamp(0, 1).float()
+        return self.to_unit(image, onehot)
+
+    def to_unit(self, image: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """The decoder's [-1, 1] output as images in [0, 1]. A synthesizer trained on lung-masked
+        slices (``data.lung_handling: mask``) returns them black outside the map's lung field, as
+        every slice its segmenters see (the consistency loss's rule)."""
+        from plsynth.data.semantic import BACKGROUND
+
+        image = ((image + 1) / 2).clamp(0, 1).float()
+        if self.black_outside:
+            image = image * (1 - onehot[:, BACKGROUND : BACKGROUND + 1].float().to(image.device))
+        return image
 
     def reference_style(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One reference style (B, C, D) drawn from the pool (not for ``self`` mode)."""
