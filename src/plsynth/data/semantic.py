@@ -138,6 +138,12 @@ def one_hot(semantic: Any, num_classes: int = NUM_CLASSES) -> Any:
     return (semantic[..., None, :, :] == classes).astype(np.float32)
 
 
+def black_outside_field(image: Any, onehot: Any) -> Any:
+    """``image`` (B, 1, S, S) with every pixel outside the map's lung field (background class) set
+    to 0: what a segmenter trained on lung-masked slices (``data.lung_handling: mask``) sees."""
+    return image * (1 - onehot[:, BACKGROUND : BACKGROUND + 1])
+
+
 def from_lungmask_labels(labels: Any) -> Any:
     """lungmask's lung labels (1 = right, 2 = left) -> ours (1 = left, 2 = right); 0 stays 0.
 
@@ -173,5 +179,6 @@ __all__ = [
     "semantic_map",
     "class_map_at",
     "one_hot",
+    "black_outside_field",
     "from_lungmask_labels",
 ]

@@ -116,12 +116,10 @@ class LocalSynthesizer:
         """The decoder's [-1, 1] output as images in [0, 1]. A synthesizer trained on lung-masked
         slices (``data.lung_handling: mask``) returns them black outside the map's lung field, as
         every slice its segmenters see (the consistency loss's rule)."""
-        from plsynth.data.semantic import BACKGROUND
+        from plsynth.data.semantic import black_outside_field
 
         image = ((image + 1) / 2).clamp(0, 1).float()
-        if self.black_outside:
-            image = image * (1 - onehot[:, BACKGROUND : BACKGROUND + 1].float().to(image.device))
-        return image
+        return black_outside_field(image, onehot.float().to(image.device)) if self.black_outside else image
 
     def reference_style(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One reference style (B, C, D) drawn from the pool (not for ``self`` mode)."""

@@ -178,13 +178,13 @@ class ConsistencyLoss(nn.Module):
 
     def forward(self, fake: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         from plsynth.data.preprocess import run_on_lung_boxes
-        from plsynth.data.semantic import BACKGROUND, INFECTION
+        from plsynth.data.semantic import BACKGROUND, INFECTION, black_outside_field
         from plsynth.training.losses import seg_loss
 
         image, target = (fake + 1) / 2, onehot[:, INFECTION : INFECTION + 1]
         field = 1 - onehot[:, BACKGROUND : BACKGROUND + 1]  # lung classes and infection: the map's lung field
         if self.mask_outside:
-            image = image * field
+            image = black_outside_field(image, onehot)
         if image.shape[-1] != self.size or image.shape[-2] != self.size:
             image = F.interpolate(image, size=(self.size, self.size), mode="bilinear", align_corners=False)
             target, field = (F.interpolate(t, size=(self.size, self.size), mode="nearest") for t in (target, field))
