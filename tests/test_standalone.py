@@ -104,6 +104,7 @@ def test_removed_keys_warn_and_load(tmp_path):
     old["synth"]["l1_pool"] = 8  # and so did another
     old["synth"]["oasis_feat"] = True  # and a third
     old["synth"].update(diffaugment="color,translation,cutout", ema=0.99)  # and a fourth
+    old["synth"].update(patch_layers=2, lambda_patch=1.0)  # and a fifth
     old["synth"].update(wall=False, infection_vessels=False, padding="zeros")  # switches removed at their defaults
     with pytest.warns(UserWarning) as caught:
         cfg = config_from_dict(old, where="old checkpoint")
@@ -111,6 +112,7 @@ def test_removed_keys_warn_and_load(tmp_path):
     assert "train.num_workers" in messages and "synth.backend: trt" in messages and "synth.lambda_texture" in messages
     assert "synth.l1_pool" in messages and "synth.wall" in messages and "synth.padding" in messages
     assert "synth.oasis_feat" in messages and "synth.diffaugment" in messages and "synth.ema" in messages
+    assert "synth.patch_layers" in messages and "synth.lambda_patch" in messages
     assert cfg.synth.backend == "torch" and not hasattr(cfg.train, "num_workers")
     assert old["train"]["num_workers"] == 4  # the caller's dict is left as it was
     # An old checkpoint holding the removed key still resumes under today's config.

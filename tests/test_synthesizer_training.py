@@ -270,34 +270,3 @@ def test_a_damaged_frozen_segmenter_is_named_by_its_config_key(tmp_path):
     weights.unlink()
     with pytest.raises(BundleError, match=rf"synth\.segmenter: .*{weights.name}.*missing"):
         ConsistencyLoss(bundle)
-
-
-def test_a_local_patchgan_beside_the_oasis_discriminator_learns_and_is_resumed(smoke, tmp_path):
-    """``synth.patch_layers``: a small PatchGAN on (map, image) next to OASIS's discriminator; its
-    generator term is in the step's losses, its weights learn, and ``last.pt`` carries them."""
-    from plsynth.models.discriminator import MultiScaleDiscriminator, SegmentationDiscriminator
-    from plsynth.training.synthesizer import train_synthesizer
-
-    cfg, splits, _ = smoke
-    tiny = dataclasses.replace(cfg.synth, image_size=32, width=4, style_dim=8, num_up=3, discriminator="oasis",
-                               d_width=8, patch_layers=1, epochs=1)
-    cfg1 = cfg.replace(synth=tiny)
-    torch.manual_seed(0)
-    nets = build_nets(cfg1)
-    assert isinstance(nets.discriminator, SegmentationDiscriminator)
-    assert isinstance(nets.patch, MultiScaleDiscriminator) and len(nets.patch.scales) == 1
-    before = [p.detach().clone() for p in nets.patch.parameters()]
-    batch = next(iter(torch.utils.data.DataLoader(splits.labeled, batch_size=2)))
-    losses = gan_step(nets, *prepare_batch(batch, 32), cfg1)
-    assert "g_patch" in losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
-    assert any(not torch.equal(a, b) for a, b in zip(before, nets.patch.parameters()))
-    assert "g_patch" not in gan_step(build_nets(cfg), *prepare_batch(batch, cfg.synth.image_size), cfg)
-
-    small = torch.utils.data.Subset(splits.labeled, range(4))
-    train_synthesizer(cfg1, tmp_path, "cpu", labeled=small)
-    saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)["patch"]
-    resumed = build_nets(cfg1)
-    from plsynth.training.synthesizer import _resume
-
-    assert _resume(tmp_path / "last.pt", resumed, cfg1)[0] == 1
-    assert all(torch.equal(saved[k], v) for k, v in resumed.patch.state_dict().items())

@@ -146,10 +146,6 @@ class SynthConfig:
     # (4 + 1)-class segmentation discriminator with LabelMix (OASIS), label-aware where VGG is missing
     discriminator: Literal["patch", "oasis"] = "oasis"
     d_width: int = 0  # discriminator width; 0 = width
-    # beside OASIS's discriminator, a local PatchGAN on (map, image) with this many strided layers
-    # (receptive field 16 / 34 / 70 px for 1 / 2 / 3): pix2pix's judge of local texture; 0 = off
-    patch_layers: int = 0
-    lambda_patch: float = 1.0  # its generator hinge term
     lambda_labelmix: float = 10.0  # OASIS LabelMix consistency weight (oasis only)
     # a frozen segmenter bundle trained on the labeled slices only (e.g. the baseline): its loss
     # against the map's infection on the drawn image is added to the generator's (0 = off)
@@ -164,14 +160,12 @@ class SynthConfig:
             raise ValueError(f"synth.image_size must be a multiple of 2**num_up, got {self.image_size}, {self.num_up}")
         if self.image_size // 2**self.num_up < 2:
             raise ValueError(f"synth.image_size / 2**num_up must be >= 2, got {self.image_size}, {self.num_up}")
-        if self.patch_layers and (self.patch_layers > 3 or self.discriminator != "oasis"):
-            raise ValueError("synth.patch_layers (0-3) adds a PatchGAN beside synth.discriminator: oasis")
         if self.d_width < 0 or self.rotate_degrees < 0 or not 0 <= self.scale < 1 or not 0 <= self.intensity < 1:
             raise ValueError("synth.d_width / rotate_degrees must be >= 0, synth.scale and intensity in [0, 1)")
         for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):
             if getattr(self, name) < 1:
                 raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.norm_hidden < 0 or min(self.noise_init, self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg, self.lambda_patch, self.patch_layers) < 0:
+        if self.lr <= 0 or self.norm_hidden < 0 or min(self.noise_init, self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
             raise ValueError("synth.lr must be > 0 and synth.norm_hidden / noise_init / lambda_* must be >= 0")
         if self.lambda_seg and not self.segmenter:
             raise ValueError("synth.lambda_seg > 0 needs synth.segmenter (a segmenter bundle trained on the labeled slices)")
@@ -345,7 +339,9 @@ REMOVED_KEYS = {"train.num_workers": "it never started DataLoader workers (batch
                 "synth.l1_pool": "the pixel L1 on block means, tried and not kept (BENCHMARKS.md, issue 11)",
                 "synth.oasis_feat": "feature matching on the OASIS discriminator, tried and not kept (BENCHMARKS.md, issue 11)",
                 "synth.diffaugment": "DiffAugment before the discriminator, tried and not kept (BENCHMARKS.md, issue 11)",
-                "synth.ema": "a moving average of the generator's weights, tried and not kept (BENCHMARKS.md, issue 11)"}
+                "synth.ema": "a moving average of the generator's weights, tried and not kept (BENCHMARKS.md, issue 11)",
+                "synth.patch_layers": "a local PatchGAN beside the OASIS discriminator, tried and not kept (BENCHMARKS.md, issue 11)",
+                "synth.lambda_patch": "the local PatchGAN's weight, tried and not kept (BENCHMARKS.md, issue 11)"}
 REMOVED_VALUES = {("synth.backend", "trt"): ("torch", "trainers never ran TensorRT; the synthesis actor does (ray.synth_backend)")}
 # Switches tried and not kept that change what a synthesizer draws or its networks: at their old
 # default they are dropped like the keys above; any other value raises (a bundle trained with it

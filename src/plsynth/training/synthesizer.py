@@ -14,8 +14,7 @@ labels, so the patient-left lung stays class 1 on its side; front and back are n
 Per step (the defaults of SEAN's own train.py, ZPdesu/SEAN): the encoder reads the real
 image's style under its map, the decoder reconstructs it (with fresh noise); hinge GAN loss on
 a multi-scale PatchGAN fed (map, image) and discriminator feature matching (``lambda_feat``),
-or (``synth.discriminator: oasis``) OASIS's per-pixel (4 + 1)-class loss with LabelMix, with
-``synth.patch_layers`` beside it a small PatchGAN on (map, image) that judges local texture; a
+or (``synth.discriminator: oasis``) OASIS's per-pixel (4 + 1)-class loss with LabelMix; a
 VGG19 perceptual loss only when ``synth.vgg_weights`` names a local file (never downloaded);
 a pixel L1 (``lambda_l1``, not in SEAN: it stands in for VGG where no weights exist); with
 ``synth.segmenter`` / ``lambda_seg``, a frozen segmenter trained on the labeled slices must find
@@ -206,7 +205,6 @@ class SynthNets:
     opt_d: torch.optim.Optimizer
     vgg: VGGLoss | None = None
     consistency: ConsistencyLoss | None = None
-    patch: MultiScaleDiscriminator | None = None  # synth.patch_layers: the local PatchGAN beside OASIS
 
 
 def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
@@ -217,16 +215,11 @@ def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
         discriminator = SegmentationDiscriminator(decoder.num_classes, d_width, depth=min(s.num_up, 5))
     else:
         discriminator = MultiScaleDiscriminator(s.num_d, d_width, in_channels=decoder.num_classes + 1)
-    patch = None
-    if s.patch_layers:
-        patch = MultiScaleDiscriminator(1, d_width, in_channels=decoder.num_classes + 1, n_layers=s.patch_layers)
-    for net in (decoder, encoder, discriminator, patch):
-        if net is not None:
-            net.to(device).train()
-    # SEAN's TTUR: generator lr / 2, discriminators lr * 2, betas (0, 0.9)
+    for net in (decoder, encoder, discriminator):
+        net.to(device).train()
+    # SEAN's TTUR: generator lr / 2, discriminator lr * 2, betas (0, 0.9)
     opt_g = torch.optim.Adam([*decoder.parameters(), *encoder.parameters()], lr=s.lr / 2, betas=(s.beta1, s.beta2))
-    d_params = [*discriminator.parameters(), *(patch.parameters() if patch is not None else ())]
-    opt_d = torch.optim.Adam(d_params, lr=s.lr * 2, betas=(s.beta1, s.beta2))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=s.lr * 2, betas=(s.beta1, s.beta2))
     vgg = None
     if s.vgg_weights:
         path = Path(s.vgg_weights).expanduser()
@@ -236,7 +229,7 @@ def build_nets(cfg: Config, device: str | torch.device = "cpu") -> SynthNets:
     else:
         log.info("VGG perceptual loss off (synth.vgg_weights is empty)")
     consistency = ConsistencyLoss(s.segmenter, device).to(device) if s.lambda_seg else None
-    return SynthNets(decoder, encoder, discriminator, opt_g, opt_d, vgg, consistency, patch)
+    return SynthNets(decoder, encoder, discriminator, opt_g, opt_d, vgg, consistency)
 
 
 def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Config) -> dict[str, float]:
@@ -255,9 +248,6 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
         with torch.no_grad():
             pred_real = nets.discriminator(onehot, image)
         losses = {"g_gan": hinge_g_loss(pred_fake), "g_feat": s.lambda_feat * feature_matching_loss(pred_real, pred_fake)}
-    if nets.patch is not None:
-        nets.patch.requires_grad_(False)
-        losses["g_patch"] = s.lambda_patch * hinge_g_loss(nets.patch(onehot, fake))
     if s.lambda_l1:
         losses["g_l1"] = s.lambda_l1 * F.l1_loss(fake, image)
     if nets.vgg is not None:
@@ -270,8 +260,6 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
     nets.opt_g.step()
 
     nets.discriminator.requires_grad_(True)
-    if nets.patch is not None:
-        nets.patch.requires_grad_(True)
     if oasis:
         fake = fake.detach()
         logits_real, logits_fake = nets.discriminator(image), nets.discriminator(fake)
@@ -281,8 +269,6 @@ def gan_step(nets: SynthNets, image: torch.Tensor, onehot: torch.Tensor, cfg: Co
                 nets.discriminator, image, fake, onehot, logits_real, logits_fake)
     else:
         d_loss = hinge_d_loss(nets.discriminator(onehot, image), nets.discriminator(onehot, fake.detach()))
-    if nets.patch is not None:
-        d_loss = d_loss + hinge_d_loss(nets.patch(onehot, image), nets.patch(onehot, fake.detach()))
     nets.opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     nets.opt_d.step()
@@ -365,8 +351,6 @@ def _save_last(path: Path, nets: SynthNets, epoch: int, cfg: Config, history: li
         "config": cfg.to_dict(),
         "history": history,
     }
-    if nets.patch is not None:
-        state["patch"] = nets.patch.state_dict()
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
 
@@ -381,8 +365,6 @@ def _resume(path: Path, nets: SynthNets, cfg: Config) -> tuple[int, list[dict]]:
     nets.decoder.load_state_dict(state["decoder"])
     nets.encoder.load_state_dict(state["encoder"])
     nets.discriminator.load_state_dict(state["discriminator"])
-    if nets.patch is not None:
-        nets.patch.load_state_dict(state["patch"])
     nets.opt_g.load_state_dict(state["opt_g"])
     nets.opt_d.load_state_dict(state["opt_d"])
     log.info("resumed %s after epoch %d", path, state["epoch"])
