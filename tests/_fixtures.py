@@ -50,11 +50,12 @@ def write_tiny_bundle(out: Path, cfg: Config | None = None, seeds: tuple[int, ..
 
 
 def write_synth_bundle(path: Path, cfg: Config | None = None, has_infection: tuple[int, ...] = (1, 1, 1, 1),
-                       varied: bool = False):
+                       varied: bool = False, texture: torch.Tensor | None = None):
     """A real synthesizer bundle (SEAN decoder + encoder, ONNX, a random style pool) with untrained weights.
 
     has_infection: one pool code per entry, flagged N+ where 1. varied: random noise weights and
-    blends, so the export parity covers them. Returns (bundle path, decoder).
+    blends, so the export parity covers them. texture: residual patches for ``synth.texture``.
+    Returns (bundle path, decoder).
     """
     from plsynth.bundles.style_pool import StylePool
     from plsynth.bundles.synthesizer import write_decoder_bundle
@@ -73,4 +74,4 @@ def write_synth_bundle(path: Path, cfg: Config | None = None, has_infection: tup
     c = decoder.num_classes
     pool = StylePool(codes=rng.uniform(-1, 1, (n, c, cfg.synth.style_dim)).astype(np.float32),
                      present=np.ones((n, c), bool), has_infection=np.array(has_infection, bool))
-    return write_decoder_bundle(path, decoder, encoder, pool, cfg), decoder
+    return write_decoder_bundle(path, decoder, encoder, pool, cfg, texture=texture), decoder

@@ -305,3 +305,33 @@ def test_a_synthesizer_trained_on_lung_masked_slices_draws_black_outside_the_lun
     adapter = LocalDecoderAdapter(LocalSynthesizer(masked, backend="torch"))
     onehot, style = adapter.condition(infection, lung, None, 1)
     assert adapter.decode(onehot, style, 1)[outside].abs().max() == 0
+
+
+def test_a_texture_bundle_checks_its_patches_and_both_backends_lay_the_same_texture(tmp_path):
+    """``synth.texture``: texture.npz is hashed like every file (a changed or missing one is a
+    BundleError), and torch, ONNX Runtime and the Ray actor's decode draw the same texture from a
+    seed, inside the map's infection only."""
+    from plsynth.synth_service.actor import LocalDecoderAdapter
+    from plsynth.synth_service.local import LocalSynthesizer
+
+    patches = 0.05 * torch.randn(30, 12, 12, generator=torch.Generator().manual_seed(0))
+    cfg = Config(synth=dataclasses.replace(TINY, texture=1.0))
+    path, _ = write_synth_bundle(tmp_path / "tex", cfg, varied=True, texture=patches)
+    plain, _ = write_synth_bundle(tmp_path / "plain", Config(synth=TINY), varied=True)
+    assert torch.equal(load_decoder_bundle(path).texture, patches)
+    infection, lung = _lungs(2, TINY.image_size)
+    drawn = {b: LocalSynthesizer(path, backend=b).synthesize(infection, lung, seed=5) for b in ("torch", "ort")}
+    assert (drawn["torch"] - drawn["ort"]).abs().max() < 1e-4
+    without = LocalSynthesizer(plain, backend="torch").synthesize(infection, lung, seed=5)
+    near = torch.nn.functional.max_pool2d(infection, 3, stride=1, padding=1) > 0
+    assert (drawn["torch"] - without)[~near].abs().max() == 0 and (drawn["torch"] - without)[near].std() > 0.02
+    adapter = LocalDecoderAdapter(LocalSynthesizer(path, backend="torch"))
+    onehot, style = adapter.condition(infection, lung, None, 5)
+    assert torch.equal(adapter.decode(onehot, style, 7), adapter.decode(onehot, style, 7))
+
+    np.savez(path / "texture.npz", patches=patches.numpy() * 2)
+    with pytest.raises(BundleError, match="texture.npz: sha256"):
+        load_decoder_bundle(path)
+    (path / "texture.npz").unlink()
+    with pytest.raises(BundleError, match="texture.npz: missing"):
+        load_decoder_bundle(path)

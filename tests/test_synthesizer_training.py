@@ -270,3 +270,42 @@ def test_a_damaged_frozen_segmenter_is_named_by_its_config_key(tmp_path):
     weights.unlink()
     with pytest.raises(BundleError, match=rf"synth\.segmenter: .*{weights.name}.*missing"):
         ConsistencyLoss(bundle)
+
+
+def test_with_texture_the_bundle_carries_the_labeled_infection_s_texture_and_draws_it(tmp_path, caplog):
+    """``synth.texture``: the export keeps residual patches of the labeled slices' infection
+    interior (none from the lung around it), the bundle loads them and its drawings carry them
+    inside the map's infection only; where no patch fits, a warning and plain drawings."""
+    from plsynth.bundles.synthesizer import load_decoder_bundle
+    from plsynth.config import Config, SynthConfig
+    from plsynth.models.texture import PATCH
+    from plsynth.synth_service.local import LocalSynthesizer
+    from plsynth.training.synthesizer import train_synthesizer
+
+    g = torch.Generator().manual_seed(0)
+    size, items = 32, []
+    for i in range(4):
+        lung = torch.zeros(size, size, dtype=torch.long)
+        lung[4:28, 3:15], lung[4:28, 17:29] = 2, 1
+        label = torch.zeros(1, size, size)
+        label[0, 6:24, 10:28] = 1
+        image = torch.where(lung > 0, 0.2, 0.6)[None] + 0.1 * torch.randn(1, size, size, generator=g) * label
+        items.append({"image": image.clamp(0, 1), "lung": lung, "label": label, "case": f"c{i}", "index": i})
+    synth = SynthConfig(image_size=size, width=4, style_dim=8, num_up=3, epochs=1, pool_k=2, texture=1.0)
+    bundle = load_decoder_bundle(train_synthesizer(Config(synth=synth), tmp_path / "run", "cpu", labeled=items))
+    assert bundle.texture.shape[1:] == (PATCH, PATCH) and len(bundle.texture) >= 4
+    assert 0.04 < bundle.texture.std() < 0.12  # the grain, not the lung / infection step
+    assert bundle.meta["texture"]["patches"] == len(bundle.texture) and "texture.npz" in bundle.meta["files"]
+
+    infection, lung = torch.stack([it["label"] for it in items[:2]]), torch.stack([it["lung"] for it in items[:2]])
+    drawn = LocalSynthesizer(bundle.path, backend="ort").synthesize(infection, lung, seed=3)
+    plain = LocalSynthesizer(bundle.path, backend="ort")
+    plain.bundle.texture = plain.bundle.texture[:0]
+    without = plain.synthesize(infection, lung, seed=3)
+    near = torch.nn.functional.max_pool2d(infection, 3, stride=1, padding=1) > 0
+    assert (drawn - without)[~near].abs().max() == 0 and (drawn - without)[near].abs().max() > 0.02
+
+    flat = [{**it, "label": torch.zeros_like(it["label"])} for it in items]
+    with caplog.at_level("WARNING"):
+        empty = load_decoder_bundle(train_synthesizer(Config(synth=synth), tmp_path / "flat", "cpu", labeled=flat))
+    assert len(empty.texture) == 0 and "no 12 px square" in caplog.text

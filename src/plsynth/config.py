@@ -154,6 +154,9 @@ class SynthConfig:
     # a 5th map class, vessel, thresholded from the slice itself (plsynth.data.vessels), so the
     # generator is told where the lung's vessels are instead of averaging them away
     vessels: bool = False
+    # weight of the real infection's fine texture laid over the drawn infection (plsynth.models.texture):
+    # the bundle then carries residual patches of its labeled slices' infection (0 = off)
+    texture: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_up < 1 or self.image_size % 2**self.num_up:
@@ -165,8 +168,8 @@ class SynthConfig:
         for name in ("width", "style_dim", "epochs", "batch_size", "pool_k", "num_d"):
             if getattr(self, name) < 1:
                 raise ValueError(f"synth.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.norm_hidden < 0 or min(self.noise_init, self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
-            raise ValueError("synth.lr must be > 0 and synth.norm_hidden / noise_init / lambda_* must be >= 0")
+        if self.lr <= 0 or self.norm_hidden < 0 or min(self.noise_init, self.texture, self.lambda_l1, self.lambda_feat, self.lambda_vgg, self.lambda_seg) < 0:
+            raise ValueError("synth.lr must be > 0 and synth.norm_hidden / noise_init / texture / lambda_* must be >= 0")
         if self.lambda_seg and not self.segmenter:
             raise ValueError("synth.lambda_seg > 0 needs synth.segmenter (a segmenter bundle trained on the labeled slices)")
 

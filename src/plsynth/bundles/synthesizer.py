@@ -8,6 +8,8 @@ A folder with
   when the config has noise, ``noise`` (B, 1, S, S); output ``image`` (B, 1, S, S) in [-1, 1];
   the batch axis is dynamic;
 - ``pool.npz``: the style code pool (``StylePool``);
+- ``texture.npz`` (only with ``synth.texture`` > 0): ``patches`` (M, P, P) float32, residuals of
+  the labeled slices' infection that ``plsynth.models.texture`` lays over drawn infection;
 - ``meta.json``: sizes, classes, window, style_dim, widths, pool summary, export parity (max
   abs difference torch vs ONNX Runtime CPU with fixed noise, gated at 1e-4), versions, the
   resolved synth/data config and the sha256 of every other file.
@@ -53,6 +55,7 @@ FORMAT = "plsynth-synthesizer"
 FORMAT_VERSION = 1
 PARITY_TOLERANCE = 1e-4
 FILES = ("decoder.pt", "encoder.pt", "decoder.onnx", "pool.npz")
+TEXTURE = "texture.npz"  # optional: listed in meta.json's files when written
 
 
 def bundle_sha256(path: str | Path) -> str:
@@ -122,12 +125,15 @@ def write_decoder_bundle(
     pool: StylePool,
     cfg: Config,
     extra: dict[str, Any] | None = None,
+    texture: torch.Tensor | None = None,
 ) -> Path:
     """Write the bundle folder ``out`` (replaced if it exists) and return its path.
 
     Everything is written into a temporary sibling folder and renamed at the end, so a failed
     export never leaves a half bundle. Raises BundleError when the ONNX decoder differs from
     torch by more than 1e-4. ``extra`` (e.g. training figures) is stored under meta["training"].
+    ``texture``: residual patches (M, P, P) (``plsynth.models.texture.residual_patches``), written
+    when ``synth.texture`` > 0.
     """
     out = Path(out)
     if pool.style_dim != cfg.synth.style_dim:
@@ -141,6 +147,11 @@ def write_decoder_bundle(
             raise BundleError(f"{out}: ONNX decoder differs from torch by {parity:.3g} > {PARITY_TOLERANCE}")
         pool.save(tmp / "pool.npz")
         synth = cfg.synth
+        files = list(FILES)
+        if synth.texture > 0:
+            patches = np.zeros((0, 1, 1), np.float32) if texture is None else texture.detach().cpu().float().numpy()
+            np.savez(tmp / TEXTURE, patches=patches)
+            files.append(TEXTURE)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -164,13 +175,15 @@ def write_decoder_bundle(
                 "k": synth.pool_k,
                 "self_mode": "needs encoder.pt (included): the request's images encoded under their maps",
             },
+            "texture": {"patches": int(patches.shape[0]), "size": int(patches.shape[-1]),
+                        "from": "interior of the labeled slices' infection"} if synth.texture > 0 else None,
             "synth": dataclasses.asdict(synth),
             "data": dataclasses.asdict(cfg.data),
             "config_name": cfg.name,
             "config_source": cfg.source,
             "training": extra or {},
             "versions": versions(),
-            "files": {name: sha256_file(tmp / name) for name in FILES},
+            "files": {name: sha256_file(tmp / name) for name in files},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     log.info("synthesizer bundle %s (parity %.2e, pool %d / N+ %d)", out, parity, len(pool), pool.n_positive)
@@ -186,6 +199,7 @@ class DecoderBundle:
     encoder: StyleEncoder  # eval mode
     pool: StylePool
     sha256: str
+    texture: torch.Tensor  # (M, P, P) residual patches; M = 0 without synth.texture
 
     @property
     def onnx_path(self) -> Path:
@@ -219,13 +233,13 @@ def load_decoder_bundle(path: str | Path, device: str | torch.device = "cpu") ->
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {meta['format_version']} is newer than this plsynth reads")
     hashes = meta.get("files", {})
-    for name in FILES:
+    config = synth_config_from_meta(meta, path)
+    for name in FILES + ((TEXTURE,) if config.texture > 0 else ()):
         file = path / name
         if not file.is_file():
             raise BundleError(f"{file}: missing from the synthesizer bundle")
         if hashes.get(name) != sha256_file(file):
             raise BundleError(f"{file}: sha256 does not match meta.json (modified or corrupt)")
-    config = synth_config_from_meta(meta, path)
     decoder, encoder = build_synthesizer(config)
     if encoder.features[1].out_channels != meta.get("encoder_width", encoder.features[1].out_channels):
         encoder = StyleEncoder(config.style_dim, int(meta["encoder_width"]))
@@ -233,8 +247,14 @@ def load_decoder_bundle(path: str | Path, device: str | torch.device = "cpu") ->
         decoder.load_state_dict(torch.load(path / "decoder.pt", map_location="cpu", weights_only=True))
         encoder.load_state_dict(torch.load(path / "encoder.pt", map_location="cpu", weights_only=True))
         pool = StylePool.load(path / "pool.npz")
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise BundleError(f"{path}: cannot load weights or pool: {exc}") from exc
+        texture = torch.zeros(0, 1, 1)
+        if config.texture > 0:
+            with np.load(path / TEXTURE, allow_pickle=False) as npz:
+                texture = torch.from_numpy(np.asarray(npz["patches"], np.float32))
+            if texture.ndim != 3 or texture.shape[1] != texture.shape[2]:
+                raise ValueError(f"{TEXTURE} patches must be (M, P, P), got {tuple(texture.shape)}")
+    except (RuntimeError, ValueError, OSError, KeyError) as exc:
+        raise BundleError(f"{path}: cannot load weights, pool or texture: {exc}") from exc
     return DecoderBundle(
         path=path,
         meta=meta,
@@ -243,4 +263,5 @@ def load_decoder_bundle(path: str | Path, device: str | torch.device = "cpu") ->
         encoder=encoder.to(device).eval(),
         pool=pool,
         sha256=sha256_file(meta_path),
+        texture=texture,
     )

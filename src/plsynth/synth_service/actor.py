@@ -162,7 +162,7 @@ class LocalDecoderAdapter:
         if noise is not None:
             feeds["noise"] = noise.numpy()
         (image,) = self.trt_engine.run_named(feeds)
-        return self.local.to_unit(torch.from_numpy(image), onehot)
+        return self.local.to_unit(torch.from_numpy(image), onehot, generator)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ Per request (paper eq. 9-10): the map is built from (lung, infection), and with 
 the vessels read from the request's images, by ``plsynth.data.semantic`` (``semantic``); one reference style is drawn from the bundle's pool for the whole
 request (K codes averaged per class, see ``StylePool.draw``), or, in ``self`` mode, each image
 is encoded under its own map; the decoder draws [-1, 1] images that are returned as (x + 1) / 2
-in [0, 1] (black outside the lung field where the synthesizer learned lung-masked slices),
-resized to the request's size.
+in [0, 1], with the real infection's texture laid over the drawn infection where the bundle
+carries it (``synth.texture``), black outside the lung field where the synthesizer learned
+lung-masked slices, resized to the request's size.
 """
 
 from __future__ import annotations
@@ -110,16 +111,22 @@ class LocalSynthesizer:
                     style.float().to(self.device),
                     None if noise is None else noise.to(self.device),
                 ).cpu()
-        return self.to_unit(image, onehot)
+        return self.to_unit(image, onehot, generator)
 
-    def to_unit(self, image: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """The decoder's [-1, 1] output as images in [0, 1]. A synthesizer trained on lung-masked
-        slices (``data.lung_handling: mask``) returns them black outside the map's lung field, as
-        every slice its segmenters see (the consistency loss's rule)."""
+    def to_unit(self, image: torch.Tensor, onehot: torch.Tensor, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+        """The decoder's [-1, 1] output as images in [0, 1]: with ``synth.texture``, the bundle's
+        infection texture laid over the map's infection (drawn from ``generator``, default this
+        synthesizer's); a synthesizer trained on lung-masked slices (``data.lung_handling: mask``)
+        returns them black outside the map's lung field, as every slice its segmenters see (the
+        consistency loss's rule)."""
         from plsynth.data.semantic import black_outside_field
+        from plsynth.models.texture import add_texture
 
         image = ((image + 1) / 2).clamp(0, 1).float()
-        return black_outside_field(image, onehot.float().to(image.device)) if self.black_outside else image
+        onehot = onehot.float().to(image.device)
+        image = add_texture(image, onehot, self.bundle.texture, self.bundle.config.texture, generator or self.generator)
+        return black_outside_field(image, onehot) if self.black_outside else image
 
     def reference_style(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One reference style (B, C, D) drawn from the pool (not for ``self`` mode)."""

@@ -448,7 +448,17 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
     }
     if nets.consistency is not None:
         extra["consistency_segmenter"] = {"path": str(s.segmenter), "meta_sha256": nets.consistency.meta_sha256}
-    return write_decoder_bundle(out / "bundle", nets.decoder, nets.encoder, pool, cfg, extra=extra)
+    texture = None
+    if s.texture > 0:
+        from plsynth.models.texture import residual_patches
+
+        batches = list(pool_batches(labeled, s.image_size, s.batch_size, s.vessels))
+        texture = residual_patches(torch.cat([b["image"] for b in batches]), torch.cat([b["onehot"] for b in batches]),
+                                   seed=s.seed)
+        if len(texture) == 0:
+            log.warning("synth.texture: no %d px square lies inside a labeled slice's infection; drawings get none",
+                        texture.shape[-1])
+    return write_decoder_bundle(out / "bundle", nets.decoder, nets.encoder, pool, cfg, extra=extra, texture=texture)
 
 
 __all__ = [
