@@ -335,3 +335,35 @@ def test_compiled_steps_follow_the_eager_losses_and_checkpoints_hold_the_plain_n
     assert compiled.last_val["dice"] == pytest.approx(eager.last_val["dice"], abs=1e-3)
     state = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)
     assert not any("_orig_mod" in k for net in state["networks"].values() for k in net)
+
+
+@pytest.mark.slow
+def test_with_no_working_cxx_compiler_a_compiled_run_warns_and_trains_on_uncompiled(tmp_path):
+    """``train.compile: true`` (the CPU preset's) where torch.compile cannot build its kernels, as
+    in a container without a C++ compiler: a real inductor failure (CXX names a missing compiler,
+    in a fresh process with its own empty kernel cache), then a warning and the eager step, whose
+    losses are the uncompiled run's; not a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from pathlib import Path\n"
+        "from _training_data import tiny_splits\n"
+        "from test_methods import _cfg\n"
+        "from plsynth.training.loop import train\n"
+        f"train(_cfg('cps', epochs=1, compile=True), Path({str(tmp_path / 'compiled')!r}), data=tiny_splits(), write_bundle=False)\n"
+    )
+    env = {**os.environ, "CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "kernels"),
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch.compile failed" in done.stderr and "Traceback" not in done.stderr
+
+    def losses(out):
+        return [float(r.split(",")[3]) for r in (out / "log.csv").read_text().splitlines()[1:]]
+
+    train(_cfg("cps", epochs=1), tmp_path / "eager", data=tiny_splits(), write_bundle=False)
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)

@@ -332,7 +332,7 @@ class _Run:
     amp: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     nets: dict[str, torch.nn.Module]  # unwrapped: what checkpoints hold
-    prepared: dict[str, torch.nn.Module]  # what the step runs (DDP-wrapped under Ray)
+    prepared: dict[str, torch.nn.Module]  # what the step runs (DDP-wrapped under Ray; compiled with train.compile)
     optimizers: dict[str, torch.optim.Optimizer]
     plan: BatchPlan
     total: int
@@ -345,6 +345,7 @@ class _Run:
     progress: _Progress | None = None
     train_s: float = 0.0
     train_cpu_s: float = 0.0
+    eager: dict[str, torch.nn.Module] = field(default_factory=dict)  # prepared, never compiled: the fallback
 
     def state(self, step: int, epoch: int) -> dict[str, Any]:
         return _state(self.nets, self.optimizers, step, epoch, self.best, self.plan, self.cfg, self.last_val,
@@ -428,9 +429,9 @@ def _setup(cfg: Config, out: Path, hooks: TrainHooks, data: Any, synth: Any, tea
                total=total_iterations(t.epochs, plan.iters_per_epoch, t.max_iters), start=0,
                best={"dice": -1.0, "step": -1}, last_val={})
     _resume(run)
-    run.prepared = {k: hooks.prepare_model(v) for k, v in nets.items()}
+    run.prepared = run.eager = {k: hooks.prepare_model(v) for k, v in nets.items()}
     if t.compile:  # only what the step runs; validation and checkpoints use the plain networks
-        run.prepared = {k: torch.compile(v) for k, v in run.prepared.items()}
+        run.prepared = {k: torch.compile(v) for k, v in run.eager.items()}
     run.step_fn = step_function(t)
     run.make_batch = BatchMaker(cfg, data.labeled, unlabeled, plan, device, rank=hooks.rank,
                                 world_size=hooks.world_size)
@@ -480,7 +481,16 @@ def _step(run: _Run, step: int) -> tuple[float, dict[str, float]]:
     batch = run.make_batch(step)
     with torch.autocast(device_type=torch.device(run.device).type, dtype=run.amp, enabled=run.amp is not None), \
             global_batch(run.hooks.world_size > 1):
-        result = run.step_fn(run.prepared, batch, t, run.synth, step_seed(t.seed, step, Stream.SYNTHESIS))
+        seed = step_seed(t.seed, step, Stream.SYNTHESIS)
+        try:
+            result = run.step_fn(run.prepared, batch, t, run.synth, seed)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. a container without a C++ compiler
+            if run.prepared is run.eager:
+                raise
+            reason = str(exc).strip().splitlines()[0]
+            logger.warning("train.compile: torch.compile failed (%s); training on with the uncompiled networks", reason)
+            run.prepared = run.eager  # the failed call compiled nothing and stepped nothing: redo it eagerly
+            result = run.step_fn(run.prepared, batch, t, run.synth, seed)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     if run.scaler is None:
