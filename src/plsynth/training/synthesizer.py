@@ -436,7 +436,10 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
         write_training_grid(nets.decoder, nets.encoder, preview, cfg, out / "grids" / f"epoch_{epoch + 1:03d}.png")
     train_seconds = time.perf_counter() - t_train
 
-    pool = build_style_pool(nets.encoder, pool_batches(labeled, s.image_size, s.batch_size, s.vessels), device=device)
+    batches = pool_batches(labeled, s.image_size, s.batch_size, s.vessels)
+    if s.texture > 0:
+        batches = list(batches)  # the texture patches come from the same slices and maps
+    pool = build_style_pool(nets.encoder, batches, device=device)
     nets.decoder.eval()
     nets.encoder.eval()
     extra = {
@@ -452,7 +455,6 @@ def train_synthesizer(cfg: Config, out: str | Path, device: str | torch.device |
     if s.texture > 0:
         from plsynth.models.texture import residual_patches
 
-        batches = list(pool_batches(labeled, s.image_size, s.batch_size, s.vessels))
         texture = residual_patches(torch.cat([b["image"] for b in batches]), torch.cat([b["onehot"] for b in batches]),
                                    seed=s.seed)
         if len(texture) == 0:
